@@ -1,0 +1,56 @@
+"""Test configuration: several CPU devices, strict rank promotion, shared data.
+
+Four forced CPU devices (set before JAX initialises) exercise the sharded lane
+layout on any machine. Strict rank promotion makes accidental broadcasting
+between the lane axis and a parameter axis fail loudly. Dtype promotion stays
+standard: optax itself is not strict-clean (``decay ** count`` with an int32
+count in its Adam bias correction), nor is Flax's ``avg_pool``.
+"""
+
+import os
+
+os.environ.setdefault("VMAPTUNE_CPU_DEVICES", "4")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", int(os.environ["VMAPTUNE_CPU_DEVICES"]))
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import vmaptune  # noqa: E402,F401  (after the device count is fixed)
+
+
+@pytest.fixture(scope="session")
+def digits():
+  """scikit-learn's digits, features scaled to [0, 1] (1797 x 64, 10 classes)."""
+  from sklearn.datasets import load_digits
+
+  x, y = load_digits(return_X_y=True)
+  return (x / 16.0).astype(np.float32), y.astype(np.int32)
+
+
+@pytest.fixture(scope="session")
+def small_digits(digits):
+  """The first 600 digits: enough to learn, quick to train."""
+  x, y = digits
+  return x[:600], y[:600]
+
+
+_COMPILE = {"n": 0, "s": 0.0}
+
+
+def _on_duration(event, duration, **kw):
+  if event == "/jax/core/compile/backend_compile_duration":
+    _COMPILE["n"] += 1
+    _COMPILE["s"] += duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+
+def pytest_terminal_summary(terminalreporter):
+  terminalreporter.write_line(
+      f"XLA backend compiles: {_COMPILE['n']} taking {_COMPILE['s']:.1f}s"
+  )

@@ -1,0 +1,95 @@
+"""vt.train: one config alone (panda), its callback, and its validation."""
+
+import numpy as np
+import optax
+import pytest
+
+import jax
+import vmaptune as vt
+
+from _models import MLP, mlp_fn
+
+CONFIG = {"learning_rate": 3e-3, "hidden": 16}
+
+
+def test_train_returns_a_run(small_digits):
+  run = vt.train(mlp_fn, small_digits, CONFIG, seed=7, num_steps=40, verbose=False)
+  assert run.status == "ok" and run.steps == 40 and run.seed == 7
+  assert run.curve.shape == (10,) and list(run.curve_steps) == list(range(4, 41, 4))
+  assert run.score == run.curve[-1]
+  assert run.curve[-1] < run.curve[0]  # it learned
+  assert isinstance(run.model(), MLP)
+  again = vt.train(mlp_fn, small_digits, CONFIG, seed=7, num_steps=40, verbose=False)
+  assert again.score == run.score  # replays
+  other = vt.train(mlp_fn, small_digits, CONFIG, seed=8, num_steps=40, verbose=False)
+  assert other.score != run.score
+
+
+def test_callback_changes_hyperparameters_in_the_same_program(small_digits):
+  compiles = []
+
+  def listen(event, duration, **kw):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(duration)
+
+  seen = []
+
+  def freeze_at_20(state):
+    seen.append((state.step, state.hyperparams["learning_rate"]))
+    if state.step == 20:
+      return {"learning_rate": 0.0}
+    return None
+
+  vt.train(mlp_fn, small_digits, CONFIG, num_steps=40, eval_every=5, verbose=False)  # warm
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    run = vt.train(mlp_fn, small_digits, CONFIG, num_steps=40, eval_every=5, callback=freeze_at_20,
+                   verbose=False)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert [s for s, _ in seen] == list(range(5, 41, 5))
+  assert seen[3][1] == pytest.approx(3e-3) and seen[4][1] == 0.0
+  # The curve moves until step 20 and is flat after: the change took effect.
+  assert len(set(run.curve[:4].tolist())) == 4
+  assert len(set(run.curve[4:].tolist())) == 1
+  assert len([c for c in compiles if c > 0.05]) == 0  # no recompilation for the change
+
+
+def test_callback_can_stop_early(small_digits):
+  run = vt.train(mlp_fn, small_digits, CONFIG, num_steps=40, eval_every=5, verbose=False,
+                 callback=lambda s: {"stop": True} if s.step >= 10 else None)
+  assert run.steps == 10 and len(run.curve) == 2
+
+
+def test_callback_refuses_unknown_hyperparameters(small_digits):
+  with pytest.raises(ValueError, match="hidden"):
+    vt.train(mlp_fn, small_digits, CONFIG, num_steps=10, eval_every=5, verbose=False,
+             callback=lambda s: {"hidden": 32})
+
+
+def test_lr_decay_decays_the_injected_learning_rate(small_digits):
+  seen = []
+  vt.train(mlp_fn, small_digits, {**CONFIG, "lr_decay": 1.0, "batch_size": 32}, num_steps=60,
+           eval_every=15, verbose=False, callback=lambda s: seen.append(s.hyperparams["learning_rate"]))
+  # 480 training examples / 32 = 15 steps an epoch; epoch e's steps use
+  # lr0 / (1 + e), and the callback sees the rate of the last step taken.
+  np.testing.assert_allclose(seen, [3e-3, 3e-3 / 2, 3e-3 / 3, 3e-3 / 4], rtol=1e-6)
+
+
+def test_train_validation(small_digits):
+  with pytest.raises(TypeError, match="distribution"):
+    vt.train(mlp_fn, small_digits, {"learning_rate": vt.loguniform(1e-3, 1e-2)}, verbose=False)
+  with pytest.raises(ValueError, match="learning_rate"):
+    vt.train(mlp_fn, small_digits, {"hidden": 16}, verbose=False)
+  with pytest.raises(TypeError, match="callback"):
+    vt.train(mlp_fn, small_digits, CONFIG, callback=3, verbose=False)
+  with pytest.raises(TypeError, match="config"):
+    vt.train(mlp_fn, small_digits, [("learning_rate", 1e-3)], verbose=False)
+
+
+def test_sgd_partial_needs_no_space_entry(small_digits):
+  import functools
+
+  run = vt.train(mlp_fn, small_digits, {}, optimizer=functools.partial(optax.sgd, learning_rate=0.05),
+                 num_steps=20, verbose=False)
+  assert run.status == "ok" and run.curve[-1] < run.curve[0]

@@ -1,0 +1,153 @@
+"""Lane equivalence: a lane's numbers depend on its own config and seed alone.
+
+(1) ``retrain`` replays a trial bit for bit; (2) a config gives identical
+results in populations of different sizes and neighbours; (3) against a plain
+single run (``vt.train``, no vmap) gradients and first steps agree to
+rounding and whole runs at moderate learning rates agree closely. Not
+bitwise in general: XLA picks other kernels for a batched matmul than for a
+single one (NOTES.md).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import vmaptune as vt
+from vmaptune import _data, _model, _trainer
+
+from _models import mlp_fn
+
+MIXED = {
+    "learning_rate": vt.loguniform(3e-4, 3e-3),
+    "hidden": vt.choice([8, 16]),
+    "batch_size": vt.choice([16, 32]),
+}
+STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def mixed_population(small_digits):
+  return vt.search(mlp_fn, small_digits, MIXED, num_configs=16, num_steps=STEPS, rounds=1,
+                   seed=5, verbose=False)
+
+
+def _leaves(tree):
+  return [np.asarray(a) for a in jax.tree.leaves(tree)]
+
+
+def test_population_has_mixed_buckets(mixed_population):
+  sigs = {(t.config["hidden"], t.config["batch_size"]) for t in mixed_population.trials}
+  assert len(sigs) == 4
+
+
+def test_retrain_replays_bit_for_bit(mixed_population):
+  best = mixed_population.best_trial
+  run = mixed_population.retrain()
+  assert run.score == best.score
+  np.testing.assert_array_equal(run.curve, best.curve)
+  np.testing.assert_array_equal(run.train_curve, best.train_curve)
+  model = mixed_population.best_model()
+  from flax import nnx
+
+  for a, b in zip(_leaves(nnx.state(model, nnx.Param)), _leaves(run.params)):
+    np.testing.assert_array_equal(a, b)
+  for trial in mixed_population.trials[:: 5]:
+    again = mixed_population.retrain(trial)
+    assert again.score == trial.score and again.config == trial.config
+
+
+@pytest.mark.parametrize("lane_batch", [None, 2])
+def test_lanes_do_not_leak_across_population_sizes(small_digits, lane_batch):
+  # The same configs (same positions, so the same trial seeds) among 4 lanes
+  # and among 16, with other neighbours and another program shape.
+  space = {"learning_rate": vt.loguniform(3e-4, 3e-3), "hidden": 16, "batch_size": 32}
+  fixed = [{"learning_rate": 1e-3}, {"learning_rate": 2e-3}]
+  kw = dict(num_steps=STEPS, rounds=1, seed=1, lane_batch=lane_batch, enqueue=fixed, verbose=False)
+  small = vt.search(mlp_fn, small_digits, space, num_configs=4, **kw)
+  large = vt.search(mlp_fn, small_digits, space, num_configs=16, **kw)
+  for a, b in zip(small.trials[:2], large.trials[:2]):
+    assert a.config == b.config and a.seed == b.seed
+    assert a.score == b.score
+    np.testing.assert_array_equal(a.curve, b.curve)
+
+
+@pytest.mark.parametrize("lane_batch", [None, 2])
+def test_lanes_do_not_leak_across_neighbours(small_digits, lane_batch):
+  fixed = [{"learning_rate": 1e-3, "hidden": 16, "batch_size": 32}]
+  kw = dict(num_configs=8, num_steps=STEPS, rounds=1, lane_batch=lane_batch, enqueue=fixed, verbose=False)
+  a = vt.search(mlp_fn, small_digits, MIXED, seed=11, **kw)
+  b = vt.search(mlp_fn, small_digits, MIXED, seed=11, **{**kw, "enqueue": fixed})
+  c = vt.search(mlp_fn, small_digits, {**MIXED, "learning_rate": vt.loguniform(1e-3, 3e-2)}, seed=11,
+                **kw)
+  assert a.trials[0].score == b.trials[0].score  # replays
+  # c's other lanes have other learning rates; trial 0 must not notice.
+  assert [t.config for t in a.trials[1:]] != [t.config for t in c.trials[1:]]
+  assert a.trials[0].score == c.trials[0].score
+  np.testing.assert_array_equal(a.trials[0].curve, c.trials[0].curve)
+
+
+# --------------------------------------------------------------------------
+# (3) Against a single run
+# --------------------------------------------------------------------------
+
+
+def _spec(small_digits, hidden=16, batch=32):
+  ds = _data.prepare_data(small_digits, val_fraction=0.2, seed=0)
+  obj = _data.resolve_objective(ds.task, None, "loss", None)
+  adapter = _model.make_adapter(mlp_fn, {"hidden": hidden}, None)
+  spec = _trainer.TrainSpec(adapter=adapter, optimizer=optax.adam, factory_kind="factory",
+                            injected=("learning_rate",), int_injected=(), static_opt=(), schedule=None,
+                            batch_size=batch, eval_batch_size=512, objective=obj,
+                            num_train=ds.num_train, num_val=ds.num_val)
+  return spec, ds
+
+
+def test_batched_gradients_match_single_lane_gradients(small_digits):
+  spec, ds = _spec(small_digits)
+  n = 4
+  inputs = _trainer.stack_inputs(range(n), [{"learning_rate": 1e-3}] * n, [0.0] * n, [10] * n, spec)
+  data = (jnp.asarray(ds.x_train), jnp.asarray(ds.y_train))
+
+  def grads(state):
+    state = state._replace(perm=_trainer.lane_perm(spec, state))
+    xb, yb = _trainer.lane_batch(spec, state, data)
+    return jax.grad(lambda p: _trainer.lane_loss(spec, p, state, xb, yb)[0])(state.params)
+
+  init = functools.partial(_trainer.lane_init, spec)
+  batched = jax.jit(jax.vmap(lambda i: grads(init(i))))(inputs)
+  one = jax.jit(lambda i: grads(init(i)))
+  for lane in range(n):
+    single = one(jax.tree.map(lambda a: a[lane], inputs))
+    for g_b, g_s in zip(_leaves(batched), _leaves(single)):
+      np.testing.assert_allclose(g_b[lane], g_s, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("lane_batch", [None, 2])
+def test_first_steps_match_a_single_run(small_digits, lane_batch):
+  space = {"learning_rate": vt.loguniform(3e-4, 3e-3), "hidden": 16, "batch_size": 32}
+  result = vt.search(mlp_fn, small_digits, space, num_configs=4, num_steps=1, eval_every=1, rounds=1,
+                     lane_batch=lane_batch, verbose=False)
+  for trial in result.trials[:2]:
+    alone = vt.train(mlp_fn, small_digits, trial.config, seed=trial.seed, num_steps=1, eval_every=1,
+                     verbose=False)
+    lane = result.retrain(trial)
+    assert alone.score == pytest.approx(trial.score, rel=1e-5)
+    for a, b in zip(_leaves(alone.params), _leaves(lane.params)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("lane_batch", [None, 2])
+def test_whole_runs_at_moderate_learning_rate_agree(small_digits, lane_batch):
+  space = {"learning_rate": vt.loguniform(3e-4, 1e-3), "hidden": 16, "batch_size": 32}
+  result = vt.search(mlp_fn, small_digits, space, num_configs=4, num_steps=STEPS, rounds=1,
+                     lane_batch=lane_batch, verbose=False)
+  for trial in result.trials[:2]:
+    alone = vt.train(mlp_fn, small_digits, trial.config, seed=trial.seed, num_steps=STEPS, verbose=False)
+    np.testing.assert_allclose(alone.curve, trial.curve, rtol=1e-4)
+    lane = result.retrain(trial)
+    for a, b in zip(_leaves(alone.params), _leaves(lane.params)):
+      np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)

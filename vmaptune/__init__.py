@@ -1,0 +1,49 @@
+"""vmaptune: hyperparameter search that trains every config at once.
+
+Sample configurations at random on the right scale, stack them along a lane
+axis, train all of them in one ``jax.vmap``-ed, ``jax.jit``-compiled program,
+then zoom in around the best, coarse to fine.
+
+>>> import vmaptune as vt
+>>> space = {"learning_rate": vt.loguniform(1e-4, 1e-1), "b1": vt.reverse_loguniform(0.9, 0.999)}
+"""
+
+from . import _devices
+
+# Before anything else touches JAX: one CPU device per core (see _devices).
+_devices.configure_cpu_devices()
+
+from ._devices import enable_compilation_cache  # noqa: E402
+from ._result import AllDivergedError, Run, SearchResult, Stats, Trial  # noqa: E402
+from ._search import TrainState, clear_cache, search, train  # noqa: E402
+from ._space import (  # noqa: E402
+    Distribution,
+    Region,
+    choice,
+    integer,
+    loguniform,
+    reverse_loguniform,
+    uniform,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "search",
+    "train",
+    "uniform",
+    "loguniform",
+    "reverse_loguniform",
+    "integer",
+    "choice",
+    "SearchResult",
+    "Trial",
+    "Run",
+    "TrainState",
+    "Stats",
+    "Distribution",
+    "Region",
+    "AllDivergedError",
+    "clear_cache",
+    "enable_compilation_cache",
+]

@@ -1,0 +1,162 @@
+"""Which devices the lane axis is sharded over, and using every CPU core.
+
+One XLA CPU device runs these small programs on one core (NOTES.md), so on a
+CPU host vmaptune asks JAX for one CPU device per core. That only works before
+JAX initialises its backends; :func:`configure_cpu_devices` runs when
+``vmaptune`` is imported and :func:`warn_if_cpu_underused` explains the
+fallback when it was too late.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+__all__ = ["configure_cpu_devices", "lane_devices", "make_mesh", "LANE_AXIS"]
+
+LANE_AXIS = "lanes"
+_state = {"configured": None, "reason": None, "warned": False}
+
+
+def available_cores() -> int:
+  try:
+    return max(1, len(os.sched_getaffinity(0)))
+  except AttributeError:  # pragma: no cover - not Linux
+    return max(1, os.cpu_count() or 1)
+
+
+def _user_chose_cpu_devices() -> bool:
+  flags = os.environ.get("XLA_FLAGS", "")
+  return (
+      "xla_force_host_platform_device_count" in flags
+      or "JAX_NUM_CPU_DEVICES" in os.environ
+      or jax.config.jax_num_cpu_devices != -1
+  )
+
+
+def configure_cpu_devices() -> None:
+  """Gives JAX one CPU device per core, if nobody chose a count already.
+
+  Set ``VMAPTUNE_CPU_DEVICES=N`` to pick another count, or ``0`` to leave
+  JAX's configuration alone.
+  """
+  wanted = os.environ.get("VMAPTUNE_CPU_DEVICES")
+  if wanted == "0":
+    _state["reason"] = "VMAPTUNE_CPU_DEVICES=0"
+    return
+  if _user_chose_cpu_devices() and wanted is None:
+    _state["reason"] = "user-configured"
+    return
+  n = int(wanted) if wanted else available_cores()
+  if n <= 1:
+    return
+  try:
+    jax.config.update("jax_num_cpu_devices", n)
+    _state["configured"] = n
+  except RuntimeError:
+    # JAX already initialised its backends (an array was created before
+    # vmaptune was imported): the count can no longer change.
+    _state["reason"] = "late"
+
+
+def warn_if_cpu_underused(devices: Sequence[Any]) -> None:
+  """Says once why a CPU search uses fewer devices than there are cores."""
+  if _state["warned"] or not devices or devices[0].platform != "cpu":
+    return
+  cores = available_cores()
+  if len(devices) >= cores or _state["reason"] in ("user-configured", "VMAPTUNE_CPU_DEVICES=0"):
+    return
+  _state["warned"] = True
+  warnings.warn(
+      f"vmaptune is using {len(devices)} CPU device(s) on a machine with "
+      f"{cores} cores, so the search runs on {len(devices)} core(s). JAX was "
+      "initialised before vmaptune could ask for one device per core: import "
+      "vmaptune before running any JAX operation, or set "
+      f"XLA_FLAGS=--xla_force_host_platform_device_count={cores} before "
+      "starting Python.",
+      RuntimeWarning,
+      stacklevel=3,
+  )
+
+
+def lane_devices(devices: Any = None) -> list:
+  """The devices to shard lanes over: all of the default backend's by default."""
+  if devices is None:
+    found = list(jax.devices())
+    warn_if_cpu_underused(found)
+    return found
+  if isinstance(devices, int) and not isinstance(devices, bool):
+    found = list(jax.devices())
+    if not 1 <= devices <= len(found):
+      raise ValueError(
+          f"`devices` must be between 1 and the {len(found)} visible devices, got {devices}."
+      )
+    return found[:devices]
+  try:
+    found = list(devices)
+  except TypeError:
+    raise TypeError(
+        f"`devices` must be None, an int or a list of jax devices, got {devices!r}."
+    ) from None
+  if not found or not all(hasattr(d, "platform") for d in found):
+    raise TypeError(f"`devices` must be a non-empty list of jax devices, got {devices!r}.")
+  return found
+
+
+def make_mesh(devices: Sequence[Any]) -> Mesh:
+  """A 1-D mesh over ``devices`` with the lane axis in Auto mode.
+
+  ``jax.make_mesh`` now defaults to Explicit axes, under which a vmapped
+  permutation fails to reshape (NOTES.md); build the Mesh directly.
+  """
+  import numpy as np
+
+  kwargs = {}
+  axis_type = getattr(jax.sharding, "AxisType", None)
+  if axis_type is not None:
+    kwargs["axis_types"] = (axis_type.Auto,)
+  return Mesh(np.asarray(devices), (LANE_AXIS,), **kwargs)
+
+
+def lane_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec(LANE_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def enable_compilation_cache(path: str | None = None) -> str:
+  """Keeps compiled programs on disk, so a repeated search skips XLA.
+
+  Sets JAX's persistent compilation cache (``jax_compilation_cache_dir``) if
+  it is not set yet, and caches programs however quickly they compiled.
+  Affects every JAX program in this process, which is why vmaptune does not
+  do it unasked (the demo and benchmarks do).
+
+  Args:
+    path: the folder; default ``$VMAPTUNE_CACHE_DIR`` or
+      ``~/.cache/vmaptune/xla``.
+
+  Returns:
+    The folder in use.
+
+  >>> import vmaptune as vt
+  >>> vt.enable_compilation_cache("/tmp/vmaptune-xla")  # doctest: +SKIP
+  '/tmp/vmaptune-xla'
+  """
+  current = jax.config.jax_compilation_cache_dir
+  if current:
+    return current
+  if path is None:
+    path = os.environ.get("VMAPTUNE_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "vmaptune", "xla")
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  return path

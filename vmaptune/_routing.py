@@ -1,0 +1,185 @@
+"""Where each hyperparameter goes: the optimizer, the trainer, or the model.
+
+* Keys that are keyword arguments of the ``optimizer`` factory go to the
+  optimizer: numeric ones are injected per lane (``optax.inject_hyperparams``,
+  traced, no recompiles), others (bools, strings, callables) are static.
+* ``batch_size`` and ``lr_decay`` are read by the trainer.
+* Everything else goes to ``model_fn`` as plain Python values.
+
+A config's *signature* is everything static about it: model keys, static
+optimizer keys and the batch size. Lanes with one signature share a compiled
+program (a bucket).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import numbers
+from typing import Any, Callable, Mapping
+
+import optax
+
+from ._space import Choice, Distribution, Integer
+
+__all__ = ["Routing", "route", "TRAINER_KEYS", "DEFAULT_BATCH_SIZE"]
+
+TRAINER_KEYS = ("batch_size", "lr_decay")
+DEFAULT_BATCH_SIZE = 64
+SCHEDULES = ("inverse_time", "exponential")
+
+
+def _is_number(v: Any) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _is_numeric(value: Any) -> bool:
+  if isinstance(value, Choice):
+    return all(_is_number(v) for v in value.values)
+  if isinstance(value, Distribution):
+    return True
+  return _is_number(value)
+
+
+def _is_int_valued(value: Any) -> bool:
+  if isinstance(value, Integer):
+    return True
+  if isinstance(value, Choice):
+    return all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value.values)
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class Routing:
+  """The split of a space's keys between optimizer, trainer and model.
+
+  Attributes:
+    optimizer: the optax factory, or a fixed ``GradientTransformation``.
+    factory_kind: ``"factory"`` or ``"transform"``.
+    injected: optimizer keys injected per lane (numeric).
+    int_injected: the integer-valued subset of ``injected``.
+    static_opt: optimizer keys passed statically (part of the signature).
+    model_keys: keys handed to ``model_fn``.
+    schedule: the learning-rate schedule applied with ``lr_decay``, or None.
+  """
+
+  optimizer: Any
+  factory_kind: str
+  injected: tuple
+  int_injected: tuple
+  static_opt: tuple
+  model_keys: tuple
+  schedule: str | None
+
+  @property
+  def signature_keys(self) -> tuple:
+    return tuple(sorted(self.model_keys + self.static_opt + ("batch_size",)))
+
+  def signature(self, config: Mapping[str, Any]) -> tuple:
+    """The static part of ``config``: lanes with equal signatures share a program."""
+    return tuple((k, config[k]) for k in self.signature_keys if k in config)
+
+  def model_config(self, config: Mapping[str, Any]) -> dict:
+    return {k: config[k] for k in self.model_keys}
+
+  def static_opt_values(self, config: Mapping[str, Any]) -> tuple:
+    return tuple((k, config[k]) for k in self.static_opt)
+
+
+def _optimizer_params(optimizer: Callable) -> dict[str, inspect.Parameter]:
+  try:
+    sig = inspect.signature(optimizer)
+  except (TypeError, ValueError):
+    raise TypeError(
+        f"`optimizer` {optimizer!r} has no inspectable signature; pass an "
+        "optax factory such as optax.adam or a GradientTransformation."
+    ) from None
+  return {
+      k: p for k, p in sig.parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+  }
+
+
+def route(space: Mapping[str, Any], optimizer: Any, lr_schedule: str) -> Routing:
+  """Decides where each key of ``space`` goes; validates the optimizer."""
+  if lr_schedule not in SCHEDULES:
+    raise ValueError(f"`lr_schedule` must be one of {SCHEDULES}, got {lr_schedule!r}.")
+  is_transform = hasattr(optimizer, "init") and hasattr(optimizer, "update") and not inspect.isfunction(optimizer)
+  if not is_transform and not callable(optimizer):
+    raise TypeError(
+        "`optimizer` must be an optax factory (optax.adam, optax.sgd, ...) or "
+        f"an optax.GradientTransformation, got {optimizer!r}."
+    )
+  injected, ints, static, model = [], [], [], []
+  if is_transform:
+    params = {}
+  else:
+    params = _optimizer_params(optimizer)
+  for k, v in space.items():
+    if k in TRAINER_KEYS:
+      continue
+    if k in params:
+      if _is_numeric(v):
+        injected.append(k)
+        if _is_int_valued(v) and isinstance(params[k].default, numbers.Integral) and not isinstance(params[k].default, bool):
+          ints.append(k)
+      else:
+        static.append(k)
+    else:
+      model.append(k)
+  if not is_transform:
+    missing = [k for k, p in params.items() if p.default is p.empty and k not in space]
+    if missing:
+      name = getattr(optimizer, "__name__", repr(optimizer))
+      raise ValueError(
+          f"`optimizer` {name} needs {missing} but the space does not set "
+          f"{'it' if len(missing) == 1 else 'them'}; add e.g. "
+          f"{missing[0]!r}: vt.loguniform(1e-4, 1e-1) to the space, or bind "
+          "it with functools.partial."
+      )
+  schedule = None
+  if "lr_decay" in space:
+    d = space["lr_decay"]
+    if not _is_numeric(d):
+      raise TypeError(f"space['lr_decay'] must be numeric, got {d!r}.")
+    low = d.low if hasattr(d, "low") else (min(d.values) if isinstance(d, Choice) else d)
+    if low < 0:
+      raise ValueError(f"space['lr_decay'] must be >= 0 (a decay rate), got a lower end of {low!r}.")
+    if is_transform or "learning_rate" not in params:
+      raise ValueError(
+          "space['lr_decay'] needs an optimizer factory with a `learning_rate` "
+          "argument to decay (such as optax.adam or optax.sgd)."
+      )
+    lr_default = params["learning_rate"].default
+    if "learning_rate" not in space and not _is_number(lr_default):
+      raise ValueError("space['lr_decay'] needs a numeric learning rate to decay.")
+    if "learning_rate" in space and not _is_numeric(space["learning_rate"]):
+      raise ValueError("space['lr_decay'] cannot decay a learning-rate schedule; give a number.")
+    schedule = lr_schedule
+  if "batch_size" in space:
+    b = space["batch_size"]
+    values = b.values if isinstance(b, Choice) else ((b.low, b.high) if isinstance(b, Integer) else (b,))
+    if isinstance(b, Distribution) and not isinstance(b, (Choice, Integer)):
+      raise TypeError(f"space['batch_size'] must be an int, vt.integer or vt.choice of ints, got {b!r}.")
+    for v in values:
+      if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+        raise ValueError(f"space['batch_size'] values must be positive ints, got {v!r}.")
+  return Routing(
+      optimizer=optimizer,
+      factory_kind="transform" if is_transform else "factory",
+      injected=tuple(sorted(injected)),
+      int_injected=tuple(sorted(ints)),
+      static_opt=tuple(sorted(static)),
+      model_keys=tuple(sorted(model)),
+      schedule=schedule,
+  )
+
+
+def max_batch_size(space: Mapping[str, Any]) -> int | None:
+  b = space.get("batch_size")
+  if b is None:
+    return None
+  if isinstance(b, Choice):
+    return max(b.values)
+  if isinstance(b, Integer):
+    return b.high
+  return int(b)

@@ -1,0 +1,1001 @@
+"""``search`` and ``train``: the entry points, their validation and the round loop."""
+
+from __future__ import annotations
+
+import collections
+import math
+import numbers
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+import optax
+
+from . import _devices, _space
+from ._data import Dataset, Objective, prepare_data, resolve_objective
+from ._model import ModelAdapter, make_adapter, model_kind
+from ._progress import Progress
+from ._result import AllDivergedError, Run, SearchResult, Stats, Trial, rank_trials
+from ._routing import DEFAULT_BATCH_SIZE, Routing, max_batch_size, route
+from ._space import Choice, Distribution, Integer, Region
+from ._trainer import (
+    DeviceData,
+    LaneInputs,
+    Layout,
+    Program,
+    SingleProgram,
+    TrainSpec,
+    lane_init,
+    lane_step,
+    place_data,
+    place_inputs,
+    run_program,
+    stack_inputs,
+)
+
+__all__ = ["search", "train", "clear_cache"]
+
+DEFAULT_NUM_STEPS = 1000
+DEFAULT_NUM_EVALS = 10
+DEFAULT_EVAL_BATCH = 512
+_CACHE_SIZE = 64
+_PROGRAMS: "collections.OrderedDict[tuple, Program]" = collections.OrderedDict()
+
+
+def _remember(key: tuple, program) -> None:
+  _PROGRAMS[key] = program
+  while len(_PROGRAMS) > _CACHE_SIZE:
+    _PROGRAMS.popitem(last=False)
+
+
+def clear_cache() -> None:
+  """Forgets every compiled program kept between searches in this process.
+
+  Programs are cached by the identity of ``model_fn``, the optimizer, loss and
+  metric, and by the shapes of the data, so a second search with the same
+  setup compiles nothing. Clear the cache if a closure those functions read
+  has changed.
+  """
+  _PROGRAMS.clear()
+
+
+# --------------------------------------------------------------------------
+# Argument checks (all before anything is traced or compiled)
+# --------------------------------------------------------------------------
+
+
+def _int_arg(name: str, value: Any, low: int = 1, allow_none: bool = False) -> int | None:
+  if value is None and allow_none:
+    return None
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise TypeError(f"`{name}` must be an int, got {value!r} of type {type(value).__name__}.")
+  if value < low:
+    raise ValueError(f"`{name}` must be >= {low}, got {value}.")
+  return int(value)
+
+
+def _budget(num_steps, epochs) -> tuple[int | None, float | None]:
+  if num_steps is not None and epochs is not None:
+    raise ValueError("give either `num_steps` or `epochs`, not both.")
+  if epochs is not None:
+    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Real) or not epochs > 0 or not math.isfinite(epochs):
+      raise ValueError(f"`epochs` must be a positive number, got {epochs!r}.")
+    return None, float(epochs)
+  if num_steps is None:
+    num_steps = DEFAULT_NUM_STEPS
+  return _int_arg("num_steps", num_steps), None
+
+
+def _check_precision(precision):
+  allowed = (None, "default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
+  if precision not in allowed:
+    raise ValueError(f"`precision` must be one of {allowed}, got {precision!r}.")
+  return precision
+
+
+def _check_common(model_fn, data, space, optimizer, metric, direction, loss_fn, val_fraction, seed,
+                  lr_schedule, eval_every, eval_batch_size, precision, empty_ok=False):
+  kind = model_kind(model_fn)
+  space = _space.validate_space(space) if (space or not empty_ok) else {}
+  routing = route(space, optimizer, lr_schedule)
+  _int_arg("seed", seed, low=0)
+  eval_every = _int_arg("eval_every", eval_every, allow_none=True)
+  eval_batch_size = _int_arg("eval_batch_size", eval_batch_size, allow_none=True)
+  _check_precision(precision)
+  dataset = prepare_data(data, val_fraction=val_fraction, seed=seed)
+  objective = resolve_objective(dataset.task, loss_fn, metric, direction)
+  top = max_batch_size(space)
+  if top is not None and top > dataset.num_train:
+    raise ValueError(
+        f"space['batch_size'] reaches {top}, larger than the {dataset.num_train} "
+        "training examples; lower it or pass more data."
+    )
+  return kind, space, routing, dataset, objective
+
+
+# --------------------------------------------------------------------------
+# Specs and programs
+# --------------------------------------------------------------------------
+
+
+def _num_classes(dataset: Dataset) -> int:
+  return int(max(dataset.y_train.max(), dataset.y_val.max())) + 1
+
+
+def check_spec(spec: TrainSpec, dataset: Dataset, objective: Objective, custom_loss: bool) -> None:
+  """Traces one lane abstractly to catch model and shape errors before compiling."""
+  b = spec.batch_size
+  x_abs = jax.ShapeDtypeStruct((b,) + dataset.x_train.shape[1:], dataset.x_train.dtype)
+  y_abs = jax.ShapeDtypeStruct((b,) + dataset.y_train.shape[1:], dataset.y_train.dtype)
+  config = spec.adapter.config
+  key = jax.random.key(0)
+  try:
+    params, model_state = jax.eval_shape(spec.adapter.init, key)
+  except (TypeError, ValueError) as e:
+    if "model_fn" in str(e):
+      raise
+    raise ValueError(f"model_fn raised {type(e).__name__} while initialising config {config!r}: {e}") from e
+  except Exception as e:
+    raise ValueError(f"model_fn raised {type(e).__name__} while initialising config {config!r}: {e}") from e
+  try:
+    out = jax.eval_shape(lambda p, s, x: spec.adapter.apply(p, s, x, True, key)[0], params, model_state, x_abs)
+  except Exception as e:
+    raise ValueError(
+        f"the model for config {config!r} failed on a batch of shape {x_abs.shape} "
+        f"({x_abs.dtype}): {type(e).__name__}: {e}"
+    ) from e
+  if not hasattr(out, "shape"):
+    raise TypeError(f"the model must return one array, got {type(out).__name__} for config {config!r}.")
+  if not custom_loss:
+    if dataset.task == "classification":
+      k = _num_classes(dataset)
+      if out.ndim != 2 or out.shape[0] != b:
+        raise ValueError(
+            f"with integer labels the model must output logits of shape (batch, num_classes); "
+            f"it output {out.shape} for a batch of {b} (config {config!r})."
+        )
+      if out.shape[1] < k:
+        raise ValueError(
+            f"the model outputs {out.shape[1]} classes but the labels go up to {k - 1} "
+            f"(config {config!r})."
+        )
+    else:
+      squeezed = out.shape[:-1] if out.ndim == y_abs.ndim + 1 and out.shape[-1] == 1 else out.shape
+      if tuple(squeezed) != tuple(y_abs.shape):
+        raise ValueError(
+            f"the model outputs shape {out.shape} but the targets have shape {y_abs.shape}: "
+            "they would broadcast. Make the output (batch,) or (batch, 1) for scalar targets."
+        )
+  for fn, arg in ((objective.loss_fn, "loss_fn"), (objective.metric_fn, "metric")):
+    try:
+      v = jax.eval_shape(fn, out, y_abs)
+    except Exception as e:
+      raise ValueError(f"`{arg}` failed on outputs {out.shape} and targets {y_abs.shape}: {e}") from e
+    if getattr(v, "shape", None) != (b,):
+      raise TypeError(
+          f"`{arg}` must return one value per example, shape ({b},), got "
+          f"{getattr(v, 'shape', v)}; vmaptune takes the mean itself."
+      )
+  inputs = LaneInputs(
+      seed=jax.ShapeDtypeStruct((), np.uint32),
+      hparams={k: jax.ShapeDtypeStruct((), np.int32 if k in spec.int_injected else np.float32) for k in spec.injected},
+      lr_decay=jax.ShapeDtypeStruct((), np.float32),
+      budget=jax.ShapeDtypeStruct((), np.int32),
+  )
+  try:
+    state = jax.eval_shape(lambda i: lane_init(spec, i), inputs)
+    train = (jax.ShapeDtypeStruct(dataset.x_train.shape, dataset.x_train.dtype),
+             jax.ShapeDtypeStruct(dataset.y_train.shape, dataset.y_train.dtype))
+    jax.eval_shape(lambda s, d: lane_step(spec, s, d), state, train)
+  except Exception as e:
+    name = getattr(spec.optimizer, "__name__", repr(spec.optimizer))
+    raise ValueError(
+        f"training step failed to build with optimizer {name} and injected "
+        f"hyperparameters {list(spec.injected)} (config {config!r}): {type(e).__name__}: {e}"
+    ) from e
+
+
+class _Context:
+  """What one search (or one single run) shares: data, routing, programs."""
+
+  def __init__(self, *, model_fn, routing: Routing, dataset: Dataset, objective: Objective,
+               custom_loss: bool, num_steps, epochs, eval_every, eval_batch_size, precision,
+               devices, lane_batch, stats: Stats):
+    self.model_fn = model_fn
+    self.routing = routing
+    self.dataset = dataset
+    self.objective = objective
+    self.custom_loss = custom_loss
+    self.num_steps = num_steps
+    self.epochs = epochs
+    self.eval_every = eval_every
+    self.eval_batch_size = min(eval_batch_size or DEFAULT_EVAL_BATCH, dataset.num_val)
+    self.precision = precision
+    self.devices = _devices.lane_devices(devices)
+    self.mesh = _devices.make_mesh(self.devices)
+    self.lane_batch = lane_batch
+    self.stats = stats
+    self.stats.num_devices = len(self.devices)
+    self._data: DeviceData | None = None
+    self._specs: dict[tuple, TrainSpec] = {}
+    self.programs: dict[tuple, Program] = {}
+    self.trial_program: dict[int, tuple] = {}
+    x = dataset.x_train
+    self.x_example = jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype)
+
+  @property
+  def data(self) -> DeviceData:
+    if self._data is None:
+      self._data = place_data(self.dataset, self.eval_batch_size, self.mesh)
+    return self._data
+
+  # Budgets -------------------------------------------------------------
+
+  def batch_size(self, signature: tuple) -> int:
+    b = dict(signature).get("batch_size")
+    return int(b) if b is not None else min(DEFAULT_BATCH_SIZE, self.dataset.num_train)
+
+  def steps_for(self, batch_size: int) -> int:
+    if self.epochs is None:
+      return self.num_steps
+    return max(1, int(round(self.epochs * (self.dataset.num_train // batch_size))))
+
+  def eval_every_for(self, steps: int) -> int:
+    if self.eval_every is not None:
+      return min(self.eval_every, steps)
+    return max(1, -(-steps // DEFAULT_NUM_EVALS))
+
+  # Specs and programs --------------------------------------------------
+
+  def spec_for(self, signature: tuple) -> TrainSpec:
+    """The (validated) static description of a bucket; traces, never compiles."""
+    if signature in self._specs:
+      return self._specs[signature]
+    config = dict(signature)
+    batch = self.batch_size(signature)
+    adapter = make_adapter(self.model_fn, self.routing.model_config(config), self.x_example)
+    spec = TrainSpec(
+        adapter=adapter,
+        optimizer=self.routing.optimizer,
+        factory_kind=self.routing.factory_kind,
+        injected=self.routing.injected,
+        int_injected=self.routing.int_injected,
+        static_opt=self.routing.static_opt_values(config),
+        schedule=self.routing.schedule,
+        batch_size=batch,
+        eval_batch_size=self.eval_batch_size,
+        objective=self.objective,
+        num_train=self.dataset.num_train,
+        num_val=self.dataset.num_val,
+        precision=self.precision,
+    )
+    check_spec(spec, self.dataset, self.objective, self.custom_loss)
+    self._specs[signature] = spec
+    return spec
+
+  def layout(self, num_lanes: int) -> Layout:
+    d = len(self.devices)
+    k = self.lane_batch
+    if k is None:
+      # One lane at a time per CPU core beats a batched matmul there
+      # (benchmarks/RESULTS.md); accelerators take all their lanes at once.
+      k = 1 if self.devices[0].platform == "cpu" else max(1, num_lanes // d)
+    return Layout(num_lanes, d, k)
+
+  def padded_lanes(self, n: int) -> int:
+    d = len(self.devices)
+    unit = d * (self.lane_batch or 1)
+    return max(unit, -(-n // unit) * unit)
+
+  def schedule(self, spec: TrainSpec) -> tuple[int, int, int]:
+    """``(steps, eval_every, evals)`` of a bucket's trials."""
+    steps = self.steps_for(spec.batch_size)
+    eval_every = self.eval_every_for(steps)
+    return steps, eval_every, -(-steps // eval_every)
+
+  def program_for(self, signature: tuple, num_lanes: int) -> tuple[tuple, Program]:
+    spec = self.spec_for(signature)
+    layout = self.layout(num_lanes)
+    _, _, evals = self.schedule(spec)
+    key = (signature, num_lanes, layout.lane_batch, evals)
+    if key in self.programs:
+      return key, self.programs[key]
+    gkey = self._cache_key(signature, num_lanes, layout.lane_batch, evals)
+    try:
+      program = _PROGRAMS.get(gkey)
+    except TypeError:  # an unhashable static value: no cross-search caching
+      gkey, program = None, None
+    if program is None:
+      program = Program(spec, layout, self.mesh, evals_per_call=evals)
+      if gkey is not None:
+        _remember(gkey, program)
+    elif gkey is not None:
+      _PROGRAMS.move_to_end(gkey)
+    self.programs[key] = program
+    return key, program
+
+  def _cache_key(self, signature: tuple, *layout) -> tuple:
+    return (
+        self.model_fn, self.routing, self.objective.loss_fn, self.objective.metric_fn,
+        self.dataset.x_train.shape, self.dataset.x_train.dtype.str, self.dataset.y_train.shape,
+        self.dataset.y_train.dtype.str, self.dataset.x_val.shape, self.dataset.task,
+        self.eval_batch_size, self.precision, tuple(d.id for d in self.devices), signature,
+    ) + layout
+
+  def single_program(self, signature: tuple) -> SingleProgram:
+    """A one-lane program (vt.train), cached like population programs."""
+    spec = self.spec_for(signature)
+    gkey = self._cache_key(signature, "single")
+    try:
+      program = _PROGRAMS.get(gkey)
+    except TypeError:
+      gkey, program = None, None
+    if program is None:
+      program = SingleProgram(spec, self.devices[0])
+      if gkey is not None:
+        _remember(gkey, program)
+    return program
+
+  def inputs(self, spec: TrainSpec, configs: Sequence[Mapping[str, Any]], seeds: Sequence[int], num_lanes: int) -> LaneInputs:
+    steps = self.steps_for(spec.batch_size)
+    pad = num_lanes - len(configs)
+    configs = list(configs) + [configs[0]] * pad
+    seeds = list(seeds) + [seeds[0]] * pad
+    return stack_inputs(
+        seeds,
+        [{k: c[k] for k in spec.injected} for c in configs],
+        [float(c.get("lr_decay", 0.0)) for c in configs],
+        [steps] * num_lanes,
+        spec,
+    )
+
+  def run(self, key: tuple, program: Program, inputs: LaneInputs, on_call=None):
+    placed = place_inputs(inputs, self.mesh, len(self.devices))
+    data = self.data
+    before = (program.compile_seconds, program.trace_seconds, program.programs_compiled)
+    if not program.compiled:
+      program.compile(placed, data)
+    t0 = time.perf_counter()
+    _, eval_every, _ = self.schedule(program.spec)
+    state, metrics = run_program(program, placed, data, eval_every, 1, on_call)
+    self.stats.train_seconds += time.perf_counter() - t0
+    self.stats.compile_seconds += program.compile_seconds - before[0]
+    self.stats.trace_seconds += program.trace_seconds - before[1]
+    self.stats.programs_compiled += program.programs_compiled - before[2]
+    return state, metrics
+
+  def adapter_for(self, trial: Trial) -> ModelAdapter:
+    key = self.trial_program[trial.id]
+    return self.programs[key].spec.adapter
+
+  def replay(self, trial: Trial, metric: str, maximize: bool) -> Run:
+    key = self.trial_program[trial.id]
+    program = self.programs[key]
+    n = program.layout.num_lanes
+    inputs = self.inputs(program.spec, [trial.config] * n, [trial.seed] * n, n)
+    _, eval_every, _ = self.schedule(program.spec)
+    state, metrics = run_program(program, place_inputs(inputs, self.mesh, len(self.devices)), self.data,
+                                 eval_every)
+    return _run_from_lane(trial.config, trial.seed, state, metrics, trial.lane, program.spec, metric, maximize)
+
+
+def _lane_result(state, metrics, lane: int, maximize: bool):
+  scores, losses, steps = metrics
+  diverged_at = int(np.asarray(state.diverged_at[lane]))
+  curve = scores[lane]
+  final = float(curve[-1])
+  status = "ok"
+  if diverged_at >= 0 or not math.isfinite(final):
+    status = "diverged"
+    final = -math.inf if maximize else math.inf
+    if diverged_at < 0:
+      diverged_at = int(steps[lane, -1])
+  return dict(
+      score=final,
+      status=status,
+      diverged_at=diverged_at if status == "diverged" else None,
+      curve=curve.copy(),
+      curve_steps=steps[lane].copy(),
+      train_curve=losses[lane].copy(),
+      steps=int(steps[lane, -1]),
+  )
+
+
+def _lane_params(state, lane: int):
+  take = lambda a: a[lane]
+  return jax.device_get(jax.tree.map(take, state.params)), jax.tree.map(take, state.model_state)
+
+
+def _run_from_lane(config, seed, state, metrics, lane, spec: TrainSpec, metric, maximize) -> Run:
+  r = _lane_result(state, metrics, lane, maximize)
+  params, model_state = _lane_params(state, lane)
+  return Run(config=config, seed=seed, params=params, model_state=model_state, adapter=spec.adapter,
+             metric_name=metric, maximize=maximize, **r)
+
+
+# --------------------------------------------------------------------------
+# Sampling a round
+# --------------------------------------------------------------------------
+
+
+def _finite_values(d: Distribution, region) -> list | None:
+  if isinstance(d, Choice):
+    return list(d.values if region is None else region)
+  if isinstance(d, Integer):
+    lo, hi = d.bounds() if region is None else region
+    a, b = d.from_coord(lo + 1e-9), d.from_coord(hi - 1e-9)
+    if b - a > 10_000:
+      return None
+    return list(range(a, b + 1))
+  return None
+
+
+def _draw_signatures(dists: Mapping[str, Distribution], region: Region, rng, k: int) -> list[dict]:
+  """Up to ``k`` distinct values of the structural keys, drawn at random."""
+  if not dists:
+    return [{}]
+  finite = {name: _finite_values(d, region.get(name)) for name, d in dists.items()}
+  if all(v is not None for v in finite.values()):
+    size = math.prod(len(v) for v in finite.values())
+    if size <= k:
+      import itertools
+
+      names = list(dists)
+      return [dict(zip(names, combo)) for combo in itertools.product(*(finite[n] for n in names))]
+  out, seen = [], set()
+  for _ in range(50 * k):
+    cand = _space.sample_values(dists, rng, 1, region)[0]
+    sig = tuple(cand.items())
+    if sig not in seen:
+      seen.add(sig)
+      out.append(cand)
+      if len(out) == k:
+        break
+  return out
+
+
+def _lane_counts(k: int, n: int, lanes_per_program: int) -> list[int]:
+  """Spreads ``n`` lanes over ``k`` signatures in whole programs where possible."""
+  chunks = max(k, -(-n // lanes_per_program))
+  per = [chunks // k + (1 if j < chunks % k else 0) for j in range(k)]
+  counts = [min(n * c // chunks, c * lanes_per_program) for c in per]
+  j = 0
+  while sum(counts) < n:
+    if counts[j % k] < per[j % k] * lanes_per_program:
+      counts[j % k] += 1
+    j += 1
+  for j in range(k):  # every signature drawn gets at least one lane
+    if counts[j] == 0:
+      donor = int(np.argmax(counts))
+      counts[donor] -= 1
+      counts[j] = 1
+  return counts
+
+
+def _nearest(space, configs, top: Sequence[Trial]) -> list[int]:
+  """For each config, the id of the closest top trial (sampling coordinates)."""
+  dists = _space.searched(space)
+  numeric = [k for k, d in dists.items() if not isinstance(d, Choice)]
+  cats = [k for k, d in dists.items() if isinstance(d, Choice)]
+  tops = [(_space.coords(space, t.config, numeric), t) for t in top]
+  out = []
+  for c in configs:
+    x = _space.coords(space, c, numeric)
+    best = min(
+        tops,
+        key=lambda pt: (float(np.sum((pt[0] - x) ** 2)) + sum(c[k] != pt[1].config[k] for k in cats), pt[1].id),
+    )
+    out.append(best[1].id)
+  return out
+
+
+# --------------------------------------------------------------------------
+# The search
+# --------------------------------------------------------------------------
+
+
+def trial_seed(seed: int, round_index: int, position: int) -> int:
+  """The seed of the trial at ``position`` in round ``round_index``.
+
+  Derived from the position alone (not from how many configs the round has),
+  so a config keeps its seed, and its numbers, in a population of any size.
+  """
+  state = np.random.SeedSequence([seed, round_index, position, 0x7A11]).generate_state(1)
+  return int(state[0] & 0x7FFFFFFF)
+
+
+def check_enqueued(space: Mapping[str, Any], enqueue: Any) -> list[dict]:
+  """Validates configs to train first (as Optuna's ``enqueue_trial``)."""
+  if enqueue is None:
+    return []
+  if isinstance(enqueue, Mapping) or not isinstance(enqueue, Sequence):
+    raise TypeError("`enqueue` must be a list of config dicts.")
+  out = []
+  for j, c in enumerate(enqueue):
+    if not isinstance(c, Mapping):
+      raise TypeError(f"enqueue[{j}] must be a dict, got {type(c).__name__}.")
+    searched = _space.searched(space)
+    missing = [k for k in searched if k not in c]
+    extra = [k for k in c if k not in space]
+    if missing or extra:
+      raise ValueError(f"enqueue[{j}] must set exactly the searched keys; missing {missing}, unknown {extra}.")
+    full = {}
+    for k, v in space.items():
+      if k not in searched:
+        if k in c and c[k] != v:
+          raise ValueError(f"enqueue[{j}][{k!r}]={c[k]!r} differs from the space's constant {v!r}.")
+        full[k] = v
+        continue
+      d = searched[k]
+      val = c[k]
+      if isinstance(d, Choice):
+        if val not in d.values:
+          raise ValueError(f"enqueue[{j}][{k!r}]={val!r} is not one of {list(d.values)}.")
+      else:
+        if isinstance(val, bool) or not isinstance(val, numbers.Real) or not d.low <= val <= d.high:
+          raise ValueError(f"enqueue[{j}][{k!r}]={val!r} is outside [{d.low}, {d.high}].")
+        val = int(val) if isinstance(d, Integer) else float(val)
+      full[k] = val
+    out.append(full)
+  return out
+
+
+class _Search:
+  def __init__(self, ctx: _Context, space, *, num_configs, rounds, seed, sampler, keep, shrink,
+               max_buckets, verbose, enqueue=()):
+    self.ctx = ctx
+    self.space = space
+    self.num_configs = num_configs
+    self.rounds = rounds
+    self.seed = seed
+    self.sampler = sampler
+    self.keep = keep
+    self.shrink = shrink
+    self.max_buckets = max_buckets
+    self.enqueue = list(enqueue)
+    self.maximize = ctx.objective.maximize
+    self.trials: list[Trial] = []
+    self.regions: list[Region] = []
+    self.best_params: dict[int, tuple] = {}
+    self.lanes_per_program: int | None = None
+    self.progress = Progress(rounds, ctx.objective.metric_name, verbose)
+
+  # Sampling -------------------------------------------------------------
+
+  def _rng(self, r: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([self.seed, r, stream])
+
+  def _region(self, r: int) -> Region:
+    if r == 0:
+      return Region.full(self.space)
+    top = self._top()
+    return _space.zoom_region(self.space, [t.config for t in top], r, self.shrink)
+
+  def _top(self) -> list[Trial]:
+    ranked = rank_trials(self.trials, self.maximize)
+    if not ranked:
+      raise AllDivergedError(
+          f"all {len(self.trials)} trials diverged, so there is nothing to zoom "
+          "in on; lower the learning-rate range or check the data.",
+          self.trials,
+      )
+    if isinstance(self.keep, float):
+      n = max(2, int(round(self.keep * self.num_configs)))
+    else:
+      n = self.keep
+    return ranked[:n]
+
+  def _sample(self, r: int, region: Region) -> list[dict]:
+    rng = self._rng(r, 0)
+    dists = _space.searched(self.space)
+    consts = _space.constants(self.space)
+    order = list(self.space)
+    sig_keys = set(self.ctx.routing.signature_keys)
+    if self.sampler == "grid":
+      configs = _space.grid_values(dists, self.num_configs, region)
+      return [{k: {**consts, **c}[k] for k in order} for c in configs]
+    structural = {k: d for k, d in dists.items() if k in sig_keys}
+    rest = {k: d for k, d in dists.items() if k not in sig_keys}
+    sigs = _draw_signatures(structural, region, rng, min(self.max_buckets, self.num_configs))
+    if self.lanes_per_program is None:
+      self.lanes_per_program = self.ctx.padded_lanes(-(-self.num_configs // len(sigs)))
+    counts = _lane_counts(len(sigs), self.num_configs, self.lanes_per_program)
+    lane_sigs = [s for s, c in zip(sigs, counts) for _ in range(c)]
+    values = _space.sample_values(rest, rng, self.num_configs, region)
+    return [{k: {**consts, **lane_sigs[i], **values[i]}[k] for k in order} for i in range(self.num_configs)]
+
+  # Running --------------------------------------------------------------
+
+  def _buckets(self, configs: Sequence[dict]) -> "collections.OrderedDict[tuple, list[int]]":
+    buckets: collections.OrderedDict = collections.OrderedDict()
+    for i, c in enumerate(configs):
+      buckets.setdefault(self.ctx.routing.signature(c), []).append(i)
+    return buckets
+
+  def _best_score(self) -> float | None:
+    ranked = rank_trials(self.trials, self.maximize)
+    return ranked[0].score if ranked else None
+
+  def run_round(self, r: int) -> list[Trial]:
+    ctx = self.ctx
+    region = self._region(r)
+    configs = self._sample(r, region)
+    if r == 0 and self.enqueue:
+      configs[: len(self.enqueue)] = [dict(c) for c in self.enqueue[: len(configs)]]
+    parents = _nearest(self.space, configs, self._top()) if r > 0 else [None] * len(configs)
+    seeds = [trial_seed(self.seed, r, i) for i in range(len(configs))]
+    buckets = self._buckets(configs)
+    if self.lanes_per_program is None:  # grid: the largest bucket sets it
+      self.lanes_per_program = ctx.padded_lanes(max(len(v) for v in buckets.values()))
+    lanes = self.lanes_per_program
+    for sig in buckets:  # validate every bucket before compiling any
+      ctx.spec_for(sig)
+    total = sum(ctx.steps_for(ctx.batch_size(s)) * len(v) for s, v in buckets.items())
+    self.progress.start_round(r, total)
+    self.regions.append(region)
+    base_id = len(self.trials)
+    new: dict[int, Trial] = {}
+    for sig, members in buckets.items():
+      spec = ctx.spec_for(sig)
+      for start in range(0, len(members), lanes):
+        chunk = members[start:start + lanes]
+        key, program = ctx.program_for(sig, lanes)
+        inputs = ctx.inputs(spec, [configs[i] for i in chunk], [seeds[i] for i in chunk], lanes)
+        state, metrics = ctx.run(key, program, inputs)
+        ctx.stats.padded_lanes += lanes - len(chunk)
+        best_here = None
+        for lane, i in enumerate(chunk):
+          res = _lane_result(state, metrics, lane, self.maximize)
+          t = Trial(id=base_id + i, config=configs[i], round=r, lane=lane, seed=seeds[i],
+                    parent=parents[i], bucket=list(buckets).index(sig), **res)
+          new[i] = t
+          ctx.trial_program[t.id] = key
+          ctx.stats.lane_steps += t.steps
+          if t.status == "ok" and math.isfinite(t.score) and (
+              best_here is None or _better(t, best_here, self.maximize)):
+            best_here = t
+        current = self._best_trial_so_far(list(new.values()))
+        if best_here is not None and current is best_here:
+          self.best_params = {best_here.id: _lane_params(state, best_here.lane)}
+        self.progress.advance(sum(ctx.steps_for(spec.batch_size) for _ in chunk), self._best_of(new))
+    round_trials = [new[i] for i in range(len(configs))]
+    self.trials.extend(round_trials)
+    self.progress.end_round(self._best_score())
+    return round_trials
+
+  def _best_trial_so_far(self, extra: Sequence[Trial]) -> Trial | None:
+    ranked = rank_trials(list(self.trials) + list(extra), self.maximize)
+    return ranked[0] if ranked else None
+
+  def _best_of(self, new: Mapping[int, Trial]) -> float | None:
+    t = self._best_trial_so_far(list(new.values()))
+    return t.score if t else None
+
+  def run(self, t_start: float) -> SearchResult:
+    try:
+      for r in range(self.rounds):
+        self.run_round(r)
+    finally:
+      self.progress.close()
+    self.ctx.stats.wall_seconds = time.perf_counter() - t_start
+    self.ctx.stats.lane_batch = self.ctx.layout(self.lanes_per_program or 1).lane_batch
+    if not rank_trials(self.trials, self.maximize):
+      raise AllDivergedError(
+          f"all {len(self.trials)} trials diverged; lower the learning-rate range or check the data.",
+          self.trials,
+      )
+    return SearchResult(
+        trials=self.trials, space=self.space, metric=self.ctx.objective.metric_name,
+        maximize=self.maximize, regions=self.regions, stats=self.ctx.stats, context=self.ctx,
+        best_params=self.best_params,
+        options=dict(num_configs=self.num_configs, rounds=self.rounds, seed=self.seed,
+                     sampler=self.sampler, keep=self.keep, shrink=self.shrink,
+                     max_buckets=self.max_buckets),
+    )
+
+
+def _better(a: Trial, b: Trial, maximize: bool) -> bool:
+  if a.score == b.score:
+    return a.id < b.id
+  return a.score > b.score if maximize else a.score < b.score
+
+
+def search(
+    model_fn: Callable,
+    data: Any,
+    space: Mapping[str, Any],
+    *,
+    optimizer: Any = optax.adam,
+    num_configs: int = 64,
+    num_steps: int | None = None,
+    epochs: float | None = None,
+    rounds: int = 3,
+    seed: int = 0,
+    sampler: str = "random",
+    metric: str | Callable = "loss",
+    direction: str | None = None,
+    loss_fn: Callable | None = None,
+    val_fraction: float = 0.2,
+    eval_every: int | None = None,
+    keep: float | int = 0.25,
+    shrink: float = 0.5,
+    max_buckets: int = 8,
+    lr_schedule: str = "inverse_time",
+    devices: Any = None,
+    lane_batch: int | None = None,
+    precision: str | None = None,
+    eval_batch_size: int | None = None,
+    enqueue: Sequence[Mapping[str, Any]] | None = None,
+    verbose: bool = True,
+) -> SearchResult:
+  """Trains ``num_configs`` sampled configs at once, then zooms in, ``rounds`` times.
+
+  Every config of a round trains in the same compiled program: the lanes of a
+  bucket (configs that share their static hyperparameters) are stacked along a
+  lane axis, sharded over the devices, and stepped by a ``lax.scan`` with no
+  host round trip per step. Round 0 samples the whole space; each later round
+  samples ``num_configs`` new configs in a region around the best trials so
+  far, in sampling coordinates, shrinking by ``shrink`` per round.
+
+  Args:
+    model_fn: ``model_fn(config, rngs) -> nnx.Module`` (Flax NNX) or
+      ``model_fn(config) -> nn.Module`` (Linen). ``config`` holds the model's
+      hyperparameters as plain Python values.
+    data: ``(x, y)`` (split with ``val_fraction``, deterministically from
+      ``seed``) or ``{"train": (x, y), "val": (x, y)}``. Integer ``y`` means
+      classification (cross-entropy), float ``y`` regression (squared error).
+    space: name -> distribution (:func:`uniform`, :func:`loguniform`,
+      :func:`reverse_loguniform`, :func:`integer`, :func:`choice`) or constant.
+      Arguments of ``optimizer`` go to the optimizer, ``batch_size`` and
+      ``lr_decay`` to the trainer, the rest to ``model_fn``.
+    optimizer: an optax factory (default ``optax.adam``); its numeric
+      arguments are injected per lane, so their values cost no recompilation.
+    num_configs: configs per round.
+    num_steps: steps per trial (default 1000). Every lane takes the same
+      number of steps, so every lane of a round costs the same and finishes
+      together; larger batches then see more examples.
+    epochs: instead of ``num_steps``, passes over the training data per
+      trial: the same examples for every lane (batch 32 takes four times the
+      steps of batch 128).
+    rounds: 1 coarse round plus ``rounds - 1`` zoom rounds.
+    seed: the search seed. The same seed gives the same configs, scores and best.
+    sampler: ``"random"`` (default) or ``"grid"`` (the largest full grid of at
+      most ``num_configs`` points; for comparison).
+    metric: ``"loss"`` (default, minimized), ``"accuracy"`` (maximized) or a
+      callable ``(outputs, targets) -> per-example values``, averaged.
+    direction: ``"minimize"`` or ``"maximize"`` for a callable metric.
+    loss_fn: ``(outputs, targets) -> per-example loss``; default cross-entropy
+      for integer labels, squared error for float targets.
+    val_fraction: held-out share when ``data`` is ``(x, y)``.
+    eval_every: steps between validation passes (default: 10 per trial).
+    keep: how many of the best trials so far a zoom region is drawn around: a
+      fraction of ``num_configs`` (default 0.25) or a count.
+    shrink: the zoom region's largest width is ``shrink ** round`` of the full
+      range in each sampling coordinate (default 0.5).
+    max_buckets: the most distinct static signatures (compiled programs) per
+      round (default 8). Model hyperparameters drawn from continuous or wide
+      ranges are drawn this many times per round and the lanes are spread
+      evenly over them.
+    lr_schedule: how ``lr_decay`` decays the learning rate per epoch:
+      ``"inverse_time"`` (α0 / (1 + decay·epoch), default) or
+      ``"exponential"`` (α0·exp(−decay·epoch)).
+    devices: devices to shard lanes over: None (all), a count, or a list.
+    lane_batch: lanes vectorised together per device (default: 1 on CPU,
+      all of a device's lanes on accelerators).
+    precision: matmul precision (``jax.default_matmul_precision``): None
+      keeps JAX's default (TF32 on recent NVIDIA GPUs), ``"highest"`` is
+      true float32.
+    eval_batch_size: validation examples per chunk (default 512).
+    enqueue: configs to train first in round 0 (a known baseline, say), as
+      Optuna's ``enqueue_trial``; each sets every searched key.
+    verbose: show a progress bar on a terminal (a line per round otherwise).
+
+  Returns:
+    A :class:`SearchResult`.
+
+  Example:
+    >>> import numpy as np, optax, vmaptune as vt
+    >>> from flax import nnx
+    >>> x = np.random.default_rng(0).normal(size=(200, 4)).astype(np.float32)
+    >>> y = (x[:, 0] > 0).astype(np.int32)
+    >>> def model_fn(config, rngs):
+    ...   return nnx.Linear(4, 2, rngs=rngs)
+    >>> result = vt.search(model_fn, (x, y), {"learning_rate": vt.loguniform(1e-3, 1e-1)},
+    ...                    num_configs=4, num_steps=20, rounds=2, verbose=False)
+    >>> len(result.trials)
+    8
+  """
+  t_start = time.perf_counter()
+  kind, space, routing, dataset, objective = _check_common(
+      model_fn, data, space, optimizer, metric, direction, loss_fn, val_fraction, seed,
+      lr_schedule, eval_every, eval_batch_size, precision)
+  num_configs = _int_arg("num_configs", num_configs)
+  rounds = _int_arg("rounds", rounds)
+  max_buckets = _int_arg("max_buckets", max_buckets)
+  lane_batch = _int_arg("lane_batch", lane_batch, allow_none=True)
+  num_steps, epochs = _budget(num_steps, epochs)
+  if sampler not in ("random", "grid"):
+    raise ValueError(f"`sampler` must be 'random' or 'grid', got {sampler!r}.")
+  if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+    raise TypeError(f"`keep` must be a fraction in (0, 1] or a count >= 1, got {keep!r}.")
+  if isinstance(keep, float) and not 0.0 < keep <= 1.0:
+    raise ValueError(f"`keep` as a fraction must lie in (0, 1], got {keep!r}.")
+  if isinstance(keep, int) and keep < 1:
+    raise ValueError(f"`keep` as a count must be >= 1, got {keep!r}.")
+  if isinstance(shrink, bool) or not isinstance(shrink, (int, float)) or not 0.0 < shrink <= 1.0:
+    raise ValueError(f"`shrink` must lie in (0, 1], got {shrink!r}.")
+  if not isinstance(verbose, bool):
+    raise TypeError(f"`verbose` must be a bool, got {verbose!r}.")
+  enqueue = check_enqueued(space, enqueue)
+  if len(enqueue) > num_configs:
+    raise ValueError(f"`enqueue` holds {len(enqueue)} configs, more than num_configs={num_configs}.")
+  if not _space.searched(space) and rounds > 1:
+    raise ValueError("`space` holds only constants; nothing to search. Use vt.train for one config.")
+  stats = Stats()
+  ctx = _Context(model_fn=model_fn, routing=routing, dataset=dataset, objective=objective,
+                 custom_loss=loss_fn is not None, num_steps=num_steps, epochs=epochs,
+                 eval_every=eval_every, eval_batch_size=eval_batch_size, precision=precision,
+                 devices=devices, lane_batch=lane_batch, stats=stats)
+  return _Search(ctx, space, num_configs=num_configs, rounds=rounds, seed=seed, sampler=sampler,
+                 keep=keep, shrink=float(shrink), max_buckets=max_buckets, verbose=verbose,
+                 enqueue=enqueue).run(t_start)
+
+
+# --------------------------------------------------------------------------
+# One config alone
+# --------------------------------------------------------------------------
+
+
+class TrainState:
+  """What a :func:`train` callback sees after each evaluation.
+
+  Attributes:
+    step: steps taken.
+    score: the latest validation score.
+    curve, curve_steps, train_curve: the curves so far.
+    hyperparams: the optimizer's current injected hyperparameters.
+    diverged: whether the run has diverged.
+  """
+
+  def __init__(self, step, score, curve, curve_steps, train_curve, hyperparams, diverged):
+    self.step = step
+    self.score = score
+    self.curve = curve
+    self.curve_steps = curve_steps
+    self.train_curve = train_curve
+    self.hyperparams = hyperparams
+    self.diverged = diverged
+
+  def __repr__(self) -> str:
+    return f"TrainState(step={self.step}, score={self.score:.6g}, hyperparams={self.hyperparams})"
+
+
+def train(
+    model_fn: Callable,
+    data: Any,
+    config: Mapping[str, Any],
+    *,
+    optimizer: Any = optax.adam,
+    seed: int = 0,
+    num_steps: int | None = None,
+    epochs: float | None = None,
+    metric: str | Callable = "loss",
+    direction: str | None = None,
+    loss_fn: Callable | None = None,
+    val_fraction: float = 0.2,
+    split_seed: int = 0,
+    eval_every: int | None = None,
+    lr_schedule: str = "inverse_time",
+    precision: str | None = None,
+    eval_batch_size: int | None = None,
+    callback: Callable[[TrainState], Mapping[str, Any] | None] | None = None,
+    device: Any = None,
+    verbose: bool = True,
+) -> Run:
+  """Trains one config alone, no population: babysitting one model.
+
+  The same per-lane code as :func:`search`, jitted for a single lane (no
+  ``vmap``). Results match the config's lane in a search to rounding, not bit
+  for bit: XLA picks other kernels for a batched program (see README); use
+  ``SearchResult.retrain`` for an exact replay.
+
+  Args:
+    model_fn, data, optimizer, num_steps, epochs, metric, direction, loss_fn,
+      val_fraction, eval_every, lr_schedule, precision, eval_batch_size: as in
+      :func:`search`.
+    config: one value per hyperparameter (no distributions), e.g.
+      ``result.best_config``.
+    seed: the trial seed (init, data order, dropout), e.g.
+      ``result.best_trial.seed``.
+    split_seed: the seed of the train/validation split; pass the search's
+      ``seed`` to score on the search's validation set (default 0, the
+      search's default).
+    callback: called after every evaluation with a :class:`TrainState`; it may
+      return a dict of new values for injected optimizer hyperparameters (e.g.
+      ``{"learning_rate": s.hyperparams["learning_rate"] / 2}``), applied from
+      the next step in the same compiled program, or ``{"stop": True}``.
+    device: the device to train on (default: the first).
+    verbose: progress bar with the latest validation score.
+
+  Returns:
+    A :class:`Run`.
+
+  Example:
+    >>> import numpy as np, vmaptune as vt
+    >>> from flax import nnx
+    >>> x = np.random.default_rng(0).normal(size=(100, 3)).astype(np.float32)
+    >>> y = x.sum(axis=1)
+    >>> run = vt.train(lambda c, rngs: nnx.Linear(3, 1, rngs=rngs), (x, y),
+    ...                {"learning_rate": 0.05}, num_steps=200, verbose=False)
+    >>> run.status, run.score < 0.05
+    ('ok', True)
+  """
+  if not isinstance(config, Mapping):
+    raise TypeError(f"`config` must be a dict of hyperparameter values, got {type(config).__name__}.")
+  for k, v in config.items():
+    if isinstance(v, Distribution):
+      raise TypeError(f"config[{k!r}] is a distribution; vt.train takes one value per hyperparameter (use vt.search to sample).")
+  _int_arg("split_seed", split_seed, low=0)
+  kind, space, routing, dataset, objective = _check_common(
+      model_fn, data, dict(config), optimizer, metric, direction, loss_fn,
+      val_fraction, split_seed, lr_schedule, eval_every, eval_batch_size, precision, empty_ok=True)
+  space = dict(config)
+  _int_arg("seed", seed, low=0)
+  num_steps, epochs = _budget(num_steps, epochs)
+  if callback is not None and not callable(callback):
+    raise TypeError(f"`callback` must be callable, got {callback!r}.")
+  devices = [device] if device is not None else None
+  stats = Stats()
+  ctx = _Context(model_fn=model_fn, routing=routing, dataset=dataset, objective=objective,
+                 custom_loss=loss_fn is not None, num_steps=num_steps, epochs=epochs,
+                 eval_every=eval_every, eval_batch_size=eval_batch_size, precision=precision,
+                 devices=devices or [_devices.lane_devices(None)[0]], lane_batch=None, stats=stats)
+  sig = routing.signature(space)
+  program = ctx.single_program(sig)
+  spec = program.spec
+  steps, eval_every, evals = ctx.schedule(spec)
+  inputs = ctx.inputs(spec, [space], [seed], 1)
+  inputs = jax.tree.map(lambda a: a[0], inputs)
+  state = program.init(inputs)
+  scores, losses, at = [], [], []
+  progress = Progress(1, objective.metric_name, verbose, unit="steps")
+  progress.start_round(0, steps, label="train")
+  try:
+    for e in range(evals):
+      state, (score, loss, step) = program.advance(state, ctx.data, eval_every)
+      scores.append(float(score)); losses.append(float(loss)); at.append(int(step))
+      progress.advance(at[-1] - (at[-2] if len(at) > 1 else 0), scores[-1])
+      if callback is not None:
+        hp = {k: float(v) for k, v in getattr(state.opt_state, "hyperparams", {}).items()} if spec.injected or spec.schedule else {}
+        changes = callback(TrainState(at[-1], scores[-1], np.asarray(scores), np.asarray(at),
+                                      np.asarray(losses), hp, int(state.diverged_at) >= 0))
+        if changes:
+          if changes.get("stop"):
+            break
+          state = _apply_changes(state, spec, changes)
+  finally:
+    progress.close()
+  metrics = (np.asarray([scores]), np.asarray([losses]), np.asarray([at]))
+  stacked = jax.tree.map(lambda a: a[None], state)
+  return _run_from_lane(space, seed, stacked, metrics, 0, spec, objective.metric_name, objective.maximize)
+
+
+def _apply_changes(state, spec: TrainSpec, changes: Mapping[str, Any]):
+  hp = dict(state.opt_state.hyperparams) if hasattr(state.opt_state, "hyperparams") else {}
+  unknown = [k for k in changes if k not in hp and k != "stop"]
+  if unknown:
+    raise ValueError(
+        f"callback returned changes for {unknown}; only injected optimizer "
+        f"hyperparameters can change: {sorted(hp)}."
+    )
+  lr0 = state.lr0
+  for k, v in changes.items():
+    if k == "stop":
+      continue
+    # Committed to the same device as before: an uncommitted array would
+    # change the jit cache key and recompile the program.
+    hp[k] = jax.device_put(np.asarray(v, hp[k].dtype), hp[k].sharding)
+    if k == "learning_rate" and spec.schedule is not None:
+      lr0 = jax.device_put(np.asarray(v, np.float32), lr0.sharding)
+  return state._replace(opt_state=state.opt_state._replace(hyperparams=hp), lr0=lr0)
