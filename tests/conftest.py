@@ -16,6 +16,21 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", int(os.environ["VMAPTUNE_CPU_DEVICES"]))
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+# One on-disk compilation cache for the session, shared with the child
+# processes of the checkpoint and reliability tests (tests/_subprocess.py):
+# a child then loads what this process compiled instead of compiling again.
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+XLA_CACHE = os.environ.get("VMAPTUNE_TEST_XLA_CACHE") or tempfile.mkdtemp(prefix="vmaptune-test-xla-")
+if "VMAPTUNE_TEST_XLA_CACHE" not in os.environ:
+  os.environ["VMAPTUNE_TEST_XLA_CACHE"] = XLA_CACHE
+  atexit.register(shutil.rmtree, XLA_CACHE, True)
+jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 

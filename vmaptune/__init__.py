@@ -15,7 +15,10 @@ _devices.configure_cpu_devices()
 
 from ._devices import enable_compilation_cache  # noqa: E402
 from ._result import AllDivergedError, Run, SearchResult, Stats, Trial  # noqa: E402
-from ._search import TrainState, clear_cache, search, train  # noqa: E402
+from ._checkpoint import CheckpointError, CheckpointMismatch  # noqa: E402
+from ._search import OutOfMemoryError, TrainState, clear_cache, search, train  # noqa: E402
+from ._io import load  # noqa: E402
+from . import plot  # noqa: E402  (matplotlib is imported lazily, on first use)
 from ._space import (  # noqa: E402
     Distribution,
     Region,
@@ -31,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "search",
     "train",
+    "load",
     "uniform",
     "loguniform",
     "reverse_loguniform",
@@ -44,6 +48,10 @@ __all__ = [
     "Distribution",
     "Region",
     "AllDivergedError",
+    "CheckpointError",
+    "CheckpointMismatch",
+    "OutOfMemoryError",
     "clear_cache",
     "enable_compilation_cache",
+    "plot",
 ]

@@ -160,3 +160,50 @@ def enable_compilation_cache(path: str | None = None) -> str:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
   return path
+
+
+def _parse_bytes(value) -> int:
+  if isinstance(value, bool):
+    raise TypeError(f"`memory_budget` must be bytes (int) or a string like '2GB', got {value!r}.")
+  if isinstance(value, (int, float)):
+    if not value > 0:
+      raise ValueError(f"`memory_budget` must be positive, got {value!r}.")
+    return int(value)
+  if isinstance(value, str):
+    text = value.strip().upper().replace("IB", "B")
+    units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40, "B": 1}
+    for unit, scale in units.items():
+      if text.endswith(unit):
+        try:
+          number = float(text[: -len(unit)])
+        except ValueError:
+          break
+        if number > 0:
+          return int(number * scale)
+        break
+  raise ValueError(f"`memory_budget` must be bytes (int) or a string like '512MB' or '2GB', got {value!r}.")
+
+
+def memory_budget(value, devices) -> int | None:
+  """Bytes each device may use for a population: the user's, or what is free.
+
+  Accelerators report their free memory; 90% of it is the default budget.
+  On CPU the budget is half the host's available memory split over the
+  devices (they share it).
+  """
+  if value is not None:
+    return _parse_bytes(value)
+  try:
+    stats = devices[0].memory_stats()
+  except Exception:  # pragma: no cover - backends without the call
+    stats = None
+  if stats and stats.get("bytes_limit"):
+    return int(0.9 * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024 // 2 // max(1, len(devices))
+  except OSError:  # pragma: no cover - not Linux
+    pass
+  return None

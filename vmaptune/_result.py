@@ -87,6 +87,7 @@ class Stats:
     padded_lanes: dummy lanes added to fill device layouts (never reported).
     num_devices: devices the lanes were sharded over.
     lane_batch: lanes vectorised together on one device.
+    resumed_from: the checkpoint directory this search resumed from, if any.
   """
 
   wall_seconds: float = 0.0
@@ -98,6 +99,7 @@ class Stats:
   padded_lanes: int = 0
   num_devices: int = 1
   lane_batch: int = 1
+  resumed_from: str | None = None
 
   @property
   def lane_steps_per_second(self) -> float:
@@ -204,6 +206,8 @@ class SearchResult:
     self.options = dict(options or {})
     self._context = context
     self._best_params = best_params
+    #: True when Ctrl-C stopped the search: the result holds the finished rounds.
+    self.interrupted = False
 
   # Best -------------------------------------------------------------------
 
@@ -268,6 +272,45 @@ class SearchResult:
     elif not isinstance(trial, Trial):
       raise TypeError(f"`trial` must be a Trial, a trial id or None, got {trial!r}.")
     return ctx.replay(trial, self.metric, self.maximize)
+
+  @property
+  def best_params(self):
+    """The best trial's ``(params, model_state)`` as host arrays, or None."""
+    if not self._best_params:
+      return None
+    try:
+      return self._best_params[self.best_trial.id]
+    except KeyError:
+      return next(iter(self._best_params.values()))
+
+  # Seeing and sharing (implemented in their own modules) ------------------
+
+  def importance(self, **kwargs) -> dict:
+    """Each hyperparameter's share of the score's variance; see
+    :func:`vmaptune._importance.importance`."""
+    from ._importance import importance
+
+    return importance(self, **kwargs)
+
+  def report(self, path, **kwargs) -> str:
+    """Writes one self-contained HTML page (plots inlined, top trials, best
+    config) and returns its path; see :func:`vmaptune._report.write_report`."""
+    from ._report import write_report
+
+    return write_report(self, path, **kwargs)
+
+  def save(self, path) -> str:
+    """Saves trials, curves, space, regions and the best parameters; load
+    with :func:`vmaptune.load`."""
+    from ._io import save
+
+    return save(self, path)
+
+  def to_optuna(self, storage=None, study_name: str | None = None):
+    """An ``optuna.Study`` holding every trial (needs optuna)."""
+    from ._optuna import to_optuna
+
+    return to_optuna(self, storage=storage, study_name=study_name)
 
   # Tables -------------------------------------------------------------------
 

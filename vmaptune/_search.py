@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import math
+import warnings
 import numbers
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -12,7 +13,7 @@ import jax
 import numpy as np
 import optax
 
-from . import _devices, _space
+from . import _checkpoint, _devices, _faults, _space
 from ._data import Dataset, Objective, prepare_data, resolve_objective
 from ._model import ModelAdapter, make_adapter, model_kind
 from ._progress import Progress
@@ -201,7 +202,7 @@ class _Context:
 
   def __init__(self, *, model_fn, routing: Routing, dataset: Dataset, objective: Objective,
                custom_loss: bool, num_steps, epochs, eval_every, eval_batch_size, precision,
-               devices, lane_batch, stats: Stats):
+               devices, lane_batch, stats: Stats, memory_budget=None, checkpoint_every=None):
     self.model_fn = model_fn
     self.routing = routing
     self.dataset = dataset
@@ -221,6 +222,9 @@ class _Context:
     self._specs: dict[tuple, TrainSpec] = {}
     self.programs: dict[tuple, Program] = {}
     self.trial_program: dict[int, tuple] = {}
+    self.chunk_lanes: dict[tuple, int] = {}
+    self.checkpoint_every = checkpoint_every
+    self.memory_budget = _devices.memory_budget(memory_budget, self.devices)
     x = dataset.x_train
     self.x_example = jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype)
 
@@ -294,26 +298,104 @@ class _Context:
     eval_every = self.eval_every_for(steps)
     return steps, eval_every, -(-steps // eval_every)
 
-  def program_for(self, signature: tuple, num_lanes: int) -> tuple[tuple, Program]:
+  def program_for(self, signature: tuple, num_lanes: int, evals_per_call: int | None = None) -> tuple[tuple, Program]:
+    """The (possibly not yet compiled) program of a bucket at a lane count."""
     spec = self.spec_for(signature)
     layout = self.layout(num_lanes)
-    _, _, evals = self.schedule(spec)
-    key = (signature, num_lanes, layout.lane_batch, evals)
+    if evals_per_call is None:
+      evals_per_call = self.schedule(spec)[2]
+    key = (signature, num_lanes, layout.lane_batch, evals_per_call)
     if key in self.programs:
       return key, self.programs[key]
-    gkey = self._cache_key(signature, num_lanes, layout.lane_batch, evals)
+    gkey = self._cache_key(signature, num_lanes, layout.lane_batch, evals_per_call)
     try:
       program = _PROGRAMS.get(gkey)
     except TypeError:  # an unhashable static value: no cross-search caching
       gkey, program = None, None
     if program is None:
-      program = Program(spec, layout, self.mesh, evals_per_call=evals)
+      program = Program(spec, layout, self.mesh, evals_per_call=evals_per_call)
       if gkey is not None:
         _remember(gkey, program)
     elif gkey is not None:
       _PROGRAMS.move_to_end(gkey)
     self.programs[key] = program
     return key, program
+
+  # Memory --------------------------------------------------------------
+
+  def state_bytes(self, spec: TrainSpec) -> int:
+    """Bytes of one lane's training state (params, optimizer, permutation)."""
+    inputs = stack_inputs([0], [{k: 0 for k in spec.injected}], [0.0], [1], spec)
+    inputs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), inputs)
+    state = jax.eval_shape(lambda i: lane_init(spec, i), inputs)
+    def nbytes(a) -> int:
+      if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+        return int(np.prod(a.shape)) * 8
+      return int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+
+    return sum(nbytes(a) for a in jax.tree.leaves(state))
+
+  def data_bytes(self) -> int:
+    d = self.dataset
+    return int(sum(a.nbytes for a in (d.x_train, d.y_train, d.x_val, d.y_val)))
+
+  def fit_lanes(self, signature: tuple, wanted: int) -> int:
+    """The most lanes (≤ ``wanted``) a bucket's program may hold within the budget.
+
+    A first guess from the lane's state size (the state, its gradients and
+    optimizer temporaries: 3x), checked against the compiled program's own
+    memory analysis in :meth:`compile_within_budget`.
+    """
+    if signature in self.chunk_lanes:
+      return min(wanted, self.chunk_lanes[signature])
+    lanes = wanted
+    if self.memory_budget is not None:
+      spec = self.spec_for(signature)
+      per_lane = 3 * self.state_bytes(spec)
+      room = self.memory_budget - self.data_bytes()
+      per_device = max(1, int(room // max(per_lane, 1)))
+      unit = self.layout(wanted).lane_batch if self.lane_batch else 1
+      d = len(self.devices)
+      lanes = min(wanted, max(d * unit, (per_device // unit) * unit * d))
+    self.chunk_lanes[signature] = lanes
+    return lanes
+
+  def shrink(self, signature: tuple, lanes: int, why: str) -> int:
+    """Halves a bucket's lane count after running out of memory."""
+    unit = len(self.devices) * (self.lane_batch or 1)
+    if lanes <= unit:
+      spec = self.spec_for(signature)
+      need = self.state_bytes(spec)
+      avail = self.memory_budget
+      raise OutOfMemoryError(
+          f"even {lanes} lane(s) ({lanes // len(self.devices)} per device) of bucket "
+          f"{dict(signature)} do not fit: one lane needs {_human(need)} of state (parameters, "
+          f"optimizer, data order) plus activations, and every device holds {_human(self.data_bytes())} "
+          "of data; "
+          + (f"the budget is {_human(avail)} per device" if avail else "the device ran out")
+          + f" ({why}). Use a smaller model or batch, or more device memory."
+      )
+    smaller = max(unit, (lanes // 2) // unit * unit)
+    self.chunk_lanes[signature] = smaller
+    return smaller
+
+  def compile_within_budget(self, key: tuple, program: Program, inputs: LaneInputs) -> None:
+    """Compiles; if the compiled program's peak exceeds the budget, raises OOM."""
+    placed = place_inputs(inputs, self.mesh, len(self.devices))
+    before = (program.compile_seconds, program.trace_seconds, program.programs_compiled)
+    program.compile(placed, self.data)
+    self.stats.compile_seconds += program.compile_seconds - before[0]
+    self.stats.trace_seconds += program.trace_seconds - before[1]
+    self.stats.programs_compiled += program.programs_compiled - before[2]
+
+  def check_budget(self, program: Program) -> None:
+    """Raises an out-of-memory error if the compiled program's peak exceeds the budget."""
+    peak = _peak_bytes(program.memory)
+    if self.memory_budget is not None and peak is not None and peak > self.memory_budget:
+      raise _faults.InjectedOutOfMemory(
+          f"RESOURCE_EXHAUSTED: the compiled program needs {_human(peak)} per device, "
+          f"over the budget of {_human(self.memory_budget)}"
+      )
 
   def _cache_key(self, signature: tuple, *layout) -> tuple:
     return (
@@ -351,33 +433,92 @@ class _Context:
     )
 
   def run(self, key: tuple, program: Program, inputs: LaneInputs, on_call=None):
-    placed = place_inputs(inputs, self.mesh, len(self.devices))
-    data = self.data
-    before = (program.compile_seconds, program.trace_seconds, program.programs_compiled)
+    """Compiles if needed and trains a population in one call (all evaluations)."""
+    return self.run_segments(key, program, inputs, None, None)[:2]
+
+  def run_segments(self, key, program: Program, inputs: LaneInputs, resume, on_segment):
+    """Trains a population call by call, ``program.evals_per_call`` evaluations each.
+
+    Args:
+      resume: None, or ``(state, metrics_so_far, calls_done)`` to continue.
+      on_segment: called as ``on_segment(state, metrics_so_far, calls_done)``
+        after every call but the last (for checkpoints).
+
+    Returns:
+      ``(state, metrics)`` with metrics trimmed to the bucket's evaluations.
+    """
+    spec = program.spec
+    _, eval_every, evals = self.schedule(spec)
+    calls = -(-evals // program.evals_per_call)
     if not program.compiled:
-      program.compile(placed, data)
+      self.compile_within_budget(key, program, inputs)
+    self.check_budget(program)
     t0 = time.perf_counter()
-    _, eval_every, _ = self.schedule(program.spec)
-    state, metrics = run_program(program, placed, data, eval_every, 1, on_call)
+    _faults.failpoint("execute")
+    if resume is None:
+      placed = place_inputs(inputs, self.mesh, len(self.devices))
+      state, m = program.fresh(placed, self.data, eval_every)
+      done, pending = 1, [jax.tree.map(np.asarray, m)]
+    else:
+      state, pending, done = resume
+      pending = list(pending)
+    while True:
+      if done < calls and on_segment is not None:
+        self.stats.train_seconds += time.perf_counter() - t0
+        on_segment(state, pending, done)
+        t0 = time.perf_counter()
+      if done >= calls:
+        break
+      _faults.failpoint("execute")
+      state, m = program.advance(state, self.data, eval_every)
+      pending.append(jax.tree.map(np.asarray, m))
+      done += 1
+    metrics = tuple(np.concatenate([m[j] for m in pending], axis=1)[:, :evals] for j in range(3))
+    jax.block_until_ready(state)
     self.stats.train_seconds += time.perf_counter() - t0
-    self.stats.compile_seconds += program.compile_seconds - before[0]
-    self.stats.trace_seconds += program.trace_seconds - before[1]
-    self.stats.programs_compiled += program.programs_compiled - before[2]
     return state, metrics
 
+  def evals_per_call(self, spec: TrainSpec) -> int:
+    """Evaluations per compiled call: all of them, or a checkpoint interval's."""
+    _, eval_every, evals = self.schedule(spec)
+    if self.checkpoint_every is None:
+      return evals
+    return max(1, min(evals, self.checkpoint_every // eval_every))
+
   def adapter_for(self, trial: Trial) -> ModelAdapter:
-    key = self.trial_program[trial.id]
-    return self.programs[key].spec.adapter
+    sig, _ = self.trial_program[trial.id]
+    return self.spec_for(sig).adapter
 
   def replay(self, trial: Trial, metric: str, maximize: bool) -> Run:
-    key = self.trial_program[trial.id]
-    program = self.programs[key]
+    sig, lanes = self.trial_program[trial.id]
+    key, program = self.program_for(sig, lanes, self.evals_per_call(self.spec_for(sig)))
     n = program.layout.num_lanes
     inputs = self.inputs(program.spec, [trial.config] * n, [trial.seed] * n, n)
-    _, eval_every, _ = self.schedule(program.spec)
-    state, metrics = run_program(program, place_inputs(inputs, self.mesh, len(self.devices)), self.data,
-                                 eval_every)
+    state, metrics = self.run_segments(key, program, inputs, None, None)
     return _run_from_lane(trial.config, trial.seed, state, metrics, trial.lane, program.spec, metric, maximize)
+
+
+class OutOfMemoryError(MemoryError):
+  """Not even one lane per device fits in device memory (or the budget)."""
+
+
+def _human(n: float) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if abs(n) < 1024 or unit == "GiB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024
+  return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def _peak_bytes(memory) -> int | None:
+  if memory is None:
+    return None
+  peak = getattr(memory, "peak_memory_in_bytes", None)
+  if peak:
+    return int(peak)
+  total = sum(getattr(memory, a, 0) or 0 for a in ("temp_size_in_bytes", "argument_size_in_bytes",
+                                                    "output_size_in_bytes"))
+  return int(total - (getattr(memory, "alias_size_in_bytes", 0) or 0)) or None
 
 
 def _lane_result(state, metrics, lane: int, maximize: bool):
@@ -543,7 +684,8 @@ def check_enqueued(space: Mapping[str, Any], enqueue: Any) -> list[dict]:
 
 class _Search:
   def __init__(self, ctx: _Context, space, *, num_configs, rounds, seed, sampler, keep, shrink,
-               max_buckets, verbose, enqueue=()):
+               max_buckets, verbose, enqueue=(), checkpoint_dir=None, checkpoint_every=None,
+               overwrite=False, fingerprint=None):
     self.ctx = ctx
     self.space = space
     self.num_configs = num_configs
@@ -560,6 +702,11 @@ class _Search:
     self.best_params: dict[int, tuple] = {}
     self.lanes_per_program: int | None = None
     self.progress = Progress(rounds, ctx.objective.metric_name, verbose)
+    self.checkpointer = _checkpoint.Checkpointer(checkpoint_dir) if checkpoint_dir is not None else None
+    self.checkpoint_every = checkpoint_every
+    self.overwrite = overwrite
+    self.fingerprint = fingerprint or {}
+    self._resume_arrays: dict = {}
 
   # Sampling -------------------------------------------------------------
 
@@ -617,8 +764,8 @@ class _Search:
     ranked = rank_trials(self.trials, self.maximize)
     return ranked[0].score if ranked else None
 
-  def run_round(self, r: int) -> list[Trial]:
-    ctx = self.ctx
+  def _round_setup(self, r: int):
+    """Everything about round ``r`` that is decided before training, deterministically."""
     region = self._region(r)
     configs = self._sample(r, region)
     if r == 0 and self.enqueue:
@@ -627,41 +774,83 @@ class _Search:
     seeds = [trial_seed(self.seed, r, i) for i in range(len(configs))]
     buckets = self._buckets(configs)
     if self.lanes_per_program is None:  # grid: the largest bucket sets it
-      self.lanes_per_program = ctx.padded_lanes(max(len(v) for v in buckets.values()))
-    lanes = self.lanes_per_program
+      self.lanes_per_program = self.ctx.padded_lanes(max(len(v) for v in buckets.values()))
     for sig in buckets:  # validate every bucket before compiling any
-      ctx.spec_for(sig)
+      self.ctx.spec_for(sig)
+    return region, configs, parents, seeds, buckets
+
+  def _chunks(self, buckets) -> list[tuple[tuple, list[int], int]]:
+    """The round's work: ``(signature, member positions, program lanes)`` each."""
+    out = []
+    for sig, members in buckets.items():
+      lanes = self.ctx.fit_lanes(sig, self.lanes_per_program)
+      for start in range(0, len(members), lanes):
+        out.append((sig, members[start:start + lanes], lanes))
+    return out
+
+  def run_round(self, r: int, resume: dict | None = None) -> list[Trial]:
+    ctx = self.ctx
+    region, configs, parents, seeds, buckets = self._round_setup(r)
     total = sum(ctx.steps_for(ctx.batch_size(s)) * len(v) for s, v in buckets.items())
     self.progress.start_round(r, total)
-    self.regions.append(region)
     base_id = len(self.trials)
-    new: dict[int, Trial] = {}
-    for sig, members in buckets.items():
+    sig_index = {sig: j for j, sig in enumerate(buckets)}
+    new: dict[int, Trial] = dict(resume["done"]) if resume else {}
+    inflight = resume.get("inflight") if resume else None
+    queue = [c for c in self._chunks(buckets) if not all(i in new for i in c[1])]
+    while queue:
+      sig, chunk, lanes = queue.pop(0)
       spec = ctx.spec_for(sig)
-      for start in range(0, len(members), lanes):
-        chunk = members[start:start + lanes]
-        key, program = ctx.program_for(sig, lanes)
-        inputs = ctx.inputs(spec, [configs[i] for i in chunk], [seeds[i] for i in chunk], lanes)
-        state, metrics = ctx.run(key, program, inputs)
-        ctx.stats.padded_lanes += lanes - len(chunk)
-        best_here = None
-        for lane, i in enumerate(chunk):
-          res = _lane_result(state, metrics, lane, self.maximize)
-          t = Trial(id=base_id + i, config=configs[i], round=r, lane=lane, seed=seeds[i],
-                    parent=parents[i], bucket=list(buckets).index(sig), **res)
-          new[i] = t
-          ctx.trial_program[t.id] = key
-          ctx.stats.lane_steps += t.steps
-          if t.status == "ok" and math.isfinite(t.score) and (
-              best_here is None or _better(t, best_here, self.maximize)):
-            best_here = t
-        current = self._best_trial_so_far(list(new.values()))
-        if best_here is not None and current is best_here:
-          self.best_params = {best_here.id: _lane_params(state, best_here.lane)}
-        self.progress.advance(sum(ctx.steps_for(spec.batch_size) for _ in chunk), self._best_of(new))
+      key, program = ctx.program_for(sig, lanes, ctx.evals_per_call(spec))
+      inputs = ctx.inputs(spec, [configs[i] for i in chunk], [seeds[i] for i in chunk], lanes)
+      restart = None
+      if inflight is not None and inflight["members"] == list(chunk) and inflight["lanes"] == lanes:
+        restart = self._restore_inflight(inflight, spec, inputs, lanes)
+      inflight = None
+
+      def save_segment(state, pending, done, _chunk=chunk, _lanes=lanes, _spec=spec):
+        self._checkpoint(r, new, {"members": list(_chunk), "lanes": _lanes, "calls": done,
+                                  "signature": sig}, state, pending)
+        _faults.failpoint(f"round{r}:mid")
+
+      try:
+        state, metrics = ctx.run_segments(key, program, inputs, restart,
+                                          save_segment if self.checkpointer else None)
+      except Exception as e:  # noqa: BLE001 - only out-of-memory is handled here
+        if not _faults.is_out_of_memory(e):
+          raise
+        smaller = ctx.shrink(sig, lanes, str(e).splitlines()[0][:200])
+        warnings.warn(
+            f"vmaptune: out of memory with {lanes} lanes of bucket {dict(sig)}; retrying "
+            f"with {smaller} lanes per program.", RuntimeWarning, stacklevel=2)
+        queue = [(sig, chunk[j:j + smaller], smaller) for j in range(0, len(chunk), smaller)] + queue
+        continue
+      ctx.stats.padded_lanes += lanes - len(chunk)
+      best_here = None
+      for lane, i in enumerate(chunk):
+        res = _lane_result(state, metrics, lane, self.maximize)
+        t = Trial(id=base_id + i, config=configs[i], round=r, lane=lane, seed=seeds[i],
+                  parent=parents[i], bucket=sig_index[sig], **res)
+        new[i] = t
+        ctx.trial_program[t.id] = (sig, lanes)
+        # Steps trained in this process (a resumed chunk had some already).
+        before = int(restart[1][-1][2][lane, -1]) if restart is not None else 0
+        ctx.stats.lane_steps += t.steps - before
+        if t.status == "ok" and math.isfinite(t.score) and (
+            best_here is None or _better(t, best_here, self.maximize)):
+          best_here = t
+      current = self._best_trial_so_far(list(new.values()))
+      if best_here is not None and current is best_here:
+        self.best_params = {best_here.id: _lane_params(state, best_here.lane)}
+      self.progress.advance(ctx.steps_for(spec.batch_size) * len(chunk), self._best_of(new))
+      if self.checkpointer and queue:
+        self._checkpoint(r, new, None, None, None)
     round_trials = [new[i] for i in range(len(configs))]
     self.trials.extend(round_trials)
+    self.regions.append(region)
     self.progress.end_round(self._best_score())
+    if self.checkpointer:
+      self._checkpoint(r + 1, {}, None, None, None)
     return round_trials
 
   def _best_trial_so_far(self, extra: Sequence[Trial]) -> Trial | None:
@@ -672,27 +861,170 @@ class _Search:
     t = self._best_trial_so_far(list(new.values()))
     return t.score if t else None
 
-  def run(self, t_start: float) -> SearchResult:
-    try:
-      for r in range(self.rounds):
-        self.run_round(r)
-    finally:
-      self.progress.close()
+  # Checkpoints --------------------------------------------------------------
+
+  def _checkpoint(self, r: int, done: Mapping[int, Trial], inflight, state, pending) -> None:
+    """Commits the search as it stands: finished rounds, this round's finished
+    chunks and, inside a chunk, the population's state."""
+    arrays = {}
+    meta = {
+        "fingerprint": self.fingerprint,
+        "round": r,
+        "trials": [_trial_to_dict(t) for t in self.trials],
+        "regions": [g.to_json() for g in self.regions],
+        "lanes_per_program": self.lanes_per_program,
+        "chunk_lanes": list(self.ctx.chunk_lanes.items()),
+        "done": [[i, _trial_to_dict(t)] for i, t in done.items()],
+        "trial_program": [[tid, list(v)] for tid, v in self.ctx.trial_program.items()],
+        "inflight": None,
+        "best": None,
+    }
+    if inflight is not None:
+      leaves = jax.tree.leaves(state)
+      for j, leaf in enumerate(leaves):
+        arrays[f"state/{j}"] = _host(leaf)
+      for j, m in enumerate(pending):
+        for q in range(3):
+          arrays[f"metrics/{j}/{q}"] = np.asarray(m[q])
+      meta["inflight"] = dict(inflight, leaves=len(leaves), segments=len(pending))
+    if self.best_params:
+      (tid, (params, model_state)), = self.best_params.items()
+      for j, leaf in enumerate(jax.tree.leaves((params, model_state))):
+        arrays[f"best/{j}"] = _host(leaf)
+      meta["best"] = {"trial": tid, "leaves": len(jax.tree.leaves((params, model_state)))}
+    self.checkpointer.save(meta, arrays)
+
+  def _restore_inflight(self, inflight, spec: TrainSpec, inputs: LaneInputs, lanes: int):
+    """The saved population state of an unfinished chunk, placed on the devices."""
+    abstract = jax.eval_shape(jax.vmap(lambda i: lane_init(spec, i)), inputs)
+    leaves, treedef = jax.tree.flatten(abstract)
+    saved = self._resume_arrays
+    if len(leaves) != inflight["leaves"]:
+      return None
+    host = [_unhost(saved[f"state/{j}"], a) for j, a in enumerate(leaves)]
+    state = jax.tree.unflatten(treedef, host)
+    if len(self.ctx.devices) > 1:
+      state = jax.device_put(state, _devices.lane_sharding(self.ctx.mesh))
+    else:
+      state = jax.device_put(state, self.ctx.devices[0])
+    pending = [tuple(saved[f"metrics/{j}/{q}"] for q in range(3)) for j in range(inflight["segments"])]
+    return state, pending, inflight["calls"]
+
+  def _restore(self, meta: dict, arrays: dict) -> tuple[int, dict | None]:
+    """Loads a checkpoint's finished work; returns ``(round, resume)``."""
+    self.trials = [_trial_from_dict(d) for d in meta["trials"]]
+    self.regions = [Region(numeric={k: tuple(v) for k, v in g["numeric"].items()},
+                           choices={k: tuple(v) for k, v in g["choices"].items()})
+                    for g in meta["regions"]]
+    self.lanes_per_program = meta["lanes_per_program"]
+    self.ctx.chunk_lanes.update({tuple(k): v for k, v in meta["chunk_lanes"]})
+    self.ctx.trial_program.update({int(tid): tuple(v) for tid, v in meta.get("trial_program", [])})
+    self._resume_arrays = arrays
+    if meta.get("best"):
+      tid = meta["best"]["trial"]
+      best = next(t for t in self.trials + [_trial_from_dict(d) for _, d in meta["done"]] if t.id == tid)
+      spec = self.ctx.spec_for(self.ctx.routing.signature(best.config))
+      inputs = self.ctx.inputs(spec, [best.config], [best.seed], 1)
+      abstract = jax.eval_shape(lambda i: lane_init(spec, i), jax.tree.map(lambda a: a[0], inputs))
+      leaves, treedef = jax.tree.flatten((abstract.params, abstract.model_state))
+      host = [_unhost(arrays[f"best/{j}"], a) for j, a in enumerate(leaves)]
+      self.best_params = {tid: jax.tree.unflatten(treedef, host)}
+    resume = {"done": {int(i): _trial_from_dict(d) for i, d in meta["done"]}, "inflight": meta["inflight"]}
+    return int(meta["round"]), resume
+
+  # The loop ----------------------------------------------------------------
+
+  def snapshot(self, t_start: float, interrupted: bool = False) -> SearchResult:
+    """A SearchResult of the rounds finished so far."""
     self.ctx.stats.wall_seconds = time.perf_counter() - t_start
     self.ctx.stats.lane_batch = self.ctx.layout(self.lanes_per_program or 1).lane_batch
+    result = SearchResult(
+        trials=list(self.trials), space=self.space, metric=self.ctx.objective.metric_name,
+        maximize=self.maximize, regions=list(self.regions), stats=self.ctx.stats, context=self.ctx,
+        best_params=dict(self.best_params),
+        options=dict(num_configs=self.num_configs, rounds=self.rounds, seed=self.seed,
+                     sampler=self.sampler, keep=self.keep, shrink=self.shrink,
+                     max_buckets=self.max_buckets),
+    )
+    result.interrupted = interrupted
+    return result
+
+  def run(self, t_start: float, callbacks: Sequence[Callable] = ()) -> SearchResult:
+    start_round, resume = 0, None
+    if self.checkpointer is not None:
+      self.checkpointer.acquire()
+    try:
+      if self.checkpointer is not None:
+        found = self.checkpointer.load()
+        if found is not None:
+          meta, arrays = found
+          diff = _checkpoint.fingerprint_diff(meta["fingerprint"], self.fingerprint)
+          if diff and not self.overwrite:
+            raise _checkpoint.CheckpointMismatch(
+                f"checkpoint_dir {self.checkpointer.directory} holds a different search; "
+                "refusing to mix results. Differences: " + "; ".join(diff)
+                + ". Pass overwrite=True to start afresh, or use another directory.")
+          if diff:
+            self.checkpointer.clear()
+          else:
+            start_round, resume = self._restore(meta, arrays)
+            self.ctx.stats.resumed_from = self.checkpointer.directory
+      interrupted = False
+      try:
+        for r in range(start_round, self.rounds):
+          self.run_round(r, resume if r == start_round else None)
+          resume = None
+          for fn in callbacks:
+            fn(self.snapshot(t_start))
+      except KeyboardInterrupt:
+        if not self.trials:
+          raise
+        interrupted = True
+        warnings.warn(
+            f"vmaptune: interrupted; returning the {len(self.regions)} finished round(s)"
+            + (f" (saved in {self.checkpointer.directory})" if self.checkpointer else ""),
+            RuntimeWarning, stacklevel=2)
+    finally:
+      self.progress.close()
+      if self.checkpointer is not None:
+        self.checkpointer.release()
     if not rank_trials(self.trials, self.maximize):
       raise AllDivergedError(
           f"all {len(self.trials)} trials diverged; lower the learning-rate range or check the data.",
           self.trials,
       )
-    return SearchResult(
-        trials=self.trials, space=self.space, metric=self.ctx.objective.metric_name,
-        maximize=self.maximize, regions=self.regions, stats=self.ctx.stats, context=self.ctx,
-        best_params=self.best_params,
-        options=dict(num_configs=self.num_configs, rounds=self.rounds, seed=self.seed,
-                     sampler=self.sampler, keep=self.keep, shrink=self.shrink,
-                     max_buckets=self.max_buckets),
-    )
+    return self.snapshot(t_start, interrupted)
+
+
+def _host(leaf) -> np.ndarray:
+  if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    leaf = jax.random.key_data(leaf)
+  return np.asarray(jax.device_get(leaf))
+
+
+def _unhost(array: np.ndarray, abstract):
+  if jax.dtypes.issubdtype(abstract.dtype, jax.dtypes.prng_key):
+    impl = getattr(abstract.dtype, "_impl", None)
+    return jax.random.wrap_key_data(array, impl=impl) if impl is not None else jax.random.wrap_key_data(array)
+  if tuple(array.shape) != tuple(abstract.shape):
+    raise _checkpoint.CheckpointError(
+        f"checkpoint array of shape {array.shape} does not fit state leaf {abstract.shape}")
+  return np.asarray(array, dtype=abstract.dtype)
+
+
+def _trial_to_dict(t: Trial) -> dict:
+  return {
+      "id": t.id, "config": t.config, "score": t.score, "round": t.round, "lane": t.lane,
+      "status": t.status, "seed": t.seed, "curve": np.asarray(t.curve),
+      "curve_steps": np.asarray(t.curve_steps), "train_curve": np.asarray(t.train_curve),
+      "diverged_at": t.diverged_at, "parent": t.parent, "steps": t.steps, "bucket": t.bucket,
+  }
+
+
+def _trial_from_dict(d: Mapping[str, Any]) -> Trial:
+  return Trial(**{k: d[k] for k in (
+      "id", "config", "score", "round", "lane", "status", "seed", "curve", "curve_steps",
+      "train_curve", "diverged_at", "parent", "steps", "bucket")})
 
 
 def _better(a: Trial, b: Trial, maximize: bool) -> bool:
@@ -727,6 +1059,11 @@ def search(
     precision: str | None = None,
     eval_batch_size: int | None = None,
     enqueue: Sequence[Mapping[str, Any]] | None = None,
+    callbacks: Sequence[Callable[[SearchResult], Any]] = (),
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int | None = None,
+    overwrite: bool = False,
+    memory_budget: int | str | None = None,
     verbose: bool = True,
 ) -> SearchResult:
   """Trains ``num_configs`` sampled configs at once, then zooms in, ``rounds`` times.
@@ -789,6 +1126,21 @@ def search(
     eval_batch_size: validation examples per chunk (default 512).
     enqueue: configs to train first in round 0 (a known baseline, say), as
       Optuna's ``enqueue_trial``; each sets every searched key.
+    callbacks: functions called after each round with a :class:`SearchResult`
+      of the rounds so far (to log to whatever you use).
+    checkpoint_dir: a directory to save the search in, atomically, after each
+      round (and every ``checkpoint_every`` steps inside one). Calling
+      ``search`` again with the same arguments resumes where it stopped and
+      gives the same result as an uninterrupted run; a different call is
+      refused (:class:`CheckpointMismatch`) unless ``overwrite=True``.
+    checkpoint_every: steps between checkpoints inside a round (rounded to
+      whole evaluation intervals). Default: only at round ends.
+    overwrite: start afresh even if ``checkpoint_dir`` holds another search.
+    memory_budget: bytes per device for a population (int, or "512MB",
+      "2GB"); default: 90% of an accelerator's free memory, half the host's
+      available memory on CPU. Buckets that do not fit run in chunks; if XLA
+      still runs out of memory the chunk is halved and retried, down to one
+      lane per device.
     verbose: show a progress bar on a terminal (a line per round otherwise).
 
   Returns:
@@ -827,19 +1179,65 @@ def search(
     raise ValueError(f"`shrink` must lie in (0, 1], got {shrink!r}.")
   if not isinstance(verbose, bool):
     raise TypeError(f"`verbose` must be a bool, got {verbose!r}.")
+  if callable(callbacks) or not all(callable(f) for f in callbacks):
+    raise TypeError("`callbacks` must be a list of functions taking a SearchResult.")
   enqueue = check_enqueued(space, enqueue)
   if len(enqueue) > num_configs:
     raise ValueError(f"`enqueue` holds {len(enqueue)} configs, more than num_configs={num_configs}.")
   if not _space.searched(space) and rounds > 1:
     raise ValueError("`space` holds only constants; nothing to search. Use vt.train for one config.")
+  checkpoint_every = _int_arg("checkpoint_every", checkpoint_every, allow_none=True)
+  if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, bytes)) and not hasattr(checkpoint_dir, "__fspath__"):
+    raise TypeError(f"`checkpoint_dir` must be a path, got {checkpoint_dir!r}.")
+  if checkpoint_every is not None and checkpoint_dir is None:
+    raise ValueError("`checkpoint_every` needs a `checkpoint_dir` to write to.")
+  if not isinstance(overwrite, bool):
+    raise TypeError(f"`overwrite` must be a bool, got {overwrite!r}.")
+  if memory_budget is not None:
+    _devices._parse_bytes(memory_budget)
   stats = Stats()
   ctx = _Context(model_fn=model_fn, routing=routing, dataset=dataset, objective=objective,
                  custom_loss=loss_fn is not None, num_steps=num_steps, epochs=epochs,
                  eval_every=eval_every, eval_batch_size=eval_batch_size, precision=precision,
-                 devices=devices, lane_batch=lane_batch, stats=stats)
+                 devices=devices, lane_batch=lane_batch, stats=stats, memory_budget=memory_budget,
+                 checkpoint_every=checkpoint_every)
+  fingerprint = None
+  if checkpoint_dir is not None:
+    fingerprint = _fingerprint(
+        space=space, dataset=dataset, model_fn=model_fn, optimizer=optimizer, num_configs=num_configs,
+        num_steps=num_steps, epochs=epochs, rounds=rounds, seed=seed, sampler=sampler, metric=metric,
+        direction=direction, loss_fn=loss_fn, val_fraction=val_fraction, eval_every=eval_every,
+        keep=keep, shrink=shrink, max_buckets=max_buckets, lr_schedule=lr_schedule,
+        lane_batch=lane_batch, precision=precision, eval_batch_size=eval_batch_size,
+        enqueue=enqueue, checkpoint_every=checkpoint_every, num_devices=len(ctx.devices))
   return _Search(ctx, space, num_configs=num_configs, rounds=rounds, seed=seed, sampler=sampler,
                  keep=keep, shrink=float(shrink), max_buckets=max_buckets, verbose=verbose,
-                 enqueue=enqueue).run(t_start)
+                 enqueue=enqueue, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                 overwrite=overwrite, fingerprint=fingerprint).run(t_start, callbacks)
+
+
+def _name(fn: Any) -> Any:
+  if fn is None or isinstance(fn, str):
+    return fn
+  import functools
+
+  if isinstance(fn, functools.partial):
+    return f"partial({_name(fn.func)}, {sorted((k, repr(v)) for k, v in fn.keywords.items())})"
+  return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
+def _fingerprint(*, space, dataset, model_fn, optimizer, loss_fn, metric, enqueue, **options) -> dict:
+  """What identifies a search call, for refusing to resume a different one."""
+  fp = {k: v for k, v in options.items()}
+  fp["space"] = {k: _space.to_json(v) for k, v in space.items()}
+  fp["data"] = f"{dataset.fingerprint()} train{dataset.x_train.shape}/{dataset.x_train.dtype} " \
+               f"val{dataset.x_val.shape} y/{dataset.y_train.dtype}"
+  fp["model_fn"] = _name(model_fn)
+  fp["optimizer"] = _name(optimizer)
+  fp["loss_fn"] = _name(loss_fn)
+  fp["metric"] = _name(metric)
+  fp["enqueue"] = [sorted(c.items()) for c in enqueue]
+  return _checkpoint.loads(_checkpoint.dumps(fp))
 
 
 # --------------------------------------------------------------------------

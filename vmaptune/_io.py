@@ -1,0 +1,419 @@
+"""Saving a :class:`~vmaptune.SearchResult` to one file and loading it back.
+
+The file is a zip archive (any name; ``search.vmaptune`` reads well) holding:
+
+* ``vmaptune.json``: ``format`` (``"vmaptune.SearchResult"``),
+  ``format_version`` (:data:`FORMAT_VERSION`), the metric and its direction,
+  the space (each entry as :func:`vmaptune._space.to_json` writes it), the
+  regions, stats and options, and every trial's fields but its curves.
+  JSON has no infinity or NaN: such floats are written as
+  ``{"__float__": "inf"}`` (``"-inf"``, ``"nan"``), tuples as
+  ``{"__tuple__": [...]}``.
+* ``arrays/*.npy``: the trials' curves (each kind concatenated over trials,
+  split again by the shapes in the JSON) and the best parameters, one array
+  per leaf, named in the JSON by its key path.
+
+A zip of ``.npy`` members and a JSON index can be read without vmaptune
+(``zipfile`` and ``numpy.load``) and never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import io
+import json
+import math
+import os
+import tempfile
+import zipfile
+from typing import Any
+
+import numpy as np
+
+from . import _space
+
+__all__ = ["save", "load", "FORMAT_VERSION"]
+
+FORMAT = "vmaptune.SearchResult"
+#: The version :func:`save` writes and :func:`load` reads.
+FORMAT_VERSION = 1
+_INDEX = "vmaptune.json"
+_CURVES = ("curve", "curve_steps", "train_curve")
+
+
+# --------------------------------------------------------------------------
+# JSON values
+# --------------------------------------------------------------------------
+
+
+def _encode(v: Any) -> Any:
+  """A JSON-able form of ``v``; :func:`_decode` inverts it (functions and
+  other objects come back as their names / reprs)."""
+  if isinstance(v, np.generic):
+    v = v.item()
+  if v is None or isinstance(v, (bool, int, str)):
+    return v
+  if isinstance(v, float):
+    if math.isfinite(v):
+      return v
+    return {"__float__": "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")}
+  if isinstance(v, list):
+    return [_encode(x) for x in v]
+  if isinstance(v, tuple):
+    return {"__tuple__": [_encode(x) for x in v]}
+  if isinstance(v, dict) and all(isinstance(k, str) for k in v):
+    return {k: _encode(x) for k, x in v.items()}
+  if isinstance(v, np.ndarray):
+    return [_encode(x) for x in v.tolist()]
+  if callable(v):
+    # The same qualified name _space.to_json writes for a constant function.
+    return {"__callable__": _space._jsonable(v)["callable"]}
+  return {"__repr__": repr(v)}
+
+
+def _decode(v: Any) -> Any:
+  if isinstance(v, list):
+    return [_decode(x) for x in v]
+  if isinstance(v, dict):
+    if len(v) == 1:
+      (k, x), = v.items()
+      if k == "__float__" and x in ("inf", "-inf", "nan"):
+        return float(x)
+      if k == "__tuple__" and isinstance(x, list):
+        return tuple(_decode(y) for y in x)
+      if k in ("__callable__", "__repr__") and isinstance(x, str):
+        return x
+    return {k: _decode(x) for k, x in v.items()}
+  return v
+
+
+# --------------------------------------------------------------------------
+# Arrays
+# --------------------------------------------------------------------------
+
+
+class _Writer:
+  """Adds ``.npy`` members to an open zip archive, numbering them."""
+
+  def __init__(self, zf: zipfile.ZipFile):
+    self.zf = zf
+    self.count = 0
+
+  def add(self, array: Any, prefix: str) -> dict:
+    """Writes one array; returns its JSON entry ``{"member", "dtype", ...}``."""
+    entry: dict = {}
+    if _is_prng_key(array):
+      import jax
+
+      entry["prng_key"] = str(array.dtype)
+      array = jax.random.key_data(array)
+    arr = np.asarray(array)
+    if arr.dtype == object:
+      raise TypeError(f"cannot save an object array ({prefix}) without pickle")
+    entry["dtype"] = str(arr.dtype)
+    if arr.dtype.kind == "V":
+      # ml_dtypes (bfloat16, float8, int4, ...) have no .npy descriptor of
+      # their own: store the bits and the dtype's name.
+      arr = arr.view(f"u{arr.dtype.itemsize}")
+    name = f"arrays/{prefix}{self.count}.npy"
+    self.count += 1
+    with self.zf.open(name, "w", force_zip64=True) as f:
+      np.lib.format.write_array(f, arr, allow_pickle=False)
+    entry["member"] = name
+    return entry
+
+
+def _is_prng_key(x: Any) -> bool:
+  dtype = getattr(x, "dtype", None)
+  if dtype is None or isinstance(x, np.ndarray):
+    return False
+  try:
+    import jax
+
+    return bool(jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key))
+  except Exception:  # noqa: BLE001  (not a jax dtype)
+    return False
+
+
+def _read(zf: zipfile.ZipFile, entry: dict) -> np.ndarray:
+  with zf.open(entry["member"]) as f:
+    arr = np.lib.format.read_array(io.BytesIO(f.read()), allow_pickle=False)
+  dtype = entry.get("dtype")
+  if dtype is not None and arr.dtype.kind != "V" and str(arr.dtype) != dtype:
+    import ml_dtypes
+
+    arr = arr.view(getattr(ml_dtypes, dtype))
+  return arr
+
+
+def _path_entry(k: Any) -> Any:
+  """One key-path element as a JSON value: a str or an int."""
+  for attr in ("key", "idx", "name"):
+    if hasattr(k, attr):
+      v = getattr(k, attr)
+      break
+  else:
+    v = str(k)
+  if isinstance(v, np.integer):
+    v = int(v)
+  return v if isinstance(v, (str, int)) and not isinstance(v, bool) else repr(v)
+
+
+def _save_tree(writer: _Writer, tree: Any, prefix: str) -> dict:
+  import jax
+
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_prng_key)[0]
+  out = []
+  for path, leaf in leaves:
+    keys = [_path_entry(k) for k in path]
+    # nnx Variables flatten to their `.value`: drop it, a leaf is its array.
+    if path and type(path[-1]).__name__ == "GetAttrKey" and keys[-1] == "value":
+      keys = keys[:-1]
+    entry = writer.add(leaf, prefix)
+    entry["path"] = keys
+    out.append(entry)
+  return {"leaves": out}
+
+
+def _load_tree(zf: zipfile.ZipFile, obj: dict) -> Any:
+  leaves = obj["leaves"]
+  if len(leaves) == 1 and not leaves[0]["path"]:
+    return _read(zf, leaves[0])
+  root: dict = {}
+  for entry in leaves:
+    node = root
+    *parents, last = entry["path"]
+    for k in parents:
+      node = node.setdefault(k, {})
+    node[last] = _read(zf, entry)
+  return root
+
+
+# --------------------------------------------------------------------------
+# Save
+# --------------------------------------------------------------------------
+
+
+def save(result, path) -> str:
+  """Saves ``result`` to one file at ``path``, atomically; returns the path.
+
+  Everything a plot, a report or an export needs is kept (trials with their
+  curves, space, regions, stats, options) plus the best trial's parameters.
+  The file is written under a temporary name in the same directory, synced
+  to disk and renamed over ``path``, so a crash never leaves half a file.
+  Missing parent directories are created.
+
+  Args:
+    result: a :class:`~vmaptune.SearchResult`.
+    path: the file to write (``str`` or ``os.PathLike``).
+
+  Returns:
+    ``path`` as a string.
+
+  >>> import os, tempfile
+  >>> from vmaptune import _io, _importance
+  >>> path = _io.save(_importance._example(), os.path.join(tempfile.mkdtemp(), "r.vmaptune"))
+  >>> os.path.getsize(path) > 0
+  True
+  """
+  path = os.fspath(path)
+  if not isinstance(path, str):
+    path = os.fsdecode(path)
+  if os.path.isdir(path):
+    raise IsADirectoryError(
+        f"save: {path!r} is a directory; give a file name, e.g. {os.path.join(path, 'search.vmaptune')!r}."
+    )
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:
+        index = _write(result, _Writer(zf))
+        text = json.dumps(_encode(index), allow_nan=False, indent=1)
+        zf.writestr(_INDEX, text, compress_type=zipfile.ZIP_DEFLATED)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+  _fsync_dir(parent)
+  return path
+
+
+def _fsync_dir(directory: str) -> None:
+  # Make the rename itself durable; not every platform can open a directory.
+  try:
+    fd = os.open(directory, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def _write(result, writer: _Writer) -> dict:
+  from . import __version__
+
+  trials = []
+  for t in result.trials:
+    trials.append(dict(
+        id=t.id, config=dict(t.config), score=float(t.score), round=t.round, lane=t.lane,
+        status=t.status, seed=t.seed, diverged_at=t.diverged_at, parent=t.parent, steps=t.steps,
+        bucket=t.bucket,
+    ))
+  curves = {}
+  for kind in _CURVES:
+    arrays = [np.asarray(getattr(t, kind)) for t in result.trials]
+    flat = np.concatenate([a.ravel() for a in arrays]) if arrays else np.zeros(0, np.float32)
+    entry = writer.add(flat, f"{kind}_")
+    entry["shapes"] = [list(a.shape) for a in arrays]
+    curves[kind] = entry
+  best_params = []
+  for trial_id, pair in (getattr(result, "_best_params", None) or {}).items():
+    params, model_state = pair
+    best_params.append(dict(
+        trial=int(trial_id),
+        params=_save_tree(writer, params, "params_"),
+        model_state=_save_tree(writer, model_state, "model_state_"),
+    ))
+  stats = result.stats
+  stats = dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else dict(stats or {})
+  return dict(
+      format=FORMAT,
+      format_version=FORMAT_VERSION,
+      vmaptune_version=__version__,
+      metric=result.metric if isinstance(result.metric, str) else str(result.metric),
+      maximize=bool(result.maximize),
+      space={k: _space.to_json(d) for k, d in result.space.items()},
+      regions=[dict(numeric={k: [float(lo), float(hi)] for k, (lo, hi) in r.numeric.items()},
+                    choices={k: [_space._jsonable(v) for v in vals] for k, vals in r.choices.items()})
+               for r in result.regions],
+      stats=stats,
+      options=dict(result.options),
+      trials=trials,
+      curves=curves,
+      best_params=best_params,
+  )
+
+
+# --------------------------------------------------------------------------
+# Load
+# --------------------------------------------------------------------------
+
+
+def load(path):
+  """Loads a :class:`SearchResult` written by ``result.save(path)``.
+
+  The loaded result plots, reports, ranks and exports to Optuna like the
+  original. It has no compiled programs or data, so ``best_model()`` and
+  ``retrain()`` raise; train the best config again with :func:`vmaptune.train`
+  and ``result.best_trial.seed``. ``result.best_params`` is
+  ``(params, model_state)`` as nested dicts of NumPy arrays keyed by the
+  original key path (ints for list positions), not an ``nnx.State``; JAX
+  random keys come back as their raw ``uint32`` key data. Space constants
+  that were functions come back as their qualified names (strings), in the
+  space and in every trial's config alike.
+
+  Args:
+    path: a file written by :meth:`SearchResult.save`.
+
+  Returns:
+    A :class:`SearchResult`.
+
+  Raises:
+    FileNotFoundError: nothing at ``path``.
+    ValueError: the file is not a saved vmaptune result, is damaged, or was
+      written by a newer vmaptune (its ``format_version`` is unknown).
+
+  >>> import os, tempfile
+  >>> import vmaptune as vt
+  >>> from vmaptune._importance import _example
+  >>> result = _example()  # any SearchResult, e.g. from vt.search(...)
+  >>> path = result.save(os.path.join(tempfile.mkdtemp(), "search.vmaptune"))
+  >>> loaded = vt.load(path)
+  >>> loaded.best_config == result.best_config, len(loaded.trials)
+  (True, 40)
+  """
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(errno.ENOENT, "no saved vmaptune result at this path", path)
+  if os.path.isdir(path):
+    raise IsADirectoryError(errno.EISDIR, "a saved vmaptune result is a file, this is a directory", path)
+  if not zipfile.is_zipfile(path):
+    raise ValueError(f"{path!r} is not a saved vmaptune result (not a zip archive).")
+  try:
+    with zipfile.ZipFile(path) as zf:
+      try:
+        raw = zf.read(_INDEX)
+      except KeyError:
+        raise ValueError(
+            f"{path!r} is not a saved vmaptune result: it has no {_INDEX!r} member."
+        ) from None
+      try:
+        index = json.loads(raw.decode("utf-8"))
+      except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path!r}: its {_INDEX!r} is not valid JSON ({e}).") from None
+      if not isinstance(index, dict) or index.get("format") != FORMAT:
+        found = index.get("format") if isinstance(index, dict) else type(index).__name__
+        raise ValueError(f"{path!r} is not a saved vmaptune result (format {found!r}, "
+                         f"expected {FORMAT!r}).")
+      version = index.get("format_version")
+      if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{path!r} has format_version {version!r}; this vmaptune reads version "
+            f"{FORMAT_VERSION}. Load it with the vmaptune that wrote it "
+            f"({index.get('vmaptune_version', 'unknown version')}) or a newer one."
+        )
+      return _build(zf, _decode(index))
+  except zipfile.BadZipFile as e:
+    raise ValueError(f"{path!r} is damaged: {e}.") from None
+  except (KeyError, TypeError, IndexError) as e:
+    raise ValueError(f"{path!r} is damaged or incomplete: {type(e).__name__}: {e}.") from None
+
+
+def _build(zf: zipfile.ZipFile, index: dict):
+  from ._result import SearchResult, Stats, Trial
+
+  curves = {}
+  for kind in _CURVES:
+    entry = index["curves"][kind]
+    flat = _read(zf, entry)
+    parts, start = [], 0
+    for shape in entry["shapes"]:
+      size = math.prod(shape)
+      parts.append(flat[start:start + size].reshape(shape))
+      start += size
+    curves[kind] = parts
+  trials = []
+  for i, t in enumerate(index["trials"]):
+    trials.append(Trial(
+        id=t["id"], config=t["config"], score=float(t["score"]), round=t["round"], lane=t["lane"],
+        status=t["status"], seed=t["seed"], diverged_at=t["diverged_at"], parent=t["parent"],
+        steps=t["steps"], bucket=t["bucket"], **{kind: curves[kind][i] for kind in _CURVES},
+    ))
+  space = {k: _space.from_json(v) for k, v in index["space"].items()}
+  regions = [
+      _space.Region(
+          numeric={k: (float(lo), float(hi)) for k, (lo, hi) in r["numeric"].items()},
+          choices={k: tuple(_space._from_jsonable(v) for v in vals) for k, vals in r["choices"].items()},
+      )
+      for r in index["regions"]
+  ]
+  fields = {f.name for f in dataclasses.fields(Stats)}
+  stats = Stats(**{k: v for k, v in index["stats"].items() if k in fields})
+  best_params = {
+      int(b["trial"]): (_load_tree(zf, b["params"]), _load_tree(zf, b["model_state"]))
+      for b in index["best_params"]
+  }
+  return SearchResult(
+      trials=trials, space=space, metric=index["metric"], maximize=index["maximize"],
+      regions=regions, stats=stats, context=None, best_params=best_params or None,
+      options=index["options"],
+  )
