@@ -16,7 +16,7 @@ _devices.configure_cpu_devices()
 from ._devices import enable_compilation_cache  # noqa: E402
 from ._result import AllDivergedError, Run, SearchResult, Stats, Trial  # noqa: E402
 from ._checkpoint import CheckpointError, CheckpointMismatch  # noqa: E402
-from ._search import OutOfMemoryError, TrainState, clear_cache, search, train  # noqa: E402
+from ._search import PBT, Halving, OutOfMemoryError, TrainState, clear_cache, search, train  # noqa: E402
 from ._io import load  # noqa: E402
 from . import plot  # noqa: E402  (matplotlib is imported lazily, on first use)
 from ._space import (  # noqa: E402
@@ -35,6 +35,8 @@ __all__ = [
     "search",
     "train",
     "load",
+    "Halving",
+    "PBT",
     "uniform",
     "loguniform",
     "reverse_loguniform",

@@ -266,7 +266,8 @@ def _write(result, writer: _Writer) -> dict:
     trials.append(dict(
         id=t.id, config=dict(t.config), score=float(t.score), round=t.round, lane=t.lane,
         status=t.status, seed=t.seed, diverged_at=t.diverged_at, parent=t.parent, steps=t.steps,
-        bucket=t.bucket,
+        bucket=t.bucket, rung=t.rung,
+        schedule=[(int(step), dict(c)) for step, c in t.schedule] if t.schedule is not None else None,
     ))
   curves = {}
   for kind in _CURVES:
@@ -396,7 +397,9 @@ def _build(zf: zipfile.ZipFile, index: dict):
     trials.append(Trial(
         id=t["id"], config=t["config"], score=float(t["score"]), round=t["round"], lane=t["lane"],
         status=t["status"], seed=t["seed"], diverged_at=t["diverged_at"], parent=t["parent"],
-        steps=t["steps"], bucket=t["bucket"], **{kind: curves[kind][i] for kind in _CURVES},
+        steps=t["steps"], bucket=t["bucket"], rung=t.get("rung"),
+        schedule=[tuple(e) for e in t["schedule"]] if t.get("schedule") is not None else None,
+        **{kind: curves[kind][i] for kind in _CURVES},
     ))
   space = {k: _space.from_json(v) for k, v in index["space"].items()}
   regions = [

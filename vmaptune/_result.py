@@ -36,14 +36,22 @@ class Trial:
       maximizing) if the trial diverged.
     round: 0 for the coarse round, then 1, 2, ... for zoom rounds.
     lane: the trial's position in its program's population.
-    status: ``"ok"`` or ``"diverged"``.
+    status: ``"ok"``, ``"diverged"``, or ``"stopped"`` (halted early by a
+      strategy, or still running when the budget ran out).
     seed: the trial seed; init, data order and dropout derive from it alone.
     curve: validation score at each evaluation, shape ``(num_evals,)``.
     curve_steps: the step of each evaluation, shape ``(num_evals,)``.
     train_curve: mean training loss over each evaluation interval.
     diverged_at: the step at which the loss or parameters went non-finite.
-    parent: the id of the trial this one was zoomed from (None in round 0).
+    parent: the id of the trial this one was zoomed from (None in round 0);
+      with ``strategy="pbt"``, the last trial whose weights it copied.
     steps: steps trained.
+    bucket: index of the trial's static signature within its round.
+    rung: with ``strategy="halving"``, the highest rung the trial reached
+      (0 for the first); None otherwise.
+    schedule: with ``strategy="pbt"``, the lane's hyperparameters over time:
+      a list of ``(step, config)``, the first at step 0. Replay it with
+      ``vt.train(..., schedule=trial.schedule)``.
   """
 
   id: int
@@ -60,6 +68,8 @@ class Trial:
   parent: int | None = None
   steps: int = 0
   bucket: int = 0
+  rung: int | None = None
+  schedule: list | None = None
 
   def __repr__(self) -> str:
     cfg = ", ".join(f"{k}={_fmt(v)}" for k, v in self.config.items())
@@ -265,6 +275,11 @@ class SearchResult:
       trial: a :class:`Trial`, a trial id, or None for the best trial.
     """
     ctx = self._require_context("retrain()")
+    if self.options.get("strategy") == "pbt":
+      raise ValueError(
+          "PBT lanes copied other lanes' weights mid-run, so there is no single run to replay; "
+          "replay the winning hyperparameter schedule with "
+          "vt.train(..., config=trial.schedule[0][1], seed=trial.seed, schedule=trial.schedule).")
     if trial is None:
       trial = self.best_trial
     elif isinstance(trial, (int, np.integer)) and not isinstance(trial, bool):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import warnings
 import numbers
@@ -224,6 +225,7 @@ class _Context:
     self.trial_program: dict[int, tuple] = {}
     self.chunk_lanes: dict[tuple, int] = {}
     self.checkpoint_every = checkpoint_every
+    self.segment_evals: int | None = None
     self.memory_budget = _devices.memory_budget(memory_budget, self.devices)
     x = dataset.x_train
     self.x_example = jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype)
@@ -419,8 +421,9 @@ class _Context:
         _remember(gkey, program)
     return program
 
-  def inputs(self, spec: TrainSpec, configs: Sequence[Mapping[str, Any]], seeds: Sequence[int], num_lanes: int) -> LaneInputs:
-    steps = self.steps_for(spec.batch_size)
+  def inputs(self, spec: TrainSpec, configs: Sequence[Mapping[str, Any]], seeds: Sequence[int], num_lanes: int,
+             budget: int | None = None) -> LaneInputs:
+    steps = self.steps_for(spec.batch_size) if budget is None else budget
     pad = num_lanes - len(configs)
     configs = list(configs) + [configs[0]] * pad
     seeds = list(seeds) + [seeds[0]] * pad
@@ -436,7 +439,8 @@ class _Context:
     """Compiles if needed and trains a population in one call (all evaluations)."""
     return self.run_segments(key, program, inputs, None, None)[:2]
 
-  def run_segments(self, key, program: Program, inputs: LaneInputs, resume, on_segment):
+  def run_segments(self, key, program: Program, inputs: LaneInputs, resume, on_segment,
+                   steps: int | None = None):
     """Trains a population call by call, ``program.evals_per_call`` evaluations each.
 
     Args:
@@ -449,6 +453,8 @@ class _Context:
     """
     spec = program.spec
     _, eval_every, evals = self.schedule(spec)
+    if steps is not None:
+      evals = -(-steps // eval_every)
     calls = -(-evals // program.evals_per_call)
     if not program.compiled:
       self.compile_within_budget(key, program, inputs)
@@ -479,8 +485,11 @@ class _Context:
     return state, metrics
 
   def evals_per_call(self, spec: TrainSpec) -> int:
-    """Evaluations per compiled call: all of them, or a checkpoint interval's."""
+    """Evaluations per compiled call: all of them, a checkpoint interval's, or
+    a strategy's segment."""
     _, eval_every, evals = self.schedule(spec)
+    if self.segment_evals is not None:
+      return self.segment_evals
     if self.checkpoint_every is None:
       return evals
     return max(1, min(evals, self.checkpoint_every // eval_every))
@@ -493,8 +502,8 @@ class _Context:
     sig, lanes = self.trial_program[trial.id]
     key, program = self.program_for(sig, lanes, self.evals_per_call(self.spec_for(sig)))
     n = program.layout.num_lanes
-    inputs = self.inputs(program.spec, [trial.config] * n, [trial.seed] * n, n)
-    state, metrics = self.run_segments(key, program, inputs, None, None)
+    inputs = self.inputs(program.spec, [trial.config] * n, [trial.seed] * n, n, budget=trial.steps)
+    state, metrics = self.run_segments(key, program, inputs, None, None, steps=trial.steps)
     return _run_from_lane(trial.config, trial.seed, state, metrics, trial.lane, program.spec, metric, maximize)
 
 
@@ -593,6 +602,25 @@ def _draw_signatures(dists: Mapping[str, Distribution], region: Region, rng, k: 
       out.append(cand)
       if len(out) == k:
         break
+  return out
+
+
+def _cap_signatures(configs: list[dict], keys: Sequence[str], cap: int) -> list[dict]:
+  """Keeps at most ``cap`` distinct values of ``keys``: lanes proposing others
+  take the most proposed ones in turn (each a compiled program)."""
+  if not keys:
+    return configs
+  sig = lambda c: tuple(c[k] for k in keys)
+  counts = collections.Counter(sig(c) for c in configs)
+  if len(counts) <= cap:
+    return configs
+  kept = [s for s, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:cap]]
+  out, j = [], 0
+  for c in configs:
+    if sig(c) not in kept:
+      c = dict(c, **dict(zip(keys, kept[j % cap])))
+      j += 1
+    out.append(c)
   return out
 
 
@@ -714,7 +742,7 @@ class _Search:
     return np.random.default_rng([self.seed, r, stream])
 
   def _region(self, r: int) -> Region:
-    if r == 0:
+    if r == 0 or self.sampler == "tpe":  # TPE models the whole space itself
       return Region.full(self.space)
     top = self._top()
     return _space.zoom_region(self.space, [t.config for t in top], r, self.shrink)
@@ -744,12 +772,31 @@ class _Search:
       return [{k: {**consts, **c}[k] for k in order} for c in configs]
     structural = {k: d for k, d in dists.items() if k in sig_keys}
     rest = {k: d for k, d in dists.items() if k not in sig_keys}
+    if self.sampler == "tpe":
+      from ._samplers import TPEProposer
+
+      # A fresh sampler seeded by (seed, round) and rebuilt from the history:
+      # round r's proposals depend on the finished trials alone (resumable).
+      proposer = TPEProposer(self.space, seed=int(trial_seed(self.seed, r, 0x7E)), maximize=self.maximize)
+      proposer.tell([t.config for t in self.trials], [t.score for t in self.trials],
+                    [t.status == "ok" for t in self.trials])
+      proposals = proposer.ask(self.num_configs)
+      proposals = _cap_signatures(proposals, list(structural), min(self.max_buckets, self.num_configs))
+      if self.lanes_per_program is None:
+        k = len({tuple(c[n] for n in structural) for c in proposals})
+        self.lanes_per_program = self.ctx.padded_lanes(-(-self.num_configs // k))
+      return [{k: {**consts, **c}[k] for k in order} for c in proposals]
     sigs = _draw_signatures(structural, region, rng, min(self.max_buckets, self.num_configs))
     if self.lanes_per_program is None:
       self.lanes_per_program = self.ctx.padded_lanes(-(-self.num_configs // len(sigs)))
     counts = _lane_counts(len(sigs), self.num_configs, self.lanes_per_program)
     lane_sigs = [s for s, c in zip(sigs, counts) for _ in range(c)]
-    values = _space.sample_values(rest, rng, self.num_configs, region)
+    if self.sampler in ("sobol", "halton"):
+      from ._samplers import qmc_values
+
+      values = qmc_values(rest, self.num_configs, region, self.sampler, (self.seed, r))
+    else:
+      values = _space.sample_values(rest, rng, self.num_configs, region)
     return [{k: {**consts, **lane_sigs[i], **values[i]}[k] for k in order} for i in range(self.num_configs)]
 
   # Running --------------------------------------------------------------
@@ -1012,19 +1059,18 @@ def _unhost(array: np.ndarray, abstract):
   return np.asarray(array, dtype=abstract.dtype)
 
 
+_TRIAL_FIELDS = tuple(f.name for f in dataclasses.fields(Trial))
+
+
 def _trial_to_dict(t: Trial) -> dict:
-  return {
-      "id": t.id, "config": t.config, "score": t.score, "round": t.round, "lane": t.lane,
-      "status": t.status, "seed": t.seed, "curve": np.asarray(t.curve),
-      "curve_steps": np.asarray(t.curve_steps), "train_curve": np.asarray(t.train_curve),
-      "diverged_at": t.diverged_at, "parent": t.parent, "steps": t.steps, "bucket": t.bucket,
-  }
+  d = {k: getattr(t, k) for k in _TRIAL_FIELDS}
+  for k in ("curve", "curve_steps", "train_curve"):
+    d[k] = np.asarray(d[k])
+  return d
 
 
 def _trial_from_dict(d: Mapping[str, Any]) -> Trial:
-  return Trial(**{k: d[k] for k in (
-      "id", "config", "score", "round", "lane", "status", "seed", "curve", "curve_steps",
-      "train_curve", "diverged_at", "parent", "steps", "bucket")})
+  return Trial(**{k: d[k] for k in _TRIAL_FIELDS if k in d})
 
 
 def _better(a: Trial, b: Trial, maximize: bool) -> bool:
@@ -1064,6 +1110,7 @@ def search(
     checkpoint_every: int | None = None,
     overwrite: bool = False,
     memory_budget: int | str | None = None,
+    strategy: Any = "zoom",
     verbose: bool = True,
 ) -> SearchResult:
   """Trains ``num_configs`` sampled configs at once, then zooms in, ``rounds`` times.
@@ -1136,6 +1183,14 @@ def search(
     checkpoint_every: steps between checkpoints inside a round (rounded to
       whole evaluation intervals). Default: only at round ends.
     overwrite: start afresh even if ``checkpoint_dir`` holds another search.
+    strategy: how rounds are spent (all at equal total lane-steps,
+      ``rounds * num_configs * num_steps``): ``"zoom"`` (default: rounds of
+      ``num_configs`` fresh configs, each zooming in), ``"halving"`` or
+      :class:`Halving` (successive halving with refill: lanes that fall
+      behind at a rung are stopped and refilled with new configs from the
+      zoom region), ``"pbt"`` or :class:`PBT` (population based training:
+      bad lanes copy a good lane's weights and optimizer state and perturb
+      its hyperparameters). See the README.
     memory_budget: bytes per device for a population (int, or "512MB",
       "2GB"); default: 90% of an accelerator's free memory, half the host's
       available memory on CPU. Buckets that do not fit run in chunks; if XLA
@@ -1167,8 +1222,15 @@ def search(
   max_buckets = _int_arg("max_buckets", max_buckets)
   lane_batch = _int_arg("lane_batch", lane_batch, allow_none=True)
   num_steps, epochs = _budget(num_steps, epochs)
-  if sampler not in ("random", "grid"):
-    raise ValueError(f"`sampler` must be 'random' or 'grid', got {sampler!r}.")
+  from ._samplers import SAMPLERS
+
+  if sampler not in SAMPLERS:
+    raise ValueError(f"`sampler` must be one of {SAMPLERS}, got {sampler!r}.")
+  if sampler == "tpe":
+    try:
+      import optuna  # noqa: F401
+    except ImportError:
+      raise ImportError("sampler='tpe' needs optuna; install it with `pip install 'vmaptune[optuna]'`.") from None
   if isinstance(keep, bool) or not isinstance(keep, (int, float)):
     raise TypeError(f"`keep` must be a fraction in (0, 1] or a count >= 1, got {keep!r}.")
   if isinstance(keep, float) and not 0.0 < keep <= 1.0:
@@ -1195,6 +1257,7 @@ def search(
     raise TypeError(f"`overwrite` must be a bool, got {overwrite!r}.")
   if memory_budget is not None:
     _devices._parse_bytes(memory_budget)
+  strategy = _check_strategy(strategy, sampler)
   stats = Stats()
   ctx = _Context(model_fn=model_fn, routing=routing, dataset=dataset, objective=objective,
                  custom_loss=loss_fn is not None, num_steps=num_steps, epochs=epochs,
@@ -1210,10 +1273,91 @@ def search(
         keep=keep, shrink=shrink, max_buckets=max_buckets, lr_schedule=lr_schedule,
         lane_batch=lane_batch, precision=precision, eval_batch_size=eval_batch_size,
         enqueue=enqueue, checkpoint_every=checkpoint_every, num_devices=len(ctx.devices))
-  return _Search(ctx, space, num_configs=num_configs, rounds=rounds, seed=seed, sampler=sampler,
-                 keep=keep, shrink=float(shrink), max_buckets=max_buckets, verbose=verbose,
-                 enqueue=enqueue, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                 overwrite=overwrite, fingerprint=fingerprint).run(t_start, callbacks)
+  cls = _Search
+  if isinstance(strategy, (Halving, PBT)):
+    from . import _strategies
+
+    cls = _strategies.HalvingSearch if isinstance(strategy, Halving) else _strategies.PBTSearch
+  runner = cls(ctx, space, num_configs=num_configs, rounds=rounds, seed=seed, sampler=sampler,
+               keep=keep, shrink=float(shrink), max_buckets=max_buckets, verbose=verbose,
+               enqueue=enqueue, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+               overwrite=overwrite, fingerprint=fingerprint)
+  if isinstance(strategy, Halving):
+    runner.configure(strategy.eta, strategy.min_fraction)
+  elif isinstance(strategy, PBT):
+    runner.configure(strategy.ready, strategy.fraction, strategy.resample_probability)
+  return runner.run(t_start, callbacks)
+
+
+@dataclasses.dataclass(frozen=True)
+class Halving:
+  """Successive halving with refill (``search(..., strategy=Halving(...))``).
+
+  Rungs sit at ``min_fraction``, ``min_fraction * eta``, ... and 1 of
+  ``num_steps``; a trial reaching a rung continues only if it is in the top
+  ``1/eta`` of the trials that reached that rung so far (asynchronous
+  successive halving, as Optuna's ``SuccessiveHalvingPruner`` and Ray Tune's
+  ASHA), and a stopped lane is refilled at once with a new config.
+
+  >>> import vmaptune as vt
+  >>> vt.Halving(eta=3, min_fraction=1 / 9)
+  Halving(eta=3, min_fraction=0.1111111111111111)
+  """
+
+  eta: int = 3
+  min_fraction: float = 1 / 9
+
+  def __post_init__(self):
+    if isinstance(self.eta, bool) or not isinstance(self.eta, int) or self.eta < 2:
+      raise ValueError(f"Halving: `eta` must be an int >= 2, got {self.eta!r}.")
+    if not isinstance(self.min_fraction, (int, float)) or not 0 < self.min_fraction < 1:
+      raise ValueError(f"Halving: `min_fraction` must lie in (0, 1), got {self.min_fraction!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class PBT:
+  """Population based training (``search(..., strategy=PBT(...))``).
+
+  Every ``ready`` steps (default ``num_steps // 4``), the worst ``fraction``
+  of each bucket's lanes copies the parameters and optimizer state of a
+  random lane from the best ``fraction`` of the same bucket, then perturbs
+  each continuous hyperparameter by ×0.8 or ×1.2 on its own scale (clipped
+  to the space), or redraws it with probability ``resample_probability``.
+
+  >>> import vmaptune as vt
+  >>> vt.PBT(ready=100, fraction=0.25)
+  PBT(ready=100, fraction=0.25, resample_probability=0.25)
+  """
+
+  ready: int | None = None
+  fraction: float = 0.25
+  resample_probability: float = 0.25
+
+  def __post_init__(self):
+    if self.ready is not None and (isinstance(self.ready, bool) or not isinstance(self.ready, int) or self.ready < 1):
+      raise ValueError(f"PBT: `ready` must be a positive int (steps) or None, got {self.ready!r}.")
+    if not isinstance(self.fraction, (int, float)) or not 0 < self.fraction <= 0.5:
+      raise ValueError(f"PBT: `fraction` must lie in (0, 0.5], got {self.fraction!r}.")
+    if not isinstance(self.resample_probability, (int, float)) or not 0 <= self.resample_probability <= 1:
+      raise ValueError(f"PBT: `resample_probability` must lie in [0, 1], got {self.resample_probability!r}.")
+
+
+def _check_strategy(strategy: Any, sampler: str):
+  if isinstance(strategy, str):
+    if strategy == "zoom":
+      return "zoom"
+    if strategy == "halving":
+      strategy = Halving()
+    elif strategy == "pbt":
+      strategy = PBT()
+    else:
+      raise ValueError(f"`strategy` must be 'zoom', 'halving', 'pbt', vt.Halving(...) or vt.PBT(...), got {strategy!r}.")
+  if not isinstance(strategy, (Halving, PBT)):
+    raise TypeError(f"`strategy` must be 'zoom', 'halving', 'pbt', vt.Halving(...) or vt.PBT(...), got {strategy!r}.")
+  if sampler in ("grid", "tpe"):
+    raise ValueError(f"sampler={sampler!r} needs strategy='zoom' (its rounds are batches); "
+                     "halving and PBT draw their population with 'random', 'sobol' or 'halton'.")
+  return strategy
 
 
 def _name(fn: Any) -> Any:
@@ -1288,6 +1432,7 @@ def train(
     precision: str | None = None,
     eval_batch_size: int | None = None,
     callback: Callable[[TrainState], Mapping[str, Any] | None] | None = None,
+    schedule: Sequence[tuple[int, Mapping[str, Any]]] | None = None,
     device: Any = None,
     verbose: bool = True,
 ) -> Run:
@@ -1313,6 +1458,9 @@ def train(
       return a dict of new values for injected optimizer hyperparameters (e.g.
       ``{"learning_rate": s.hyperparams["learning_rate"] / 2}``), applied from
       the next step in the same compiled program, or ``{"stop": True}``.
+    schedule: hyperparameter changes over time, ``[(step, {name: value}), ...]``
+      (e.g. a PBT trial's ``trial.schedule``): from ``step`` on, the values
+      apply. Steps must be multiples of ``eval_every``.
     device: the device to train on (default: the first).
     verbose: progress bar with the latest validation score.
 
@@ -1343,6 +1491,7 @@ def train(
   num_steps, epochs = _budget(num_steps, epochs)
   if callback is not None and not callable(callback):
     raise TypeError(f"`callback` must be callable, got {callback!r}.")
+  planned = _check_schedule(schedule, config)
   devices = [device] if device is not None else None
   stats = Stats()
   ctx = _Context(model_fn=model_fn, routing=routing, dataset=dataset, objective=objective,
@@ -1353,6 +1502,9 @@ def train(
   program = ctx.single_program(sig)
   spec = program.spec
   steps, eval_every, evals = ctx.schedule(spec)
+  for at in planned:
+    if at % eval_every:
+      raise ValueError(f"`schedule` step {at} is not a multiple of eval_every={eval_every}.")
   inputs = ctx.inputs(spec, [space], [seed], 1)
   inputs = jax.tree.map(lambda a: a[0], inputs)
   state = program.init(inputs)
@@ -1364,6 +1516,8 @@ def train(
       state, (score, loss, step) = program.advance(state, ctx.data, eval_every)
       scores.append(float(score)); losses.append(float(loss)); at.append(int(step))
       progress.advance(at[-1] - (at[-2] if len(at) > 1 else 0), scores[-1])
+      if at[-1] in planned:
+        state = _apply_changes(state, spec, planned[at[-1]])
       if callback is not None:
         hp = {k: float(v) for k, v in getattr(state.opt_state, "hyperparams", {}).items()} if spec.injected or spec.schedule else {}
         changes = callback(TrainState(at[-1], scores[-1], np.asarray(scores), np.asarray(at),
@@ -1381,19 +1535,49 @@ def train(
 
 def _apply_changes(state, spec: TrainSpec, changes: Mapping[str, Any]):
   hp = dict(state.opt_state.hyperparams) if hasattr(state.opt_state, "hyperparams") else {}
-  unknown = [k for k in changes if k not in hp and k != "stop"]
+  unknown = [k for k in changes if k not in hp and k not in ("stop", "lr_decay")]
   if unknown:
     raise ValueError(
         f"callback returned changes for {unknown}; only injected optimizer "
         f"hyperparameters can change: {sorted(hp)}."
     )
-  lr0 = state.lr0
+  lr0, lr_decay = state.lr0, state.lr_decay
   for k, v in changes.items():
     if k == "stop":
+      continue
+    if k == "lr_decay":
+      if spec.schedule is None:
+        raise ValueError("changes to 'lr_decay' need lr_decay in the config from the start.")
+      lr_decay = jax.device_put(np.asarray(v, np.float32), lr_decay.sharding)
       continue
     # Committed to the same device as before: an uncommitted array would
     # change the jit cache key and recompile the program.
     hp[k] = jax.device_put(np.asarray(v, hp[k].dtype), hp[k].sharding)
     if k == "learning_rate" and spec.schedule is not None:
       lr0 = jax.device_put(np.asarray(v, np.float32), lr0.sharding)
-  return state._replace(opt_state=state.opt_state._replace(hyperparams=hp), lr0=lr0)
+  return state._replace(opt_state=state.opt_state._replace(hyperparams=hp), lr0=lr0, lr_decay=lr_decay)
+
+
+def _check_schedule(schedule, config) -> dict[int, dict]:
+  """``{step: changes}`` from a ``[(step, config), ...]`` schedule (the first entry
+  may repeat the starting config); only changed values are kept."""
+  if schedule is None:
+    return {}
+  try:
+    entries = [(int(step), dict(values)) for step, values in schedule]
+  except (TypeError, ValueError):
+    raise TypeError("`schedule` must be a list of (step, {name: value}) pairs.") from None
+  out, current = {}, dict(config)
+  for step, values in sorted(entries, key=lambda e: e[0]):
+    if step < 0:
+      raise ValueError(f"`schedule` steps must be >= 0, got {step}.")
+    changes = {k: v for k, v in values.items() if current.get(k) != v}
+    for k in changes:
+      if k not in config:
+        raise ValueError(f"`schedule` changes {k!r}, which is not in `config`.")
+    if step == 0 and changes:
+      raise ValueError(f"`schedule` changes {sorted(changes)} at step 0; put them in `config`.")
+    current.update(values)
+    if changes:
+      out[step] = changes
+  return out

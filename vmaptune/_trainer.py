@@ -418,6 +418,8 @@ class Program:
     self.programs_compiled = 0
     self._fresh = None
     self._advance = None
+    self._refill = None
+    self._exploit = None
     self.memory = None
 
   # The per-device functions ------------------------------------------------
@@ -503,6 +505,68 @@ class Program:
     fn = self._wrap(self._local_advance, (lanes, P(), P(), P()), (lanes, lanes))
     self._advance = self._lower_and_compile(fn, (state, data.train, data.val, _scalar(1)), donate=True)
 
+  def _local_refill(self, state: LaneState, inputs: LaneInputs, mask):
+    # Fresh lanes where ``mask``; the rest keep their state bit for bit.
+    fresh = self._local_init(inputs)
+
+    def pick(new, old):
+      m = mask.reshape(mask.shape + (1,) * (old.ndim - 1))
+      return jnp.where(m, new, old)
+
+    return jax.tree.map(pick, fresh, state)
+
+  def refill(self, state: LaneState, inputs: LaneInputs, mask: np.ndarray) -> LaneState:
+    """Replaces the lanes where ``mask`` with freshly initialised ones (same program)."""
+    if self._refill is None:
+      lanes = P(_devices.LANE_AXIS)
+      fn = self._wrap(self._local_refill, (lanes, lanes, lanes), lanes)
+      kw = {"donate_argnums": (0,)}
+      if self.layout.num_devices > 1:
+        kw["out_shardings"] = _devices.lane_sharding(self.mesh)
+      t0 = time.perf_counter()
+      with self._precision():
+        lowered = jax.jit(fn, **kw).lower(state, inputs, mask)
+      t1 = time.perf_counter()
+      self._refill = _compile(lowered, self.platform)
+      self.trace_seconds += t1 - t0
+      self.compile_seconds += time.perf_counter() - t1
+      self.programs_compiled += 1
+    return _quiet_donation(self._refill, state, inputs, mask)
+
+  def exploit(self, state: LaneState, source: np.ndarray, hparams: Mapping[str, np.ndarray],
+              lr0: np.ndarray, lr_decay: np.ndarray) -> LaneState:
+    """PBT's exploit step: lane ``i`` takes lane ``source[i]``'s parameters and
+    optimizer state (a gather along the lane axis), and the given
+    hyperparameters. A lane with ``source[i] == i`` changes only its
+    hyperparameters. Data order and dropout keys stay the lane's own."""
+    if self._exploit is None:
+      def fn(state, source, hparams, lr0, lr_decay):
+        take = lambda a: jnp.take(a, source, axis=0)
+        opt_state = jax.tree.map(take, state.opt_state)
+        if hasattr(opt_state, "hyperparams"):
+          hp = dict(opt_state.hyperparams)
+          hp.update({k: v.astype(hp[k].dtype) for k, v in hparams.items()})
+          opt_state = opt_state._replace(hyperparams=hp)
+        return state._replace(
+            params=jax.tree.map(take, state.params),
+            model_state=jax.tree.map(take, state.model_state),
+            opt_state=opt_state,
+            lr0=lr0, lr_decay=lr_decay,
+            diverged_at=take(state.diverged_at),
+        )
+
+      kw = {}
+      if self.layout.num_devices > 1:
+        kw["out_shardings"] = _devices.lane_sharding(self.mesh)
+      t0 = time.perf_counter()
+      lowered = jax.jit(fn, **kw).lower(state, source, dict(hparams), lr0, lr_decay)
+      t1 = time.perf_counter()
+      self._exploit = _compile(lowered, self.platform)
+      self.trace_seconds += t1 - t0
+      self.compile_seconds += time.perf_counter() - t1
+      self.programs_compiled += 1
+    return self._exploit(state, source, dict(hparams), lr0, lr_decay)
+
   @property
   def platform(self) -> str:
     return self.mesh.devices.flat[0].platform
@@ -521,10 +585,7 @@ class Program:
 
     if self._advance is None:
       self.compile_advance(state, data)
-    with warnings.catch_warnings():
-      # CPU backends may decline donation; it is an optimisation only.
-      warnings.filterwarnings("ignore", message=".*donated buffers.*")
-      return self._advance(state, data.train, data.val, _scalar(eval_every))
+    return _quiet_donation(self._advance, state, data.train, data.val, _scalar(eval_every))
 
 
 class SingleProgram:
@@ -597,6 +658,15 @@ def place_inputs(inputs: LaneInputs, mesh, num_devices: int) -> LaneInputs:
   if num_devices == 1:
     return jax.tree.map(lambda a: jax.device_put(a, mesh.devices.flat[0]), inputs)
   return jax.device_put(inputs, _devices.lane_sharding(mesh))
+
+
+def _quiet_donation(fn, *args):
+  import warnings
+
+  with warnings.catch_warnings():
+    # CPU backends may decline donation; it is an optimisation only.
+    warnings.filterwarnings("ignore", message=".*donated buffers.*")
+    return fn(*args)
 
 
 def _scalar(v: int) -> np.ndarray:

@@ -1,0 +1,522 @@
+"""Schedulers that exploit a population living in one array.
+
+Stopping a lane, copying a good lane into a bad one, or handing a lane a fresh
+config is an index operation on device memory here, not a checkpoint on disk
+and a new process. Both strategies run the population in segments of a fixed
+number of steps (one compiled call per bucket each) and decide on the host
+between segments; the decisions are tiny next to a segment of training, and
+every segment reuses the same compiled programs.
+
+* :class:`HalvingSearch` — asynchronous successive halving (ASHA) with
+  *refill*: a trial reaching a rung continues only if it is in the top
+  ``1/eta`` of the trials that reached that rung so far; a stopped (or
+  finished, or diverged) trial's lane is refilled at once with a new config
+  from the current zoom region, so the program keeps its lane count and no
+  lane sits idle.
+* :class:`PBTSearch` — population based training: every ``ready`` steps the
+  bottom fraction of each bucket's lanes takes the parameters and optimizer
+  state of a random top lane of the same bucket (a gather along the lane
+  axis) and perturbs its continuous hyperparameters.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from . import _space
+from ._result import AllDivergedError, Trial, rank_trials
+from ._search import _lane_params, _nearest, _Search, trial_seed
+from ._space import Choice, Integer, Region
+
+__all__ = ["HalvingSearch", "PBTSearch", "STRATEGIES"]
+
+STRATEGIES = ("zoom", "halving", "pbt")
+
+
+class _Slot:
+  """One lane of the population and the trial it currently trains."""
+
+  __slots__ = ("chunk", "lane", "signature", "trial", "curve", "curve_steps", "train_curve")
+
+  def __init__(self, chunk: int, lane: int, signature: tuple):
+    self.chunk, self.lane, self.signature = chunk, lane, signature
+    self.trial = None
+    self.curve, self.curve_steps, self.train_curve = [], [], []
+
+  def start(self, trial: dict) -> None:
+    self.trial = trial
+    self.curve, self.curve_steps, self.train_curve = [], [], []
+
+
+class _Population:
+  """The lanes of a strategy's population, grouped into compiled programs."""
+
+  def __init__(self, search, configs: list[dict], evals_per_call: int, budget: int):
+    self.search = search
+    ctx = search.ctx
+    self.ctx = ctx
+    self.budget = budget
+    self.segment_steps = evals_per_call * search.eval_every
+    self.chunks = []  # (signature, program, lanes, slot positions)
+    buckets = collections.OrderedDict()
+    for i, c in enumerate(configs):
+      buckets.setdefault(ctx.routing.signature(c), []).append(i)
+    self.slots: list[_Slot] = [None] * len(configs)  # type: ignore[list-item]
+    for sig, members in buckets.items():
+      lanes = ctx.fit_lanes(sig, search.lanes_per_program)
+      for start in range(0, len(members), lanes):
+        part = members[start:start + lanes]
+        key, program = ctx.program_for(sig, lanes, evals_per_call)
+        self.chunks.append([sig, program, lanes, part, None, key])
+        for lane, i in enumerate(part):
+          self.slots[i] = _Slot(len(self.chunks) - 1, lane, sig)
+
+  def _inputs(self, j: int, configs: Mapping[int, dict], seeds: Mapping[int, int]):
+    sig, program, lanes, part, _, _ = self.chunks[j]
+    cfgs = [configs[i] for i in part]
+    sds = [seeds[i] for i in part]
+    return self.ctx.inputs(program.spec, cfgs, sds, lanes, budget=self.budget)
+
+  def start(self, configs: Mapping[int, dict], seeds: Mapping[int, int]):
+    """Initialises every program and trains its first segment."""
+    from ._trainer import place_inputs
+
+    out = []
+    for j, chunk in enumerate(self.chunks):
+      sig, program, lanes, part, _, key = chunk
+      inputs = self._inputs(j, configs, seeds)
+      if not program.compiled:
+        self.ctx.compile_within_budget(key, program, inputs)
+      placed = place_inputs(inputs, self.ctx.mesh, len(self.ctx.devices))
+      t0 = time.perf_counter()
+      state, metrics = program.fresh(placed, self.ctx.data, self.search.eval_every)
+      chunk[4] = state
+      out.append(metrics)
+      self._time(t0, program)
+      self.ctx.stats.lane_steps += self.segment_steps * len(part)
+    return [self._host(m) for m in out]
+
+  def advance(self):
+    """Trains one more segment in every program."""
+    out = []
+    for chunk in self.chunks:
+      program = chunk[1]
+      t0 = time.perf_counter()
+      before = self._before(program)
+      chunk[4], metrics = program.advance(chunk[4], self.ctx.data, self.search.eval_every)
+      out.append(metrics)
+      self._time(t0, program, before)
+      self.ctx.stats.lane_steps += self.segment_steps * len(chunk[3])
+    return [self._host(m) for m in out]
+
+  def refill(self, j: int, mask: np.ndarray, configs: Mapping[int, dict], seeds: Mapping[int, int]) -> None:
+    """Fresh lanes (new configs, fresh init and budget) where ``mask``."""
+    from ._trainer import place_inputs
+
+    chunk = self.chunks[j]
+    inputs = place_inputs(self._inputs(j, configs, seeds), self.ctx.mesh, len(self.ctx.devices))
+    lanes_mask = np.zeros(chunk[2], bool)
+    lanes_mask[: len(mask)] = mask
+    before = self._before(chunk[1])
+    t0 = time.perf_counter()
+    chunk[4] = chunk[1].refill(chunk[4], inputs, self._place_mask(lanes_mask))
+    self._time(t0, chunk[1], before)
+
+  def _place_mask(self, mask: np.ndarray):
+    import jax
+
+    from . import _devices
+
+    if len(self.ctx.devices) == 1:
+      return jax.device_put(mask, self.ctx.devices[0])
+    return jax.device_put(mask, _devices.lane_sharding(self.ctx.mesh))
+
+  def _time(self, t0: float, program, before=None) -> None:
+    """Books a call's time: compiling (first use of a program) apart from training."""
+    stats = self.ctx.stats
+    elapsed = time.perf_counter() - t0
+    if before is not None:
+      compiled, compile_s, trace_s = before
+      stats.programs_compiled += program.programs_compiled - compiled
+      stats.compile_seconds += program.compile_seconds - compile_s
+      stats.trace_seconds += program.trace_seconds - trace_s
+      elapsed -= (program.compile_seconds - compile_s) + (program.trace_seconds - trace_s)
+    stats.train_seconds += max(0.0, elapsed)
+
+  @staticmethod
+  def _before(program):
+    return program.programs_compiled, program.compile_seconds, program.trace_seconds
+
+  @staticmethod
+  def _host(metrics):
+    import jax
+
+    return jax.tree.map(np.asarray, metrics)
+
+  def diverged(self, j: int) -> np.ndarray:
+    return np.asarray(self.chunks[j][4].diverged_at)
+
+  def record(self, all_metrics) -> None:
+    """Appends a segment's evaluations to the trial each lane trains."""
+    for j, (scores, losses, steps) in enumerate(all_metrics):
+      part = self.chunks[j][3]
+      for lane, i in enumerate(part):
+        slot = self.slots[i]
+        slot.curve.extend(scores[lane].tolist())
+        slot.train_curve.extend(losses[lane].tolist())
+        slot.curve_steps.extend(steps[lane].tolist())
+
+
+def _finish(slot: _Slot, status: str, maximize: bool, rung=None, extra=None) -> Trial:
+  t = slot.trial
+  curve = np.asarray(slot.curve, np.float32)
+  score = float(curve[-1]) if len(curve) else math.nan
+  diverged_at = t.get("diverged_at")
+  if status != "diverged" and not math.isfinite(score):
+    status = "diverged"
+  if status == "diverged":
+    score = -math.inf if maximize else math.inf
+    if diverged_at is None:
+      diverged_at = int(slot.curve_steps[-1]) if slot.curve_steps else 0
+  return Trial(
+      id=t["id"], config=dict(t["config"]), score=score, round=t["round"], lane=slot.lane,
+      status=status, seed=t["seed"], curve=curve, curve_steps=np.asarray(slot.curve_steps, np.int32),
+      train_curve=np.asarray(slot.train_curve, np.float32),
+      diverged_at=diverged_at if status == "diverged" else None, parent=t.get("parent"),
+      steps=int(slot.curve_steps[-1]) if slot.curve_steps else 0, bucket=t["bucket"], rung=rung,
+      **(extra or {}),
+  )
+
+
+def _perturb(d, value, rng: np.random.Generator, factors=(0.8, 1.2)):
+  """Multiplies on the hyperparameter's own scale, clipped to its bounds."""
+  f = factors[int(rng.integers(0, 2))]
+  if isinstance(d, Choice):
+    return value
+  if d.scale == "reverse_log":
+    out = 1.0 - (1.0 - value) * f
+  else:
+    out = value * f
+  out = min(max(out, d.low), d.high)
+  return int(round(out)) if isinstance(d, Integer) else float(out)
+
+
+class _StrategyMixin(_Search):
+  """Shared by the strategies: setup from round 0's sampling, bookkeeping."""
+
+  def _setup(self, t_start: float):
+    ctx = self.ctx
+    if self.checkpointer is not None:
+      raise ValueError(
+          f"strategy={self.strategy!r} does not checkpoint yet: its population lives across "
+          "rounds. Use the default strategy='zoom' with checkpoint_dir, or drop checkpoint_dir.")
+    if ctx.epochs is not None:
+      raise ValueError(f"strategy={self.strategy!r} needs a `num_steps` budget, not `epochs`.")
+    self.steps = ctx.num_steps
+    region = Region.full(self.space)
+    configs = self._sample(0, region)
+    if self.enqueue:
+      configs[: len(self.enqueue)] = [dict(c) for c in self.enqueue[: len(configs)]]
+    for c in configs:
+      ctx.spec_for(ctx.routing.signature(c))  # validate before compiling
+    self.regions = [region]
+    self.sig_index = {}
+    for c in configs:
+      self.sig_index.setdefault(ctx.routing.signature(c), len(self.sig_index))
+    seeds = [trial_seed(self.seed, 0, i) for i in range(len(configs))]
+    return configs, seeds
+
+  def _new_trial(self, config: dict, seed: int, level: int, parent=None) -> dict:
+    t = {"id": self._next_id, "config": config, "seed": seed, "round": level, "parent": parent,
+         "bucket": self.sig_index[self.ctx.routing.signature(config)]}
+    self._next_id += 1
+    return t
+
+  def _start(self, slot: _Slot, trial: dict) -> None:
+    slot.start(trial)
+    chunk = self.population.chunks[slot.chunk]
+    self.ctx.trial_program[trial["id"]] = (chunk[0], chunk[2])
+
+  def _keep_params(self, trial: Trial, slot: _Slot) -> None:
+    """Keeps the best healthy trial's parameters (its lane may be refilled)."""
+    if trial.status != "ok" or not math.isfinite(trial.score):
+      return
+    if self.best_params:
+      (best_id,) = self.best_params
+      best = self._by_id.get(best_id)
+      if best is not None and not (trial.score > best.score if self.maximize else trial.score < best.score):
+        return
+    self.best_params = {trial.id: _lane_params(self.population.chunks[slot.chunk][4], slot.lane)}
+    self._by_id[trial.id] = trial
+
+  def _result(self, t_start: float):
+    if not rank_trials(self.trials, self.maximize):
+      raise AllDivergedError(
+          f"all {len(self.trials)} trials diverged; lower the learning-rate range or check the data.",
+          self.trials)
+    result = self.snapshot(t_start)
+    result.options["strategy"] = self.strategy
+    return result
+
+
+class HalvingSearch(_StrategyMixin):
+  """Asynchronous successive halving with refill (``strategy="halving"``)."""
+
+  strategy = "halving"
+
+  def configure(self, eta: int, min_fraction: float):
+    self.eta = eta
+    self.min_fraction = min_fraction
+
+  def rungs(self) -> list[int]:
+    n = 1 + max(0, int(round(math.log(1.0 / self.min_fraction) / math.log(self.eta))))
+    r0 = self.steps // self.eta ** (n - 1)
+    if r0 < 1:
+      raise ValueError(
+          f"strategy='halving': num_steps={self.steps} is too short for rungs at "
+          f"{self.min_fraction:g} of the budget with eta={self.eta}.")
+    return [r0 * self.eta**k for k in range(n - 1)] + [self.steps]
+
+  def run(self, t_start: float, callbacks: Sequence = ()):
+    configs, seeds = self._setup(t_start)
+    self._by_id = {}
+    rungs = self.rungs()
+    segment = rungs[0]
+    self.eval_every = self.ctx.eval_every or segment
+    self.ctx.eval_every, self.ctx.segment_evals = self.eval_every, segment // max(1, self.eval_every)
+    if segment % self.eval_every:
+      raise ValueError(f"strategy='halving': eval_every={self.eval_every} must divide the first rung "
+                       f"({segment} steps).")
+    total = self.rounds * self.steps
+    pop = _Population(self, configs, segment // self.eval_every, self.steps)
+    self.population = pop
+    self._next_id = 0
+    for i, c in enumerate(configs):
+      self._start(pop.slots[i], self._new_trial(c, seeds[i], 0))
+    cur_configs = dict(enumerate(configs))
+    cur_seeds = dict(enumerate(seeds))
+    rung_scores: list[list[float]] = [[] for _ in rungs]
+    done: list[Trial] = []
+    best_rung: dict[int, tuple[int, float]] = {}
+    self.progress.start_round(0, total * len(configs), label="halving")
+    metrics = pop.start(cur_configs, cur_seeds)
+    elapsed = segment
+    while True:
+      pop.record(metrics)
+      self.progress.advance(segment * len(configs), self._best_score_of(done))
+      level = min(elapsed // self.steps, self.rounds - 1)
+      refills = collections.defaultdict(list)
+      arrived = []  # trials at a rung now: scored together, then decided
+      for j in range(len(pop.chunks)):
+        diverged = pop.diverged(j)
+        for lane, i in enumerate(pop.chunks[j][3]):
+          slot = pop.slots[i]
+          trial_steps = slot.curve_steps[-1]
+          score = slot.curve[-1]
+          if diverged[lane] >= 0 or not math.isfinite(score):
+            # A diverged lane is the first to go: stopped and refilled now.
+            slot.trial["diverged_at"] = int(diverged[lane]) if diverged[lane] >= 0 else None
+            done.append(_finish(slot, "diverged", self.maximize, rung=self._rung_of(rungs, trial_steps)))
+            refills[j].append((lane, i))
+          elif trial_steps in rungs:
+            k = rungs.index(trial_steps)
+            rung_scores[k].append(score)
+            best_rung[slot.trial["id"]] = (k, score)
+            arrived.append((j, lane, i, k, score))
+      for j, lane, i, k, score in arrived:
+        slot = pop.slots[i]
+        if k == len(rungs) - 1:
+          done.append(_finish(slot, "ok", self.maximize, rung=k))
+          self._keep_params(done[-1], slot)
+          refills[j].append((lane, i))
+        elif not self._promoted(score, rung_scores[k]):
+          done.append(_finish(slot, "stopped", self.maximize, rung=k))
+          refills[j].append((lane, i))
+      if elapsed >= total:
+        break
+      # Refill: new configs from the zoom region around the best so far.
+      if refills:
+        # One region per round of global time, fixed when the round starts.
+        while len(self.regions) <= level:
+          self.regions.append(self._refill_region(done, best_rung, len(self.regions)))
+        region = self.regions[level]
+        rng = np.random.default_rng([self.seed, 0x4A11, elapsed])
+        for j, lanes in refills.items():
+          mask = np.zeros(len(pop.chunks[j][3]), bool)
+          for lane, i in lanes:
+            slot = pop.slots[i]
+            config = self._refill_config(slot.signature, region, rng)
+            parent = self._nearest_id(config, done)
+            trial = self._new_trial(config, trial_seed(self.seed, 0x4A11, self._next_id), level, parent)
+            cur_configs[i], cur_seeds[i] = config, trial["seed"]
+            self._start(slot, trial)
+            mask[lane] = True
+          pop.refill(j, mask, cur_configs, cur_seeds)
+      metrics = pop.advance()
+      elapsed += segment
+    for i, slot in enumerate(pop.slots):
+      if not any(t.id == slot.trial["id"] for t in done):
+        steps = slot.curve_steps[-1] if slot.curve_steps else 0
+        done.append(_finish(slot, "stopped", self.maximize, rung=self._rung_of(rungs, steps)))
+    self.trials = sorted(done, key=lambda t: t.id)
+    self.progress.end_round(self._best_score_of(self.trials))
+    self.progress.close()
+    return self._result(t_start)
+
+  @staticmethod
+  def _rung_of(rungs, steps):
+    reached = [k for k, r in enumerate(rungs) if steps >= r]
+    return reached[-1] if reached else None
+
+  def _promoted(self, score: float, scores: list[float]) -> bool:
+    """ASHA: in the top 1/eta of the scores recorded at this rung so far."""
+    finite = sorted((s for s in scores if math.isfinite(s)), reverse=self.maximize)
+    top = max(1, len(finite) // self.eta)
+    return score in finite[:top]
+
+  def _refill_region(self, done, best_rung, level) -> Region:
+    if level == 0:
+      return Region.full(self.space)
+    ranked = sorted(best_rung.items(), key=lambda kv: (-kv[1][0], -kv[1][1] if self.maximize else kv[1][1]))
+    by_id = {t.id: t for t in done}
+    configs = [by_id[i].config for i, _ in ranked if i in by_id][: self._keep_count()]
+    if not configs:
+      return Region.full(self.space)
+    return _space.zoom_region(self.space, configs, level, self.shrink)
+
+  def _keep_count(self) -> int:
+    if isinstance(self.keep, float):
+      return max(2, int(round(self.keep * self.num_configs)))
+    return self.keep
+
+  def _refill_config(self, signature: tuple, region: Region, rng) -> dict:
+    dists = _space.searched(self.space)
+    fixed = dict(signature)
+    rest = {k: d for k, d in dists.items() if k not in fixed}
+    values = _space.sample_values(rest, rng, 1, region)[0]
+    merged = {**_space.constants(self.space), **{k: v for k, v in fixed.items() if k in self.space}, **values}
+    return {k: merged[k] for k in self.space}
+
+  def _nearest_id(self, config, done):
+    ok = rank_trials(done, self.maximize)[: self._keep_count()]
+    return _nearest(self.space, [config], ok)[0] if ok else None
+
+  def _best_score_of(self, trials) -> float | None:
+    ranked = rank_trials(trials, self.maximize)
+    return ranked[0].score if ranked else None
+
+
+class PBTSearch(_StrategyMixin):
+  """Population based training (``strategy="pbt"``)."""
+
+  strategy = "pbt"
+
+  def configure(self, ready: int | None, fraction: float, resample_probability: float):
+    self.ready = ready
+    self.fraction = fraction
+    self.resample_probability = resample_probability
+
+  def run(self, t_start: float, callbacks: Sequence = ()):
+    configs, seeds = self._setup(t_start)
+    total = self.rounds * self.steps
+    ready = self.ready or max(1, self.steps // 4)
+    self.eval_every = self.ctx.eval_every or ready
+    self.ctx.eval_every, self.ctx.segment_evals = self.eval_every, ready // max(1, self.eval_every)
+    if ready % self.eval_every or total % ready:
+      raise ValueError(
+          f"strategy='pbt': `ready`={ready} must be a multiple of eval_every={self.eval_every} "
+          f"and divide the run of rounds*num_steps={total} steps.")
+    pop = _Population(self, configs, ready // self.eval_every, total)
+    self.population = pop
+    self._next_id = 0
+    current = {i: dict(c) for i, c in enumerate(configs)}
+    schedules = {i: [(0, dict(c))] for i, c in enumerate(configs)}
+    self._by_id = {}
+    for i, c in enumerate(configs):
+      self._start(pop.slots[i], self._new_trial(c, seeds[i], 0))
+    dists = _space.searched(self.space)
+    sig_keys = set(self.ctx.routing.signature_keys)
+    mutable = {k: d for k, d in dists.items() if k not in sig_keys}
+    self.progress.start_round(0, total * len(configs), label="pbt")
+    metrics = pop.start(current, dict(enumerate(seeds)))
+    elapsed = ready
+    self.exploits = []
+    while True:
+      pop.record(metrics)
+      self.progress.advance(ready * len(configs), None)
+      if elapsed >= total:
+        break
+      rng = np.random.default_rng([self.seed, 0x9B7, elapsed])
+      for j, chunk in enumerate(pop.chunks):
+        part = chunk[3]
+        diverged = pop.diverged(j)
+        scores = [pop.slots[i].curve[-1] for i in part]
+        bad = [(lane, i) for lane, i in enumerate(part)
+               if diverged[lane] >= 0 or not math.isfinite(scores[lane])]
+        order = sorted(((lane, i) for lane, i in enumerate(part) if (lane, i) not in bad),
+                       key=lambda li: scores[li[0]], reverse=self.maximize)  # best first
+        n = len(part)
+        q = max(1, int(math.floor(self.fraction * n))) if n >= 2 else 0
+        sources = order[:q]
+        targets = (bad + list(reversed(order)))[:q]
+        targets = [t for t in targets if t not in sources]
+        if not sources or not targets:
+          continue
+        source = np.arange(chunk[2], dtype=np.int32)
+        for lane, i in targets:
+          src_lane, src_i = sources[int(rng.integers(0, len(sources)))]
+          source[lane] = src_lane
+          new = dict(current[src_i])
+          for k, d in mutable.items():
+            if rng.random() < self.resample_probability:
+              new[k] = _space.sample_values({k: d}, rng, 1, Region.full(self.space))[0][k]
+            else:
+              new[k] = _perturb(d, new[k], rng)
+          current[i] = new
+          schedules[i].append((elapsed, dict(new)))
+          pop.slots[i].trial["parent"] = pop.slots[src_i].trial["id"]
+          self.exploits.append((elapsed, pop.slots[src_i].trial["id"], pop.slots[i].trial["id"]))
+        self._exploit(j, source, current)
+      metrics = pop.advance()
+      elapsed += ready
+    trials = []
+    for i, slot in enumerate(pop.slots):
+      slot.trial["config"] = current[i]
+      diverged = pop.diverged(slot.chunk)[slot.lane]
+      if diverged >= 0:
+        slot.trial["diverged_at"] = int(diverged)
+      trials.append(_finish(slot, "diverged" if diverged >= 0 else "ok", self.maximize,
+                            extra={"schedule": schedules[i]}))
+      self._keep_params(trials[-1], slot)
+    self.trials = trials
+    self.progress.end_round(self._best_score_of(trials))
+    self.progress.close()
+    return self._result(t_start)
+
+  def _best_score_of(self, trials) -> float | None:
+    ranked = rank_trials(trials, self.maximize)
+    return ranked[0].score if ranked else None
+
+  def _exploit(self, j: int, source: np.ndarray, current: Mapping[int, dict]) -> None:
+    pop = self.population
+    chunk = pop.chunks[j]
+    program, lanes, part = chunk[1], chunk[2], chunk[3]
+    spec = program.spec
+    configs = [current[i] for i in part] + [current[part[0]]] * (lanes - len(part))
+    hparams = {k: np.asarray([c[k] for c in configs], np.int32 if k in spec.int_injected else np.float32)
+               for k in spec.injected}
+    lr_key = "learning_rate" if "learning_rate" in spec.injected else None
+    lr0 = np.asarray([c[lr_key] if lr_key else 0.0 for c in configs], np.float32)
+    decay = np.asarray([float(c.get("lr_decay", 0.0)) for c in configs], np.float32)
+    if spec.schedule is not None and lr_key is None:
+      # The schedule decays the optimizer's default learning rate.
+      lr0 = np.asarray(chunk[4].lr0)
+    before = pop._before(program)
+    t0 = time.perf_counter()
+    chunk[4] = program.exploit(chunk[4], source, hparams, lr0, decay)
+    pop._time(t0, program, before)
