@@ -140,8 +140,17 @@ class Checkpointer:
 
   # Lock --------------------------------------------------------------------
 
+  @staticmethod
+  def _writer() -> bool:
+    """Under jax.distributed only process 0 writes (one commit per checkpoint)."""
+    import jax
+
+    return jax.process_index() == 0
+
   def acquire(self) -> None:
     """Takes the directory, or fails fast naming the live holder."""
+    if not self._writer():
+      return
     os.makedirs(self.directory, exist_ok=True)
     lock = os.path.join(self.directory, "LOCK")
     me = f"{os.getpid()} {socket.gethostname()}\n".encode()
@@ -273,6 +282,8 @@ class Checkpointer:
   def save(self, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> str:
     """Commits a new checkpoint atomically; returns its path."""
     self._seq += 1
+    if not self._writer():
+      return os.path.join(self.directory, f"ckpt-{self._seq:06d}")
     name = f"ckpt-{self._seq:06d}"
     final = os.path.join(self.directory, name)
     tmp = f"{final}.tmp-{os.getpid()}"
@@ -331,6 +342,9 @@ class Checkpointer:
 
   def clear(self) -> None:
     """Removes every checkpoint (``overwrite=True``)."""
+    self._seq = 0
+    if not self._writer():
+      return
     for n in os.listdir(self.directory) if os.path.isdir(self.directory) else []:
       if n == "LOCK":
         continue

@@ -32,8 +32,10 @@ from ._trainer import (
     lane_step,
     place_data,
     place_inputs,
+    put_global,
     run_program,
     stack_inputs,
+    to_host,
 )
 
 __all__ = ["search", "train", "clear_cache"]
@@ -464,7 +466,7 @@ class _Context:
     if resume is None:
       placed = place_inputs(inputs, self.mesh, len(self.devices))
       state, m = program.fresh(placed, self.data, eval_every)
-      done, pending = 1, [jax.tree.map(np.asarray, m)]
+      done, pending = 1, [to_host(m)]
     else:
       state, pending, done = resume
       pending = list(pending)
@@ -477,7 +479,7 @@ class _Context:
         break
       _faults.failpoint("execute")
       state, m = program.advance(state, self.data, eval_every)
-      pending.append(jax.tree.map(np.asarray, m))
+      pending.append(to_host(m))
       done += 1
     metrics = tuple(np.concatenate([m[j] for m in pending], axis=1)[:, :evals] for j in range(3))
     jax.block_until_ready(state)
@@ -532,7 +534,7 @@ def _peak_bytes(memory) -> int | None:
 
 def _lane_result(state, metrics, lane: int, maximize: bool):
   scores, losses, steps = metrics
-  diverged_at = int(np.asarray(state.diverged_at[lane]))
+  diverged_at = int(to_host(state.diverged_at)[lane])
   curve = scores[lane]
   final = float(curve[-1])
   status = "ok"
@@ -554,7 +556,21 @@ def _lane_result(state, metrics, lane: int, maximize: bool):
 
 def _lane_params(state, lane: int):
   take = lambda a: a[lane]
+  if jax.process_count() > 1:  # gather the lane to every process, as host arrays
+    params, model_state = jax.tree.map(take, (state.params, state.model_state))
+    return _unhost_tree(to_host(_key_data_tree(params)), params), _unhost_tree(
+        to_host(_key_data_tree(model_state)), model_state)
   return jax.device_get(jax.tree.map(take, state.params)), jax.tree.map(take, state.model_state)
+
+
+def _key_data_tree(tree):
+  return jax.tree.map(lambda a: jax.random.key_data(a) if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
+                      else a, tree)
+
+
+def _unhost_tree(host, like):
+  return jax.tree.map(lambda h, a: _unhost(h, a) if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
+                      else h, host, like)
 
 
 def _run_from_lane(config, seed, state, metrics, lane, spec: TrainSpec, metric, maximize) -> Run:
@@ -729,7 +745,7 @@ class _Search:
     self.regions: list[Region] = []
     self.best_params: dict[int, tuple] = {}
     self.lanes_per_program: int | None = None
-    self.progress = Progress(rounds, ctx.objective.metric_name, verbose)
+    self.progress = Progress(rounds, ctx.objective.metric_name, verbose and jax.process_index() == 0)
     self.checkpointer = _checkpoint.Checkpointer(checkpoint_dir) if checkpoint_dir is not None else None
     self.checkpoint_every = checkpoint_every
     self.overwrite = overwrite
@@ -949,11 +965,14 @@ class _Search:
     if len(leaves) != inflight["leaves"]:
       return None
     host = [_unhost(saved[f"state/{j}"], a) for j, a in enumerate(leaves)]
-    state = jax.tree.unflatten(treedef, host)
     if len(self.ctx.devices) > 1:
-      state = jax.device_put(state, _devices.lane_sharding(self.ctx.mesh))
+      sharding = _devices.lane_sharding(self.ctx.mesh)
+      host = [jax.random.wrap_key_data(put_global(jax.random.key_data(h), sharding), impl=h.dtype._impl)
+              if jax.dtypes.issubdtype(getattr(h, "dtype", np.float32), jax.dtypes.prng_key)
+              else put_global(h, sharding) for h in host]
+      state = jax.tree.unflatten(treedef, host)
     else:
-      state = jax.device_put(state, self.ctx.devices[0])
+      state = jax.device_put(jax.tree.unflatten(treedef, host), self.ctx.devices[0])
     pending = [tuple(saved[f"metrics/{j}/{q}"] for q in range(3)) for j in range(inflight["segments"])]
     return state, pending, inflight["calls"]
 
@@ -1016,6 +1035,10 @@ class _Search:
           else:
             start_round, resume = self._restore(meta, arrays)
             self.ctx.stats.resumed_from = self.checkpointer.directory
+        if jax.process_count() > 1:
+          from jax.experimental import multihost_utils
+
+          multihost_utils.sync_global_devices("vmaptune:checkpoint-loaded")
       interrupted = False
       try:
         for r in range(start_round, self.rounds):
@@ -1046,7 +1069,7 @@ class _Search:
 def _host(leaf) -> np.ndarray:
   if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
     leaf = jax.random.key_data(leaf)
-  return np.asarray(jax.device_get(leaf))
+  return to_host(leaf)
 
 
 def _unhost(array: np.ndarray, abstract):
@@ -1497,7 +1520,7 @@ def train(
   ctx = _Context(model_fn=model_fn, routing=routing, dataset=dataset, objective=objective,
                  custom_loss=loss_fn is not None, num_steps=num_steps, epochs=epochs,
                  eval_every=eval_every, eval_batch_size=eval_batch_size, precision=precision,
-                 devices=devices or [_devices.lane_devices(None)[0]], lane_batch=None, stats=stats)
+                 devices=devices or [jax.local_devices()[0]], lane_batch=None, stats=stats)
   sig = routing.signature(space)
   program = ctx.single_program(sig)
   spec = program.spec

@@ -132,9 +132,11 @@ class _Population:
 
     from . import _devices
 
+    from ._trainer import put_global
+
     if len(self.ctx.devices) == 1:
       return jax.device_put(mask, self.ctx.devices[0])
-    return jax.device_put(mask, _devices.lane_sharding(self.ctx.mesh))
+    return put_global(mask, _devices.lane_sharding(self.ctx.mesh))
 
   def _time(self, t0: float, program, before=None) -> None:
     """Books a call's time: compiling (first use of a program) apart from training."""
@@ -154,12 +156,14 @@ class _Population:
 
   @staticmethod
   def _host(metrics):
-    import jax
+    from ._trainer import to_host
 
-    return jax.tree.map(np.asarray, metrics)
+    return to_host(metrics)
 
   def diverged(self, j: int) -> np.ndarray:
-    return np.asarray(self.chunks[j][4].diverged_at)
+    from ._trainer import to_host
+
+    return to_host(self.chunks[j][4].diverged_at)
 
   def record(self, all_metrics) -> None:
     """Appends a segment's evaluations to the trial each lane trains."""
@@ -515,7 +519,9 @@ class PBTSearch(_StrategyMixin):
     decay = np.asarray([float(c.get("lr_decay", 0.0)) for c in configs], np.float32)
     if spec.schedule is not None and lr_key is None:
       # The schedule decays the optimizer's default learning rate.
-      lr0 = np.asarray(chunk[4].lr0)
+      from ._trainer import to_host
+
+      lr0 = to_host(chunk[4].lr0)
     before = pop._before(program)
     t0 = time.perf_counter()
     chunk[4] = program.exploit(chunk[4], source, hparams, lr0, decay)

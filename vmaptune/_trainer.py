@@ -370,7 +370,7 @@ def place_data(dataset: Dataset, eval_batch_size: int, mesh) -> DeviceData:
 
   weights = np.concatenate([np.ones(n_val, np.float32), np.zeros(pad, np.float32)]).reshape(chunks, e)
   sharding = _devices.replicated(mesh)
-  put = lambda a: jax.device_put(a, sharding)
+  put = lambda a: put_global(a, sharding)
   train = (put(dataset.x_train), put(dataset.y_train))
   val = (put(chunked(dataset.x_val)), put(chunked(dataset.y_val)), put(weights))
   return DeviceData(train, val)
@@ -654,10 +654,35 @@ def stack_inputs(
   )
 
 
+def put_global(a: np.ndarray, sharding) -> jax.Array:
+  """Places a host array (the same on every process) with ``sharding``.
+
+  Single-process this is ``jax.device_put``; under ``jax.distributed`` each
+  process materialises only the shards of its own devices.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(a, sharding)
+  a = np.asarray(a)
+  return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+
+def to_host(tree: Any) -> Any:
+  """NumPy copies of (possibly multi-process) arrays: the same on every process."""
+  def one(a):
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+      from jax.experimental import multihost_utils
+
+      return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    return np.asarray(a)
+
+  return jax.tree.map(one, tree)
+
+
 def place_inputs(inputs: LaneInputs, mesh, num_devices: int) -> LaneInputs:
   if num_devices == 1:
     return jax.tree.map(lambda a: jax.device_put(a, mesh.devices.flat[0]), inputs)
-  return jax.device_put(inputs, _devices.lane_sharding(mesh))
+  sharding = _devices.lane_sharding(mesh)
+  return jax.tree.map(lambda a: put_global(a, sharding), inputs)
 
 
 def _quiet_donation(fn, *args):
@@ -688,7 +713,7 @@ def run_program(program: Program, inputs: LaneInputs, data: DeviceData, eval_eve
     pending.append(metrics)
   host = []
   for i, m in enumerate(pending):
-    host.append(jax.tree.map(np.asarray, m))
+    host.append(to_host(m))
     if on_call is not None:
       on_call(i)
   scores = np.concatenate([m[0] for m in host], axis=1)
