@@ -29,10 +29,19 @@ def test_readme_has_exactly_two_setup_commands():
 
 
 def test_demo_runs_end_to_end(capsys, tmp_path, monkeypatch):
-  from vmaptune._demo import main
+  import vmaptune as vt
+  from vmaptune import _demo
 
+  full = _demo.demo_space()
+  assert {"learning_rate", "b1", "hidden", "num_layers", "lr_decay"} == set(full)
+  # The demo's own space compiles six programs; one width keeps the test quick
+  # while running the same command-line path.
+  monkeypatch.setattr(_demo, "demo_space", lambda: dict(full, hidden=32, num_layers=1))
   monkeypatch.setenv("VMAPTUNE_CACHE_DIR", str(tmp_path / "cache"))
-  assert main(["demo", "--configs", "8", "--rounds", "2", "--steps", "30", "--quiet", "--no-cache"]) == 0
+  report = tmp_path / "report"
+  assert _demo.main(["demo", "--configs", "8", "--rounds", "2", "--steps", "30", "--quiet", "--no-cache",
+                     "--report", str(report)]) == 0
   out = capsys.readouterr().out
   assert "Top 5 trials" in out and "Best config:" in out and "Wall time" in out
   assert "learning_rate =" in out
+  assert (report / "report.html").stat().st_size > 10_000

@@ -2,8 +2,11 @@
 
 The variable holds comma-separated ``point[@n][=action]`` entries: at the
 ``n``-th time (default 1st) the program passes ``point``, ``action`` happens:
-``kill`` (SIGKILL this process, default for checkpoint points) or ``oom`` (an
-XLA-style ``RESOURCE_EXHAUSTED`` error, default for ``execute``). Examples::
+``kill`` (SIGKILL this process, default for checkpoint points), ``crash`` (raise
+:class:`SimulatedCrash`, a ``BaseException`` nothing in vmaptune catches: the
+files on disk are left as a SIGKILL would leave them, for fast in-process
+tests) or ``oom`` (an XLA-style ``RESOURCE_EXHAUSTED`` error, default for
+``execute``). Examples::
 
   VMAPTUNE_FAILPOINT=round1:mid            # SIGKILL in the middle of round 1
   VMAPTUNE_FAILPOINT=checkpoint:after-rename@2
@@ -17,13 +20,17 @@ from __future__ import annotations
 import os
 import signal
 
-__all__ = ["failpoint", "is_out_of_memory", "InjectedOutOfMemory"]
+__all__ = ["failpoint", "is_out_of_memory", "InjectedOutOfMemory", "SimulatedCrash"]
 
 _counts: dict[str, int] = {}
 
 
 class InjectedOutOfMemory(RuntimeError):
   """Raised by an ``=oom`` fail point; reads like XLA's own error."""
+
+
+class SimulatedCrash(BaseException):
+  """Raised by a ``=crash`` fail point: the process 'dies' here."""
 
 
 def _entries() -> list[tuple[str, int, str]]:
@@ -52,6 +59,8 @@ def failpoint(name: str) -> None:
         raise InjectedOutOfMemory(
             f"RESOURCE_EXHAUSTED: Out of memory (injected by VMAPTUNE_FAILPOINT at {name}@{n})"
         )
+      if action == "crash":
+        raise SimulatedCrash(f"{name}@{n}")
       os.kill(os.getpid(), signal.SIGKILL)
 
 

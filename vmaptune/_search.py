@@ -1018,6 +1018,12 @@ class _Search:
   def run(self, t_start: float, callbacks: Sequence[Callable] = ()) -> SearchResult:
     start_round, resume = 0, None
     if self.checkpointer is not None:
+      # The model's structure at round 0's first signature: a changed
+      # architecture is a different search even under the same function name.
+      first = self._sample(0, Region.full(self.space))[0] if not self.enqueue else dict(self.enqueue[0])
+      self.fingerprint = dict(self.fingerprint, model_structure=model_digest(
+          self.ctx.spec_for(self.ctx.routing.signature(first))))
+      self.lanes_per_program = None  # sampled again when the search runs
       self.checkpointer.acquire()
     try:
       if self.checkpointer is not None:
@@ -1393,6 +1399,29 @@ def _name(fn: Any) -> Any:
   return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
 
 
+def _source_digest(fn: Any) -> str:
+  """A digest of a function's source (or, without source, its bytecode)."""
+  import hashlib
+  import inspect
+
+  try:
+    text = inspect.getsource(fn)
+  except (OSError, TypeError):
+    code = getattr(fn, "__code__", None)
+    text = repr((code.co_code, code.co_consts)) if code is not None else repr(fn)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def model_digest(spec: TrainSpec) -> str:
+  """The model's parameter and state structure (shapes, dtypes) at one signature."""
+  import hashlib
+
+  shapes = jax.eval_shape(spec.adapter.init, jax.random.key(0))
+  leaves = jax.tree_util.tree_flatten_with_path(shapes)[0]
+  text = ";".join(f"{jax.tree_util.keystr(p)}:{a.shape}:{a.dtype}" for p, a in leaves)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _fingerprint(*, space, dataset, model_fn, optimizer, loss_fn, metric, enqueue, **options) -> dict:
   """What identifies a search call, for refusing to resume a different one."""
   fp = {k: v for k, v in options.items()}
@@ -1400,6 +1429,7 @@ def _fingerprint(*, space, dataset, model_fn, optimizer, loss_fn, metric, enqueu
   fp["data"] = f"{dataset.fingerprint()} train{dataset.x_train.shape}/{dataset.x_train.dtype} " \
                f"val{dataset.x_val.shape} y/{dataset.y_train.dtype}"
   fp["model_fn"] = _name(model_fn)
+  fp["model_source"] = _source_digest(model_fn)
   fp["optimizer"] = _name(optimizer)
   fp["loss_fn"] = _name(loss_fn)
   fp["metric"] = _name(metric)
