@@ -21,9 +21,7 @@ def main():
   import _search_script
 
   assert jax.process_count() == nproc and len(jax.devices()) > len(jax.local_devices())
-  opts = {"rounds": "2", "num_steps": "40"}
-  if ckpt:
-    opts["checkpoint_every"] = "20"
+  opts = {"checkpoint_every": "20"} if ckpt else {}
   result = _search_script.run(ckpt or "-", opts)
   if pid == 0:
     with open(out, "w") as f:

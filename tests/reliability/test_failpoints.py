@@ -68,11 +68,13 @@ def test_sigkill_chain_across_processes(tmp_path, straight):
   assert got["lane_steps"] < total_steps and not _leftovers(ckpt)
 
 
-def test_same_search_in_two_fresh_processes_is_bit_identical(tmp_path):
+def test_same_search_in_two_fresh_processes_is_bit_identical(tmp_path, straight):
   from _subprocess import start_search
 
-  procs = [start_search(tmp_path / f"{i}.json", "-", "unused") for i in range(2)]
+  args = [f"{k}={v}" for k, v in OPTS.items()]
+  procs = [start_search(tmp_path / f"{i}.json", tmp_path / f"ckpt{i}", "unused", *args) for i in range(2)]
   for p in procs:
     assert p.wait(timeout=240) == 0, p.stderr.read()[-2000:]
   a, b = read(tmp_path / "0.json"), read(tmp_path / "1.json")
   same_search(a, b)
+  same_search(a, straight[0])  # and equal to this process's run
