@@ -136,7 +136,8 @@ def enable_compilation_cache(path: str | None = None) -> str:
   Sets JAX's persistent compilation cache (``jax_compilation_cache_dir``) if
   it is not set yet, and caches programs however quickly they compiled.
   Affects every JAX program in this process, which is why vmaptune does not
-  do it unasked (the demo and benchmarks do).
+  do it unasked (the demo does; the benchmarks do not, so their compile times
+  are cold).
 
   Args:
     path: the folder; default ``$VMAPTUNE_CACHE_DIR`` or

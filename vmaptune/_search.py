@@ -257,9 +257,21 @@ class _Context:
   # Specs and programs --------------------------------------------------
 
   def spec_for(self, signature: tuple) -> TrainSpec:
-    """The (validated) static description of a bucket; traces, never compiles."""
+    """The (validated) static description of a bucket; traces, never compiles.
+
+    Checked specs are kept between calls in this process (like programs), so a
+    loop of ``vt.train`` calls does not trace the model again each time.
+    """
     if signature in self._specs:
       return self._specs[signature]
+    gkey = self._cache_key(signature, "spec")
+    try:
+      cached = _PROGRAMS.get(gkey)
+    except TypeError:
+      gkey, cached = None, None
+    if cached is not None:
+      self._specs[signature] = cached
+      return cached
     config = dict(signature)
     batch = self.batch_size(signature)
     adapter = make_adapter(self.model_fn, self.routing.model_config(config), self.x_example)
@@ -280,6 +292,8 @@ class _Context:
     )
     check_spec(spec, self.dataset, self.objective, self.custom_loss)
     self._specs[signature] = spec
+    if gkey is not None:
+      _remember(gkey, spec)
     return spec
 
   def layout(self, num_lanes: int) -> Layout:
@@ -406,6 +420,7 @@ class _Context:
         self.model_fn, self.routing, self.objective.loss_fn, self.objective.metric_fn,
         self.dataset.x_train.shape, self.dataset.x_train.dtype.str, self.dataset.y_train.shape,
         self.dataset.y_train.dtype.str, self.dataset.x_val.shape, self.dataset.task,
+        _num_classes(self.dataset) if self.dataset.task == "classification" else None,
         self.eval_batch_size, self.precision, tuple(d.id for d in self.devices), signature,
     ) + layout
 
@@ -532,9 +547,10 @@ def _peak_bytes(memory) -> int | None:
   return int(total - (getattr(memory, "alias_size_in_bytes", 0) or 0)) or None
 
 
-def _lane_result(state, metrics, lane: int, maximize: bool):
+def _lane_result(diverged: np.ndarray, metrics, lane: int, maximize: bool):
+  """A lane's trial fields from the host copies of its metrics and divergence step."""
   scores, losses, steps = metrics
-  diverged_at = int(to_host(state.diverged_at)[lane])
+  diverged_at = int(diverged[lane])
   curve = scores[lane]
   final = float(curve[-1])
   status = "ok"
@@ -574,7 +590,7 @@ def _unhost_tree(host, like):
 
 
 def _run_from_lane(config, seed, state, metrics, lane, spec: TrainSpec, metric, maximize) -> Run:
-  r = _lane_result(state, metrics, lane, maximize)
+  r = _lane_result(to_host(state.diverged_at), metrics, lane, maximize)
   params, model_state = _lane_params(state, lane)
   return Run(config=config, seed=seed, params=params, model_state=model_state, adapter=spec.adapter,
              metric_name=metric, maximize=maximize, **r)
@@ -718,9 +734,13 @@ def check_enqueued(space: Mapping[str, Any], enqueue: Any) -> list[dict]:
         if val not in d.values:
           raise ValueError(f"enqueue[{j}][{k!r}]={val!r} is not one of {list(d.values)}.")
       else:
-        if isinstance(val, bool) or not isinstance(val, numbers.Real) or not d.low <= val <= d.high:
+        if isinstance(val, bool) or not isinstance(val, numbers.Real) or not math.isfinite(val):
+          raise ValueError(f"enqueue[{j}][{k!r}] must be a finite number, got {val!r}.")
+        # A value rounded to float32 may land a hair outside: clip within 1e-6.
+        slack = 1e-6 * max(abs(d.low), abs(d.high), 1e-30)
+        if not d.low - slack <= val <= d.high + slack:
           raise ValueError(f"enqueue[{j}][{k!r}]={val!r} is outside [{d.low}, {d.high}].")
-        val = int(val) if isinstance(d, Integer) else float(val)
+        val = int(val) if isinstance(d, Integer) else float(min(max(val, d.low), d.high))
       full[k] = val
     out.append(full)
   return out
@@ -890,8 +910,9 @@ class _Search:
         continue
       ctx.stats.padded_lanes += lanes - len(chunk)
       best_here = None
+      diverged = to_host(state.diverged_at)  # one read for the whole chunk
       for lane, i in enumerate(chunk):
-        res = _lane_result(state, metrics, lane, self.maximize)
+        res = _lane_result(diverged, metrics, lane, self.maximize)
         t = Trial(id=base_id + i, config=configs[i], round=r, lane=lane, seed=seeds[i],
                   parent=parents[i], bucket=sig_index[sig], **res)
         new[i] = t
