@@ -21,6 +21,7 @@ every segment reuses the same compiled programs.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import math
 import time
@@ -83,36 +84,55 @@ class _Population:
     return self.ctx.inputs(program.spec, cfgs, sds, lanes, budget=self.budget)
 
   def start(self, configs: Mapping[int, dict], seeds: Mapping[int, int]):
-    """Initialises every program and trains its first segment."""
-    from ._trainer import place_inputs
+    """Initialises every program's lanes and trains the first segment.
 
-    out = []
+    The population starts as a refill of every lane of an all-zero state, so a
+    strategy compiles two programs per bucket (refill, advance), not three.
+    """
+    import jax
+
+    from ._trainer import lane_init, to_host
+
     for j, chunk in enumerate(self.chunks):
       sig, program, lanes, part, _, key = chunk
+      spec = program.spec
       inputs = self._inputs(j, configs, seeds)
-      if not program.compiled:
-        self.ctx.compile_within_budget(key, program, inputs)
-      placed = place_inputs(inputs, self.ctx.mesh, len(self.ctx.devices))
-      t0 = time.perf_counter()
-      state, metrics = program.fresh(placed, self.ctx.data, self.search.eval_every)
-      chunk[4] = state
-      out.append(metrics)
-      self._time(t0, program)
-      self.ctx.stats.lane_steps += self.segment_steps * len(part)
-    return [self._host(m) for m in out]
+      abstract = jax.eval_shape(jax.vmap(lambda i: lane_init(spec, i)), inputs)
+      zero = jax.tree.map(lambda a: self._place(np.zeros(a.shape, a.dtype) if not jax.dtypes.issubdtype(
+          a.dtype, jax.dtypes.prng_key) else None, a), abstract)
+      chunk[4] = zero
+      self.refill(j, np.ones(len(part), bool), configs, seeds)
+    return self.advance()
+
+  def _place(self, host, abstract):
+    import jax
+
+    from . import _devices
+    from ._trainer import put_global
+
+    if host is None:  # a typed key leaf: zeros of its key data
+      data = np.zeros(abstract.shape + (2,), np.uint32)
+      impl = getattr(abstract.dtype, "_impl", None)
+      placed = self._place(data, None)
+      return jax.random.wrap_key_data(placed, impl=impl) if impl is not None else jax.random.wrap_key_data(placed)
+    if len(self.ctx.devices) == 1:
+      return jax.device_put(host, self.ctx.devices[0])
+    return put_global(host, _devices.lane_sharding(self.ctx.mesh))
 
   def advance(self):
-    """Trains one more segment in every program."""
+    """Trains one more segment in every program; returns the host metrics."""
+    from ._trainer import to_host
+
+    t0 = time.perf_counter()
+    befores = [self._before(chunk[1]) for chunk in self.chunks]
     out = []
     for chunk in self.chunks:
-      program = chunk[1]
-      t0 = time.perf_counter()
-      before = self._before(program)
-      chunk[4], metrics = program.advance(chunk[4], self.ctx.data, self.search.eval_every)
+      chunk[4], metrics = chunk[1].advance(chunk[4], self.ctx.data, self.search.eval_every)
       out.append(metrics)
-      self._time(t0, program, before)
       self.ctx.stats.lane_steps += self.segment_steps * len(chunk[3])
-    return [self._host(m) for m in out]
+    host = [to_host(m) for m in out]  # waits for the devices: inside the clock
+    self._time_many(t0, befores)
+    return host
 
   def refill(self, j: int, mask: np.ndarray, configs: Mapping[int, dict], seeds: Mapping[int, int]) -> None:
     """Fresh lanes (new configs, fresh init and budget) where ``mask``."""
@@ -125,7 +145,7 @@ class _Population:
     before = self._before(chunk[1])
     t0 = time.perf_counter()
     chunk[4] = chunk[1].refill(chunk[4], inputs, self._place_mask(lanes_mask))
-    self._time(t0, chunk[1], before)
+    self._time_many(t0, [before], [chunk])
 
   def _place_mask(self, mask: np.ndarray):
     import jax
@@ -138,12 +158,17 @@ class _Population:
       return jax.device_put(mask, self.ctx.devices[0])
     return put_global(mask, _devices.lane_sharding(self.ctx.mesh))
 
-  def _time(self, t0: float, program, before=None) -> None:
-    """Books a call's time: compiling (first use of a program) apart from training."""
+  def _time_many(self, t0: float, befores, chunks=None) -> None:
+    """Books calls' time: compiling (first use of a program) apart from training.
+
+    Chunks of one bucket may share a program: each program counts once.
+    """
     stats = self.ctx.stats
     elapsed = time.perf_counter() - t0
-    if before is not None:
-      compiled, compile_s, trace_s = before
+    programs = {}
+    for chunk, before in zip(chunks or self.chunks, befores):
+      programs.setdefault(id(chunk[1]), (chunk[1], before))
+    for program, (compiled, compile_s, trace_s) in programs.values():
       stats.programs_compiled += program.programs_compiled - compiled
       stats.compile_seconds += program.compile_seconds - compile_s
       stats.trace_seconds += program.trace_seconds - trace_s
@@ -195,6 +220,16 @@ def _finish(slot: _Slot, status: str, maximize: bool, rung=None, extra=None) -> 
       steps=int(slot.curve_steps[-1]) if slot.curve_steps else 0, bucket=t["bucket"], rung=rung,
       **(extra or {}),
   )
+
+
+def _default_ready(total: int, steps: int, eval_every: int | None) -> int:
+  """The largest divisor of ``total`` no larger than ``steps // 4`` (and a
+  multiple of ``eval_every`` when that is set): ready points that tile the run."""
+  cap = max(1, steps // 4)
+  for d in range(cap, 0, -1):
+    if total % d == 0 and (eval_every is None or d % eval_every == 0):
+      return d
+  return eval_every or 1
 
 
 def _perturb(d, value, rng: np.random.Generator, factors=(0.8, 1.2)):
@@ -329,7 +364,7 @@ class HalvingSearch(_StrategyMixin):
             refills[j].append((lane, i))
           elif trial_steps in rungs:
             k = rungs.index(trial_steps)
-            rung_scores[k].append(score)
+            bisect.insort(rung_scores[k], -score if self.maximize else score)
             best_rung[slot.trial["id"]] = (k, score)
             arrived.append((j, lane, i, k, score))
       for j, lane, i, k, score in arrived:
@@ -350,12 +385,13 @@ class HalvingSearch(_StrategyMixin):
           self.regions.append(self._refill_region(done, best_rung, len(self.regions)))
         region = self.regions[level]
         rng = np.random.default_rng([self.seed, 0x4A11, elapsed])
+        nearest = self._nearest_finder(done)
         for j, lanes in refills.items():
           mask = np.zeros(len(pop.chunks[j][3]), bool)
           for lane, i in lanes:
             slot = pop.slots[i]
             config = self._refill_config(slot.signature, region, rng)
-            parent = self._nearest_id(config, done)
+            parent = nearest(config)
             trial = self._new_trial(config, trial_seed(self.seed, 0x4A11, self._next_id), level, parent)
             cur_configs[i], cur_seeds[i] = config, trial["seed"]
             self._start(slot, trial)
@@ -363,8 +399,9 @@ class HalvingSearch(_StrategyMixin):
           pop.refill(j, mask, cur_configs, cur_seeds)
       metrics = pop.advance()
       elapsed += segment
+    finished = {t.id for t in done}
     for i, slot in enumerate(pop.slots):
-      if not any(t.id == slot.trial["id"] for t in done):
+      if slot.trial["id"] not in finished:
         steps = slot.curve_steps[-1] if slot.curve_steps else 0
         done.append(_finish(slot, "stopped", self.maximize, rung=self._rung_of(rungs, steps)))
     self.trials = sorted(done, key=lambda t: t.id)
@@ -377,11 +414,16 @@ class HalvingSearch(_StrategyMixin):
     reached = [k for k, r in enumerate(rungs) if steps >= r]
     return reached[-1] if reached else None
 
-  def _promoted(self, score: float, scores: list[float]) -> bool:
-    """ASHA: in the top 1/eta of the scores recorded at this rung so far."""
-    finite = sorted((s for s in scores if math.isfinite(s)), reverse=self.maximize)
-    top = max(1, len(finite) // self.eta)
-    return score in finite[:top]
+  def _promoted(self, score: float, ranked: list[float]) -> bool:
+    """ASHA: in the top 1/eta of the scores recorded at this rung so far.
+
+    ``ranked`` is kept sorted, better first (negated when maximizing), so a
+    decision costs a binary search, not a sort: halving's host work then
+    grows linearly with the population.
+    """
+    key = -score if self.maximize else score
+    top = max(1, len(ranked) // self.eta)
+    return bisect.bisect_left(ranked, key) < top
 
   def _refill_region(self, done, best_rung, level) -> Region:
     if level == 0:
@@ -406,9 +448,26 @@ class HalvingSearch(_StrategyMixin):
     merged = {**_space.constants(self.space), **{k: v for k, v in fixed.items() if k in self.space}, **values}
     return {k: merged[k] for k in self.space}
 
-  def _nearest_id(self, config, done):
-    ok = rank_trials(done, self.maximize)[: self._keep_count()]
-    return _nearest(self.space, [config], ok)[0] if ok else None
+  def _nearest_finder(self, done):
+    """``config -> id`` of the nearest of the best finished trials (one ranking a segment)."""
+    top = rank_trials(done, self.maximize)[: self._keep_count()]
+    if not top:
+      return lambda config: None
+    dists = _space.searched(self.space)
+    numeric = [k for k, d in dists.items() if not isinstance(d, Choice)]
+    cats = [k for k, d in dists.items() if isinstance(d, Choice)]
+    points = np.asarray([_space.coords(self.space, t.config, numeric) for t in top]).reshape(len(top), -1)
+    labels = [[t.config[k] for k in cats] for t in top]
+    ids = np.asarray([t.id for t in top])
+
+    def nearest(config):
+      x = _space.coords(self.space, config, numeric)
+      d = np.sum((points - x) ** 2, axis=1)
+      d += np.asarray([sum(a != config[k] for a, k in zip(row, cats)) for row in labels], float)
+      order = np.lexsort((ids, d))  # ties: the lower id, as _nearest does
+      return int(ids[order[0]])
+
+    return nearest
 
   def _best_score_of(self, trials) -> float | None:
     ranked = rank_trials(trials, self.maximize)
@@ -428,7 +487,7 @@ class PBTSearch(_StrategyMixin):
   def run(self, t_start: float, callbacks: Sequence = ()):
     configs, seeds = self._setup(t_start)
     total = self.rounds * self.steps
-    ready = self.ready or max(1, self.steps // 4)
+    ready = self.ready or _default_ready(total, self.steps, self.ctx.eval_every)
     self.eval_every = self.ctx.eval_every or ready
     self.ctx.eval_every, self.ctx.segment_evals = self.eval_every, ready // max(1, self.eval_every)
     if ready % self.eval_every or total % ready:
@@ -525,4 +584,4 @@ class PBTSearch(_StrategyMixin):
     before = pop._before(program)
     t0 = time.perf_counter()
     chunk[4] = program.exploit(chunk[4], source, hparams, lr0, decay)
-    pop._time(t0, program, before)
+    pop._time_many(t0, [before], [chunk])
