@@ -229,10 +229,15 @@ def lane_step(spec: TrainSpec, state: LaneState, data) -> tuple[LaneState, jax.A
   ok = jnp.isfinite(loss) & (state.diverged_at < 0)
   take = ok & active
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(take, n, o), new, old)
+  # Parameters and model state (batch statistics) freeze; the optimizer state
+  # need not: a lane that stops taking steps (diverged, or past its budget)
+  # never takes one again without a fresh init (refill) or a copied state
+  # (PBT), so selecting its moments every step (2x the parameters with Adam)
+  # would buy nothing.
   new_state = state._replace(
       params=keep(params, state.params),
       model_state=keep(model_state, state.model_state),
-      opt_state=keep(opt_state, state.opt_state),
+      opt_state=opt_state,
       step=state.step + active.astype(jnp.int32),
       diverged_at=jnp.where(
           active & ~ok & (state.diverged_at < 0), state.step, state.diverged_at
