@@ -192,6 +192,8 @@ def check_spec(spec: TrainSpec, dataset: Dataset, objective: Objective, custom_l
     train = (jax.ShapeDtypeStruct(dataset.x_train.shape, dataset.x_train.dtype),
              jax.ShapeDtypeStruct(dataset.y_train.shape, dataset.y_train.dtype))
     jax.eval_shape(lambda s, d: lane_step(spec, s, d), state, train)
+    # Kept for memory estimates: building an NNX model costs ~75 ms a trace.
+    object.__setattr__(spec, "abstract_state", state)
   except Exception as e:
     name = getattr(spec.optimizer, "__name__", repr(spec.optimizer))
     raise ValueError(
@@ -343,9 +345,12 @@ class _Context:
 
   def state_bytes(self, spec: TrainSpec) -> int:
     """Bytes of one lane's training state (params, optimizer, permutation)."""
-    inputs = stack_inputs([0], [{k: 0 for k in spec.injected}], [0.0], [1], spec)
-    inputs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), inputs)
-    state = jax.eval_shape(lambda i: lane_init(spec, i), inputs)
+    state = getattr(spec, "abstract_state", None)
+    if state is None:
+      inputs = stack_inputs([0], [{k: 0 for k in spec.injected}], [0.0], [1], spec)
+      inputs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), inputs)
+      state = jax.eval_shape(lambda i: lane_init(spec, i), inputs)
+
     def nbytes(a) -> int:
       if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
         return int(np.prod(a.shape)) * 8
