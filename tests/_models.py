@@ -2,7 +2,6 @@
 
 from functools import partial
 
-import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 

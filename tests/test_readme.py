@@ -29,7 +29,6 @@ def test_readme_has_exactly_two_setup_commands():
 
 
 def test_demo_runs_end_to_end(capsys, tmp_path, monkeypatch):
-  import vmaptune as vt
   from vmaptune import _demo
 
   full = _demo.demo_space()

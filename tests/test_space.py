@@ -1,6 +1,5 @@
 """Distributions, spaces, zoom regions and grids (no training)."""
 
-import math
 
 import numpy as np
 import pytest

@@ -18,7 +18,6 @@ import inspect
 import numbers
 from typing import Any, Callable, Mapping
 
-import optax
 
 from ._space import Choice, Distribution, Integer
 

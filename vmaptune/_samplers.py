@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ._space import Choice, Distribution, Integer, Region
+from ._space import Choice, Distribution, Region
 
 __all__ = ["SAMPLERS", "qmc_values", "TPEProposer"]
 

@@ -33,7 +33,6 @@ from ._trainer import (
     place_data,
     place_inputs,
     put_global,
-    run_program,
     stack_inputs,
     to_host,
 )

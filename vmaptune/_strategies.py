@@ -25,13 +25,13 @@ import bisect
 import collections
 import math
 import time
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from . import _space
 from ._result import AllDivergedError, Trial, rank_trials
-from ._search import _lane_params, _nearest, _Search, trial_seed
+from ._search import _lane_params, _Search, trial_seed
 from ._space import Choice, Integer, Region
 
 __all__ = ["HalvingSearch", "PBTSearch", "STRATEGIES"]
@@ -91,7 +91,7 @@ class _Population:
     """
     import jax
 
-    from ._trainer import lane_init, to_host
+    from ._trainer import lane_init
 
     for j, chunk in enumerate(self.chunks):
       sig, program, lanes, part, _, key = chunk

@@ -585,7 +585,6 @@ class Program:
 
   def advance(self, state: LaneState, data: DeviceData, eval_every: int):
     """Trains ``evals_per_call`` more intervals from ``state``."""
-    import warnings
 
     if self._advance is None:
       self.compile_advance(state, data)

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-from flax import nnx
 
 import vmaptune as vt
 

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from _subprocess import HERE, ROOT, child_env, read, same_search
+from _subprocess import HERE, child_env, read, same_search
 
 TIMEOUT = 150
 

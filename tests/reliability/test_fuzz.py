@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import vmaptune as vt
-from vmaptune import _data, _space, _trainer
+from vmaptune import _data, _trainer
 
 from _models import mlp_fn
 

@@ -1,6 +1,5 @@
 """Scenario 10: two processes on one checkpoint directory."""
 
-import os
 import socket
 import subprocess
 import sys
