@@ -208,6 +208,14 @@ def _json_default(o):
   return str(o)
 
 
+def finish(out_path: str, record: Mapping[str, Any], notes: Sequence[str]) -> int:
+  """Prints the notes, writes the JSON record and says where: every script's last words."""
+  for n_ in notes:
+    print(f"note: {n_}")
+  print(f"\nwrote {write_json(out_path, record)} ({record['elapsed_s']:.0f} s)")
+  return 0
+
+
 def fmt(v: Any, digits: int = 3) -> str:
   """A compact cell: thousands separators for big numbers, 3 significant digits."""
   if v is None:

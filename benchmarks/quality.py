@@ -197,10 +197,7 @@ def main(argv=None) -> int:
     notes.append("grid: the largest full grid with at most the budget's points")
   print()
   print(C.table(rows, [c for c in cols]))
-  for n_ in notes:
-    print(f"note: {n_}")
-  print(f"\nwrote {C.write_json(args.out, record)} ({record['elapsed_s']:.0f} s)")
-  return 0
+  return C.finish(args.out, record, notes)
 
 
 if __name__ == "__main__":

@@ -260,10 +260,7 @@ def main(argv=None) -> int:
                  "a lane's working set sits in the CPU caches; the JSON keeps the numbers")
   print()
   print("\n\n".join(out_tables))
-  for n_ in notes:
-    print(f"note: {n_}")
-  print(f"\nwrote {C.write_json(args.out, record)} ({record['elapsed_s']:.0f} s)")
-  return 0
+  return C.finish(args.out, record, notes)
 
 
 if __name__ == "__main__":

@@ -596,10 +596,7 @@ def main(argv=None) -> int:
                 f"task" + ("" if every else " (fails on " + ", ".join(v["task"] for v in vs if not v["holds"]) + ")"))
         print("  => " + line)
         record["summary"].append(line)
-  for n_ in notes:
-    print(f"note: {n_}")
-  print(f"\nwrote {C.write_json(args.out, record)} ({record['elapsed_s']:.0f} s)")
-  return 0
+  return C.finish(args.out, record, notes)
 
 
 if __name__ == "__main__":

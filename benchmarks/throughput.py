@@ -100,13 +100,7 @@ def child_a(task):
       params, opt_state, _ = step(params, opt_state, xt[idx], yt[idx])
     return float(val(params, xv, yv))
 
-  t0 = time.perf_counter()
-  run(0, configs[0])
-  first = time.perf_counter() - t0
-  timed = _timed_configs(task, configs)
-  t0 = time.perf_counter()
-  scores = [run(i, c) for i, c in enumerate(timed)]
-  return _seq_result(first, time.perf_counter() - t0, len(timed), steps, scores, source)
+  return _time_sequential(run, task, configs, steps, source)
 
 
 def _seq_result(first, seconds, k, steps, scores, source):
@@ -137,13 +131,7 @@ def child_b(task):
     score, _ = train(np.uint32(i), np.float32(cfg["learning_rate"]), np.float32(cfg["b1"]), *arrays)
     return float(score)
 
-  t0 = time.perf_counter()
-  run(0, configs[0])
-  first = time.perf_counter() - t0
-  timed = _timed_configs(task, configs)
-  t0 = time.perf_counter()
-  scores = [run(i, c) for i, c in enumerate(timed)]
-  return _seq_result(first, time.perf_counter() - t0, len(timed), steps, scores, source)
+  return _time_sequential(run, task, configs, steps, source)
 
 
 def child_b2(task):
@@ -208,6 +196,17 @@ def child_c(task):
   out = _seq_result(first, seconds, len(timed), steps, scores, source)
   out["optuna"] = optuna.__version__
   return out
+
+
+def _time_sequential(run, task, configs, steps, source):
+  """One config first (it compiles), then the timed configs one after another."""
+  t0 = time.perf_counter()
+  run(0, configs[0])
+  first = time.perf_counter() - t0
+  timed = _timed_configs(task, configs)
+  t0 = time.perf_counter()
+  scores = [run(i, c) for i, c in enumerate(timed)]
+  return _seq_result(first, time.perf_counter() - t0, len(timed), steps, scores, source)
 
 
 def child_d(task):
