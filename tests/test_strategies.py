@@ -66,6 +66,11 @@ def test_halving_lane_that_was_never_stopped_matches_a_single_run(halving, small
   alone = vt.train(mlp_fn, small_digits, t.config, seed=t.seed, num_steps=36, eval_every=4, verbose=False)
   np.testing.assert_allclose(alone.curve, t.curve, rtol=1e-4)
   assert halving.retrain(t).score == t.score
+  # Refilled trials (initialised inside the refill program) replay too,
+  # stopped ones to the step they were stopped at.
+  for t in [t for t in halving.trials if t.id >= 8][:3]:
+    again = halving.retrain(t)
+    assert again.score == t.score and again.steps == t.steps
 
 
 def test_pbt_records_schedules_and_perturbs_within_bounds(pbt):
