@@ -40,11 +40,21 @@ _KEEP = 2
 
 
 class CheckpointError(RuntimeError):
-  """A checkpoint directory cannot be used (corrupt, locked, wrong version)."""
+  """A checkpoint directory cannot be used (corrupt, locked, wrong version).
+
+  >>> import vmaptune as vt
+  >>> issubclass(vt.CheckpointError, RuntimeError)
+  True
+  """
 
 
 class CheckpointMismatch(ValueError):
-  """The checkpoint was written by a different search call."""
+  """The checkpoint was written by a different search call.
+
+  >>> import vmaptune as vt
+  >>> issubclass(vt.CheckpointMismatch, ValueError)
+  True
+  """
 
 
 def _fsync_dir(path: str) -> None:

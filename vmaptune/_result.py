@@ -27,7 +27,7 @@ def _optional(module: str, extra: str):
 
 @dataclasses.dataclass
 class Trial:
-  """One configuration trained in a search.
+  """One configuration trained in a search (see :class:`SearchResult` for an example).
 
   Attributes:
     id: unique within the search, in order of creation.
@@ -86,6 +86,10 @@ def _fmt(v: Any) -> str:
 class Stats:
   """Where a search's time went.
 
+  >>> import vmaptune as vt
+  >>> vt.Stats(lane_steps=1000, train_seconds=0.5).lane_steps_per_second
+  2000.0
+
   Attributes:
     wall_seconds: the whole call.
     compile_seconds: XLA compilation.
@@ -137,6 +141,9 @@ class Stats:
 class Run:
   """One configuration trained alone (:func:`vmaptune.train`) or replayed.
 
+  See :func:`vmaptune.train` for an example; ``run.model()`` rebuilds the
+  trained model.
+
   Attributes:
     config: the hyperparameters.
     seed: the trial seed.
@@ -176,7 +183,12 @@ class Run:
 
 
 class AllDivergedError(RuntimeError):
-  """Every trial of a search diverged; ``.trials`` holds them for inspection."""
+  """Every trial of a search diverged; ``.trials`` holds them for inspection.
+
+  >>> import vmaptune as vt
+  >>> vt.AllDivergedError("all 4 trials diverged", trials=[]).trials
+  []
+  """
 
   def __init__(self, message: str, trials: Sequence[Trial]):
     super().__init__(message)
@@ -203,6 +215,33 @@ class SearchResult:
     regions: the region each round sampled (sampling coordinates), a list of
       :class:`Region`, one per round.
     stats: :class:`Stats`.
+
+  Example (every method on one small search):
+
+    >>> import numpy as np, vmaptune as vt
+    >>> from flax import nnx
+    >>> x = np.random.default_rng(0).normal(size=(200, 4)).astype(np.float32)
+    >>> y = (x[:, 0] > 0).astype(np.int32)
+    >>> result = vt.search(lambda c, rngs: nnx.Linear(4, 2, rngs=rngs), (x, y),
+    ...                    {"learning_rate": vt.loguniform(1e-3, 1e-1)},
+    ...                    num_configs=4, num_steps=20, rounds=2, verbose=False)
+    >>> best = result.best_trial
+    >>> result.best_score == best.score == result.ranked()[0].score == result.top(1)[0].score
+    True
+    >>> result.retrain(best).score == best.score          # exact replay
+    True
+    >>> type(result.best_model()).__name__                # the trained model, evaluation mode
+    'Linear'
+    >>> len(result.to_records()), len(result.to_pandas())
+    (8, 8)
+    >>> result.table(2).splitlines()[0].split()[:4]
+    ['rank', 'trial', 'round', 'loss']
+    >>> list(result.importance())                         # needs 3+ healthy trials
+    ['learning_rate']
+    >>> import os, tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> os.path.basename(result.report(d)), len(vt.load(result.save(os.path.join(d, "r.vmaptune"))).trials)
+    ('report.html', 8)
   """
 
   def __init__(self, *, trials, space, metric, maximize, regions, stats, context=None,

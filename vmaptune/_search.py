@@ -59,6 +59,9 @@ def clear_cache() -> None:
   metric, and by the shapes of the data, so a second search with the same
   setup compiles nothing. Clear the cache if a closure those functions read
   has changed.
+
+  >>> import vmaptune as vt
+  >>> vt.clear_cache()
   """
   _PROGRAMS.clear()
 
@@ -529,7 +532,12 @@ class _Context:
 
 
 class OutOfMemoryError(MemoryError):
-  """Not even one lane per device fits in device memory (or the budget)."""
+  """Not even one lane per device fits in device memory (or the budget).
+
+  >>> import vmaptune as vt
+  >>> issubclass(vt.OutOfMemoryError, MemoryError)
+  True
+  """
 
 
 def _human(n: float) -> str:
@@ -1469,6 +1477,11 @@ def _fingerprint(*, space, dataset, model_fn, optimizer, loss_fn, metric, enqueu
 
 class TrainState:
   """What a :func:`train` callback sees after each evaluation.
+
+  >>> import numpy as np, vmaptune as vt
+  >>> def halve_at_100(state):  # babysitting: halve the learning rate once
+  ...   if state.step == 100:
+  ...     return {"learning_rate": state.hyperparams["learning_rate"] / 2}
 
   Attributes:
     step: steps taken.

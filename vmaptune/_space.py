@@ -64,6 +64,13 @@ class Distribution:
 
   Numeric distributions map a value ``x`` to the coordinate ``t`` in which
   they are sampled uniformly (:meth:`to_coord`) and back (:meth:`from_coord`).
+
+  >>> import numpy as np, vmaptune as vt
+  >>> d = vt.loguniform(1e-4, 1e-1)
+  >>> isinstance(d, vt.Distribution), d.scale
+  (True, 'log')
+  >>> all(1e-4 <= x <= 1e-1 for x in d.sample(np.random.default_rng(0), 5))
+  True
   """
 
   #: ``"linear"``, ``"log"`` or ``"reverse_log"``: the axis to plot on.
@@ -410,6 +417,14 @@ def constants(space: Mapping[str, Any]) -> dict[str, Any]:
 @dataclasses.dataclass(frozen=True)
 class Region:
   """A box in sampling coordinates (numeric) and allowed values (choices).
+
+  ``result.regions[r]`` is the region round ``r`` sampled.
+
+  >>> import vmaptune as vt
+  >>> space = {"lr": vt.loguniform(1e-4, 1e-1), "h": vt.choice([32, 64])}
+  >>> region = vt.Region.full(space)
+  >>> region.choices["h"], region.contains(space, {"lr": 1e-3, "h": 32})
+  ((32, 64), True)
 
   Attributes:
     numeric: name -> ``(lo, hi)`` in the distribution's sampling coordinate.
