@@ -205,5 +205,45 @@ def test_strategy_validation(small_digits):
     vt.PBT(fraction=0.9)
   with pytest.raises(ValueError, match="grid"):
     vt.search(mlp_fn, small_digits, SPACE, strategy="pbt", sampler="grid", **KW)
-  with pytest.raises(ValueError, match="checkpoint"):
-    vt.search(mlp_fn, small_digits, SPACE, strategy="halving", checkpoint_dir="/tmp/never", **KW)
+  with pytest.raises(ValueError, match="epochs"):
+    vt.search(mlp_fn, small_digits, SPACE, strategy="halving", **dict(KW, num_steps=None, epochs=1))
+
+
+def _same_trials(a, b):
+  assert len(a.trials) == len(b.trials)
+  for s, t in zip(a.trials, b.trials):
+    assert (s.id, s.config, s.status, s.steps, s.rung, s.parent, s.schedule) == \
+           (t.id, t.config, t.status, t.steps, t.rung, t.parent, t.schedule)
+    assert s.score == t.score or (math.isnan(s.score) and math.isnan(t.score))
+    np.testing.assert_array_equal(s.curve, t.curve)
+    np.testing.assert_array_equal(s.train_curve, t.train_curve)
+
+
+@pytest.mark.parametrize("name", ["halving", "pbt"])
+def test_strategy_crashed_mid_run_resumes_to_the_uninterrupted_result(name, small_digits, tmp_path,
+                                                                      monkeypatch, request):
+  from vmaptune import _faults
+
+  straight = request.getfixturevalue(name)
+  kw = dict(KW, strategy="halving" if name == "halving" else vt.PBT(ready=18),
+            checkpoint_dir=tmp_path / "ckpt", checkpoint_every=12)
+  seen = []
+  monkeypatch.setenv("VMAPTUNE_FAILPOINT", f"{name}:saved@2=crash")
+  _faults.reset()
+  with pytest.raises(_faults.SimulatedCrash):  # dies right after its 2nd checkpoint
+    vt.search(mlp_fn, small_digits, SPACE, **kw)
+  monkeypatch.delenv("VMAPTUNE_FAILPOINT")
+  resumed = vt.search(mlp_fn, small_digits, SPACE, callbacks=[seen.append], **kw)
+  assert resumed.stats.resumed_from
+  # Only the population time after the checkpoint is trained again.
+  assert 0 < resumed.stats.lane_steps < straight.stats.lane_steps
+  _same_trials(resumed, straight)
+  assert resumed.best_trial.id == straight.best_trial.id
+  for u, v in zip(jax.tree.leaves(resumed.best_params), jax.tree.leaves(straight.best_params)):
+    np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+  assert seen and len(seen[-1].trials) == len(straight.trials)
+  again = vt.search(mlp_fn, small_digits, SPACE, **kw)  # finished: nothing left to train
+  assert again.stats.lane_steps == 0
+  _same_trials(again, straight)
+  with pytest.raises(vt.CheckpointMismatch, match="strategy"):
+    vt.search(mlp_fn, small_digits, SPACE, **dict(kw, strategy="pbt" if name == "halving" else "halving"))

@@ -983,11 +983,7 @@ class _Search:
         for q in range(3):
           arrays[f"metrics/{j}/{q}"] = np.asarray(m[q])
       meta["inflight"] = dict(inflight, leaves=len(leaves), segments=len(pending))
-    if self.best_params:
-      (tid, (params, model_state)), = self.best_params.items()
-      for j, leaf in enumerate(jax.tree.leaves((params, model_state))):
-        arrays[f"best/{j}"] = _host(leaf)
-      meta["best"] = {"trial": tid, "leaves": len(jax.tree.leaves((params, model_state)))}
+    self._save_best(meta, arrays)
     self.checkpointer.save(meta, arrays)
 
   def _restore_inflight(self, inflight, spec: TrainSpec, inputs: LaneInputs, lanes: int):
@@ -997,39 +993,78 @@ class _Search:
     saved = self._resume_arrays
     if len(leaves) != inflight["leaves"]:
       return None
-    host = [_unhost(saved[f"state/{j}"], a) for j, a in enumerate(leaves)]
+    state = self._place_state(treedef, [_unhost(saved[f"state/{j}"], a) for j, a in enumerate(leaves)])
+    pending = [tuple(saved[f"metrics/{j}/{q}"] for q in range(3)) for j in range(inflight["segments"])]
+    return state, pending, inflight["calls"]
+
+  def _place_state(self, treedef, host: list):
+    """A population state from its host leaves, placed (sharded) on the devices."""
     if len(self.ctx.devices) > 1:
       sharding = _devices.lane_sharding(self.ctx.mesh)
       host = [jax.random.wrap_key_data(put_global(jax.random.key_data(h), sharding), impl=h.dtype._impl)
               if jax.dtypes.issubdtype(getattr(h, "dtype", np.float32), jax.dtypes.prng_key)
               else put_global(h, sharding) for h in host]
-      state = jax.tree.unflatten(treedef, host)
-    else:
-      state = jax.device_put(jax.tree.unflatten(treedef, host), self.ctx.devices[0])
-    pending = [tuple(saved[f"metrics/{j}/{q}"] for q in range(3)) for j in range(inflight["segments"])]
-    return state, pending, inflight["calls"]
+      return jax.tree.unflatten(treedef, host)
+    return jax.device_put(jax.tree.unflatten(treedef, host), self.ctx.devices[0])
+
+  def _save_best(self, meta: dict, arrays: dict) -> None:
+    """Adds the best trial's parameters (kept apart from any lane) to a checkpoint."""
+    meta["best"] = None
+    if self.best_params:
+      (tid, (params, model_state)), = self.best_params.items()
+      for j, leaf in enumerate(jax.tree.leaves((params, model_state))):
+        arrays[f"best/{j}"] = _host(leaf)
+      meta["best"] = {"trial": tid, "leaves": len(jax.tree.leaves((params, model_state)))}
+
+  def _restore_best(self, meta: dict, arrays: dict, trials: Sequence[Trial]) -> None:
+    if not meta.get("best"):
+      return
+    tid = meta["best"]["trial"]
+    best = next(t for t in trials if t.id == tid)
+    spec = self.ctx.spec_for(self.ctx.routing.signature(best.config))
+    inputs = self.ctx.inputs(spec, [best.config], [best.seed], 1)
+    abstract = jax.eval_shape(lambda i: lane_init(spec, i), jax.tree.map(lambda a: a[0], inputs))
+    leaves, treedef = jax.tree.flatten((abstract.params, abstract.model_state))
+    host = [_unhost(arrays[f"best/{j}"], a) for j, a in enumerate(leaves)]
+    self.best_params = {tid: jax.tree.unflatten(treedef, host)}
 
   def _restore(self, meta: dict, arrays: dict) -> tuple[int, dict | None]:
     """Loads a checkpoint's finished work; returns ``(round, resume)``."""
     self.trials = [_trial_from_dict(d) for d in meta["trials"]]
-    self.regions = [Region(numeric={k: tuple(v) for k, v in g["numeric"].items()},
-                           choices={k: tuple(v) for k, v in g["choices"].items()})
-                    for g in meta["regions"]]
+    self.regions = [Region.from_json(g) for g in meta["regions"]]
     self.lanes_per_program = meta["lanes_per_program"]
     self.ctx.chunk_lanes.update({tuple(k): v for k, v in meta["chunk_lanes"]})
     self.ctx.trial_program.update({int(tid): tuple(v) for tid, v in meta.get("trial_program", [])})
     self._resume_arrays = arrays
-    if meta.get("best"):
-      tid = meta["best"]["trial"]
-      best = next(t for t in self.trials + [_trial_from_dict(d) for _, d in meta["done"]] if t.id == tid)
-      spec = self.ctx.spec_for(self.ctx.routing.signature(best.config))
-      inputs = self.ctx.inputs(spec, [best.config], [best.seed], 1)
-      abstract = jax.eval_shape(lambda i: lane_init(spec, i), jax.tree.map(lambda a: a[0], inputs))
-      leaves, treedef = jax.tree.flatten((abstract.params, abstract.model_state))
-      host = [_unhost(arrays[f"best/{j}"], a) for j, a in enumerate(leaves)]
-      self.best_params = {tid: jax.tree.unflatten(treedef, host)}
+    self._restore_best(meta, arrays, self.trials + [_trial_from_dict(d) for _, d in meta["done"]])
     resume = {"done": {int(i): _trial_from_dict(d) for i, d in meta["done"]}, "inflight": meta["inflight"]}
     return int(meta["round"]), resume
+
+  def _load_checkpoint(self) -> tuple[dict, dict] | None:
+    """The directory's newest checkpoint of *this* call, as ``(meta, arrays)``.
+
+    A checkpoint of a different call is refused (:class:`CheckpointMismatch`
+    listing the differences) unless ``overwrite=True``, which clears it.
+    """
+    found = self.checkpointer.load()
+    if found is not None:
+      meta, _ = found
+      diff = _checkpoint.fingerprint_diff(meta["fingerprint"], self.fingerprint)
+      if diff and not self.overwrite:
+        raise _checkpoint.CheckpointMismatch(
+            f"checkpoint_dir {self.checkpointer.directory} holds a different search; "
+            "refusing to mix results. Differences: " + "; ".join(diff)
+            + ". Pass overwrite=True to start afresh, or use another directory.")
+      if diff:
+        self.checkpointer.clear()
+        found = None
+      else:
+        self.ctx.stats.resumed_from = self.checkpointer.directory
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("vmaptune:checkpoint-loaded")
+    return found
 
   # The loop ----------------------------------------------------------------
 
@@ -1060,24 +1095,9 @@ class _Search:
       self.checkpointer.acquire()
     try:
       if self.checkpointer is not None:
-        found = self.checkpointer.load()
+        found = self._load_checkpoint()
         if found is not None:
-          meta, arrays = found
-          diff = _checkpoint.fingerprint_diff(meta["fingerprint"], self.fingerprint)
-          if diff and not self.overwrite:
-            raise _checkpoint.CheckpointMismatch(
-                f"checkpoint_dir {self.checkpointer.directory} holds a different search; "
-                "refusing to mix results. Differences: " + "; ".join(diff)
-                + ". Pass overwrite=True to start afresh, or use another directory.")
-          if diff:
-            self.checkpointer.clear()
-          else:
-            start_round, resume = self._restore(meta, arrays)
-            self.ctx.stats.resumed_from = self.checkpointer.directory
-        if jax.process_count() > 1:
-          from jax.experimental import multihost_utils
-
-          multihost_utils.sync_global_devices("vmaptune:checkpoint-loaded")
+          start_round, resume = self._restore(*found)
       interrupted = False
       try:
         for r in range(start_round, self.rounds):
@@ -1238,7 +1258,9 @@ def search(
     callbacks: functions called after each round with a :class:`SearchResult`
       of the rounds so far (to log to whatever you use).
     checkpoint_dir: a directory to save the search in, atomically, after each
-      round (and every ``checkpoint_every`` steps inside one). Calling
+      round (and every ``checkpoint_every`` steps inside one; with halving or
+      PBT, every ``checkpoint_every`` steps of population time, default
+      ``num_steps``). Calling
       ``search`` again with the same arguments resumes where it stopped and
       gives the same result as an uninterrupted run; a different call is
       refused (:class:`CheckpointMismatch`) unless ``overwrite=True``.
@@ -1334,7 +1356,8 @@ def search(
         direction=direction, loss_fn=loss_fn, val_fraction=val_fraction, eval_every=eval_every,
         keep=keep, shrink=shrink, max_buckets=max_buckets, lr_schedule=lr_schedule,
         lane_batch=lane_batch, precision=precision, eval_batch_size=eval_batch_size,
-        enqueue=enqueue, checkpoint_every=checkpoint_every, num_devices=len(ctx.devices))
+        enqueue=enqueue, checkpoint_every=checkpoint_every, num_devices=len(ctx.devices),
+        **({} if strategy == "zoom" else {"strategy": repr(strategy)}))
   cls = _Search
   if isinstance(strategy, (Halving, PBT)):
     from . import _strategies

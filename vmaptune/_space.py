@@ -455,6 +455,11 @@ class Region:
         "choices": {k: list(v) for k, v in self.choices.items()},
     }
 
+  @classmethod
+  def from_json(cls, obj: Mapping[str, Any]) -> "Region":
+    return cls(numeric={k: tuple(v) for k, v in obj["numeric"].items()},
+               choices={k: tuple(v) for k, v in obj["choices"].items()})
+
   def contains(self, space, config: Mapping[str, Any], tol: float = 1e-9) -> bool:
     for k, (lo, hi) in self.numeric.items():
       d = space[k]

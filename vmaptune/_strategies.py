@@ -29,9 +29,11 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from . import _space
+from . import _faults, _space
+from ._checkpoint import CheckpointError
 from ._result import AllDivergedError, Trial, rank_trials
-from ._search import _lane_params, _Search, trial_seed
+from ._search import (_host, _lane_params, _Search, _trial_from_dict, _trial_to_dict, _unhost,
+                      model_digest, trial_seed)
 from ._space import Choice, Integer, Region
 
 __all__ = ["HalvingSearch", "PBTSearch", "STRATEGIES"]
@@ -103,6 +105,36 @@ class _Population:
       chunk[4] = zero
       self.refill(j, np.ones(len(part), bool), configs, seeds)
     return self.advance()
+
+  def _abstract(self, j: int, configs: Mapping[int, dict], seeds: Mapping[int, int]):
+    import jax
+
+    from ._trainer import lane_init
+
+    spec = self.chunks[j][1].spec
+    return jax.eval_shape(jax.vmap(lambda i: lane_init(spec, i)), self._inputs(j, configs, seeds))
+
+  def save(self, arrays: dict) -> None:
+    """Adds every program's population state to a checkpoint's arrays."""
+    import jax
+
+    for j, chunk in enumerate(self.chunks):
+      for k, leaf in enumerate(jax.tree.leaves(chunk[4])):
+        arrays[f"pop/{j}/{k}"] = _host(leaf)
+
+  def restore(self, arrays: Mapping[str, np.ndarray], configs: Mapping[int, dict],
+              seeds: Mapping[int, int]) -> None:
+    """Places a checkpoint's population state on the devices (no training)."""
+    import jax
+
+    for j, chunk in enumerate(self.chunks):
+      leaves, treedef = jax.tree.flatten(self._abstract(j, configs, seeds))
+      missing = [f"pop/{j}/{k}" for k in range(len(leaves)) if f"pop/{j}/{k}" not in arrays]
+      if missing:
+        raise CheckpointError(f"checkpoint in {self.search.checkpointer.directory} lacks the population "
+                              f"arrays {missing[:3]}; pass overwrite=True to start afresh.")
+      host = [_unhost(arrays[f"pop/{j}/{k}"], a) for k, a in enumerate(leaves)]
+      chunk[4] = self.search._place_state(treedef, host)
 
   def _place(self, host, abstract):
     import jax
@@ -248,12 +280,80 @@ def _perturb(d, value, rng: np.random.Generator, factors=(0.8, 1.2)):
 class _StrategyMixin(_Search):
   """Shared by the strategies: setup from round 0's sampling, bookkeeping."""
 
+  def run(self, t_start: float, callbacks: Sequence = ()):
+    """Runs the strategy; with ``checkpoint_dir``, resumes from the newest
+    checkpoint of the same call (the population, every trial, the decisions)."""
+    configs, seeds = self._setup(t_start)
+    saved = None
+    if self.checkpointer is not None:
+      self.fingerprint = dict(self.fingerprint, model_structure=model_digest(
+          self.ctx.spec_for(self.ctx.routing.signature(configs[0]))))
+      self.checkpointer.acquire()
+    try:
+      if self.checkpointer is not None:
+        saved = self._load_checkpoint()
+        if saved is not None and saved[0].get("strategy") != self.strategy:
+          raise CheckpointError(
+              f"checkpoint_dir {self.checkpointer.directory} holds a checkpoint of "
+              f"strategy={saved[0].get('strategy', 'zoom')!r}, not {self.strategy!r}.")
+      return self._run(t_start, configs, seeds, saved, callbacks)
+    finally:
+      self.progress.close()
+      if self.checkpointer is not None:
+        self.checkpointer.release()
+
+  def _checkpoint_due(self, elapsed: int, step: int) -> bool:
+    """Whether a checkpoint is due after the segment ending at ``elapsed``:
+    every ``checkpoint_every`` steps of the population's time (default: every
+    ``num_steps``), and at the end."""
+    if self.checkpointer is None:
+      return False
+    every = self.checkpoint_every or self.steps
+    return elapsed // every > (elapsed - step) // every or elapsed >= self.rounds * self.steps
+
+  def _save(self, elapsed: int, state: dict) -> None:
+    """Commits the population (device state and host bookkeeping) after the
+    segment ending at ``elapsed`` was recorded, before any decision on it."""
+    arrays: dict = {}
+    self.population.save(arrays)
+    meta = {
+        "fingerprint": self.fingerprint,
+        "strategy": self.strategy,
+        "elapsed": elapsed,
+        "next_id": self._next_id,
+        "regions": [g.to_json() for g in self.regions],
+        "slots": [{"trial": slot.trial, "curve": slot.curve, "curve_steps": slot.curve_steps,
+                   "train_curve": slot.train_curve} for slot in self.population.slots],
+        "trial_program": [[tid, list(v)] for tid, v in self.ctx.trial_program.items()],
+        "state": state,
+    }
+    self._save_best(meta, arrays)
+    self.checkpointer.save(meta, arrays)
+    _faults.failpoint(f"{self.strategy}:saved")
+
+  def _resume(self, meta: dict, arrays: dict, trials: Sequence[Trial]):
+    """Restores what :meth:`_save` wrote; returns ``(elapsed, configs, seeds)``
+    of the lanes as they stand."""
+    pop = self.population
+    self._next_id = int(meta["next_id"])
+    self.regions = [Region.from_json(g) for g in meta["regions"]]
+    self.ctx.trial_program.update({int(tid): tuple(v) for tid, v in meta["trial_program"]})
+    for slot, saved in zip(pop.slots, meta["slots"]):
+      slot.trial = saved["trial"]
+      slot.curve, slot.curve_steps, slot.train_curve = (
+          list(saved["curve"]), list(saved["curve_steps"]), list(saved["train_curve"]))
+    configs = {i: slot.trial["config"] for i, slot in enumerate(pop.slots)}
+    seeds = {i: slot.trial["seed"] for i, slot in enumerate(pop.slots)}
+    pop.restore(arrays, configs, seeds)
+    self._restore_best(meta, arrays, trials)
+    if self.best_params:
+      (tid,) = self.best_params
+      self._by_id = {t.id: t for t in trials if t.id == tid}
+    self.ctx.stats.resumed_from = self.checkpointer.directory
+    return int(meta["elapsed"]), configs, seeds
+
   def _setup(self, t_start: float):
     ctx = self.ctx
-    if self.checkpointer is not None:
-      raise ValueError(
-          f"strategy={self.strategy!r} does not checkpoint yet: its population lives across "
-          "rounds. Use the default strategy='zoom' with checkpoint_dir, or drop checkpoint_dir.")
     if ctx.epochs is not None:
       raise ValueError(f"strategy={self.strategy!r} needs a `num_steps` budget, not `epochs`.")
     self.steps = ctx.num_steps
@@ -293,14 +393,19 @@ class _StrategyMixin(_Search):
     self.best_params = {trial.id: _lane_params(self.population.chunks[slot.chunk][4], slot.lane)}
     self._by_id[trial.id] = trial
 
-  def _result(self, t_start: float):
+  def snapshot(self, t_start: float, interrupted: bool = False):
+    result = super().snapshot(t_start, interrupted)
+    result.options["strategy"] = self.strategy
+    return result
+
+  def _result(self, t_start: float, callbacks: Sequence = ()):
+    for fn in callbacks:  # the last round's call: every trial, finished
+      fn(self.snapshot(t_start))
     if not rank_trials(self.trials, self.maximize):
       raise AllDivergedError(
           f"all {len(self.trials)} trials diverged; lower the learning-rate range or check the data.",
           self.trials)
-    result = self.snapshot(t_start)
-    result.options["strategy"] = self.strategy
-    return result
+    return self.snapshot(t_start)
 
 
 class HalvingSearch(_StrategyMixin):
@@ -321,8 +426,7 @@ class HalvingSearch(_StrategyMixin):
           f"{self.min_fraction:g} of the budget with eta={self.eta}.")
     return [r0 * self.eta**k for k in range(n - 1)] + [self.steps]
 
-  def run(self, t_start: float, callbacks: Sequence = ()):
-    configs, seeds = self._setup(t_start)
+  def _run(self, t_start: float, configs, seeds, saved, callbacks: Sequence = ()):
     self._by_id = {}
     rungs = self.rungs()
     segment = rungs[0]
@@ -335,19 +439,39 @@ class HalvingSearch(_StrategyMixin):
     pop = _Population(self, configs, segment // self.eval_every, self.steps)
     self.population = pop
     self._next_id = 0
-    for i, c in enumerate(configs):
-      self._start(pop.slots[i], self._new_trial(c, seeds[i], 0))
-    cur_configs = dict(enumerate(configs))
-    cur_seeds = dict(enumerate(seeds))
-    rung_scores: list[list[float]] = [[] for _ in rungs]
-    done: list[Trial] = []
-    best_rung: dict[int, tuple[int, float]] = {}
     self.progress.start_round(0, total * len(configs), label="halving")
-    metrics = pop.start(cur_configs, cur_seeds)
-    elapsed = segment
+    if saved is None:
+      for i, c in enumerate(configs):
+        self._start(pop.slots[i], self._new_trial(c, seeds[i], 0))
+      cur_configs = dict(enumerate(configs))
+      cur_seeds = dict(enumerate(seeds))
+      rung_scores: list[list[float]] = [[] for _ in rungs]
+      done: list[Trial] = []
+      best_rung: dict[int, tuple[int, float]] = {}
+      metrics = pop.start(cur_configs, cur_seeds)
+      elapsed = segment
+    else:
+      meta, arrays = saved
+      state = meta["state"]
+      done = [_trial_from_dict(d) for d in state["done"]]
+      rung_scores = [list(r) for r in state["rung_scores"]]
+      best_rung = {int(k): tuple(v) for k, v in state["best_rung"].items()}
+      elapsed, cur_configs, cur_seeds = self._resume(meta, arrays, done)
+      self.progress.advance(elapsed * len(configs), self._best_score_of(done))
+    announced = elapsed if saved is not None else 0  # rounds of population time reported
     while True:
-      pop.record(metrics)
-      self.progress.advance(segment * len(configs), self._best_score_of(done))
+      if saved is None:
+        pop.record(metrics)
+        self.progress.advance(segment * len(configs), self._best_score_of(done))
+        if self._checkpoint_due(elapsed, segment):
+          self._save(elapsed, {"done": [_trial_to_dict(t) for t in done], "rung_scores": rung_scores,
+                               "best_rung": best_rung})
+      saved = None
+      if callbacks and elapsed // self.steps > announced // self.steps and elapsed < total and done:
+        self.trials = sorted(done, key=lambda t: t.id)
+        for fn in callbacks:
+          fn(self.snapshot(t_start))
+      announced = elapsed
       level = min(elapsed // self.steps, self.rounds - 1)
       refills = collections.defaultdict(list)
       arrived = []  # trials at a rung now: scored together, then decided
@@ -407,7 +531,7 @@ class HalvingSearch(_StrategyMixin):
     self.trials = sorted(done, key=lambda t: t.id)
     self.progress.end_round(self._best_score_of(self.trials))
     self.progress.close()
-    return self._result(t_start)
+    return self._result(t_start, callbacks)
 
   @staticmethod
   def _rung_of(rungs, steps):
@@ -484,8 +608,7 @@ class PBTSearch(_StrategyMixin):
     self.fraction = fraction
     self.resample_probability = resample_probability
 
-  def run(self, t_start: float, callbacks: Sequence = ()):
-    configs, seeds = self._setup(t_start)
+  def _run(self, t_start: float, configs, seeds, saved, callbacks: Sequence = ()):
     total = self.rounds * self.steps
     ready = self.ready or _default_ready(total, self.steps, self.ctx.eval_every)
     self.eval_every = self.ctx.eval_every or ready
@@ -497,21 +620,34 @@ class PBTSearch(_StrategyMixin):
     pop = _Population(self, configs, ready // self.eval_every, total)
     self.population = pop
     self._next_id = 0
-    current = {i: dict(c) for i, c in enumerate(configs)}
-    schedules = {i: [(0, dict(c))] for i, c in enumerate(configs)}
     self._by_id = {}
-    for i, c in enumerate(configs):
-      self._start(pop.slots[i], self._new_trial(c, seeds[i], 0))
     dists = _space.searched(self.space)
     sig_keys = set(self.ctx.routing.signature_keys)
     mutable = {k: d for k, d in dists.items() if k not in sig_keys}
     self.progress.start_round(0, total * len(configs), label="pbt")
-    metrics = pop.start(current, dict(enumerate(seeds)))
-    elapsed = ready
-    self.exploits = []
+    if saved is None:
+      current = {i: dict(c) for i, c in enumerate(configs)}
+      schedules = {i: [(0, dict(c))] for i, c in enumerate(configs)}
+      for i, c in enumerate(configs):
+        self._start(pop.slots[i], self._new_trial(c, seeds[i], 0))
+      metrics = pop.start(current, dict(enumerate(seeds)))
+      elapsed = ready
+      self.exploits = []
+    else:
+      meta, arrays = saved
+      state = meta["state"]
+      elapsed, _, _ = self._resume(meta, arrays, [])
+      current = {int(i): c for i, c in state["current"].items()}
+      schedules = {int(i): [tuple(e) for e in v] for i, v in state["schedules"].items()}
+      self.exploits = [tuple(e) for e in state["exploits"]]
+      self.progress.advance(elapsed * len(configs), None)
     while True:
-      pop.record(metrics)
-      self.progress.advance(ready * len(configs), None)
+      if saved is None:
+        pop.record(metrics)
+        self.progress.advance(ready * len(configs), None)
+        if self._checkpoint_due(elapsed, ready):
+          self._save(elapsed, {"current": current, "schedules": schedules, "exploits": self.exploits})
+      saved = None
       if elapsed >= total:
         break
       rng = np.random.default_rng([self.seed, 0x9B7, elapsed])
@@ -559,7 +695,7 @@ class PBTSearch(_StrategyMixin):
     self.trials = trials
     self.progress.end_round(self._best_score_of(trials))
     self.progress.close()
-    return self._result(t_start)
+    return self._result(t_start, callbacks)
 
   def _best_score_of(self, trials) -> float | None:
     ranked = rank_trials(trials, self.maximize)
