@@ -12,6 +12,8 @@ to confirm it. Methods:
                    (32 lanes for 3*S steps; exploit/explore every S/4 steps);
   * ``sobol``:     scrambled Sobol + zoom, ``sampler="sobol"``;
   * ``tpe``:       batched TPE + zoom, ``sampler="tpe"`` (each round's batch proposed by Optuna's TPE);
+  * ``halving_tpe``: halving with refill whose refills TPE proposes (BOHB-style),
+                   ``strategy=vt.Halving(eta=3, min_fraction=1/9), sampler="tpe"``;
   * ``optuna``:    Optuna ``TPESampler(seed)`` + ``MedianPruner()`` (Optuna's defaults), 96
                    sequential trials of at most S steps, each trained by ``vmaptune.train`` with a
                    ``callback`` that calls ``trial.report`` / ``trial.should_prune`` every S/9 steps
@@ -72,11 +74,11 @@ import optax  # noqa: E402
 
 import vmaptune as vt  # noqa: E402
 
-METHODS = ("zoom", "halving", "pbt", "sobol", "tpe", "optuna", "optuna_eq")
-VMAPTUNE_METHODS = ("zoom", "halving", "pbt", "sobol", "tpe")
+METHODS = ("zoom", "halving", "pbt", "sobol", "tpe", "halving_tpe", "optuna", "optuna_eq")
+VMAPTUNE_METHODS = ("zoom", "halving", "pbt", "sobol", "tpe", "halving_tpe")
 OPTUNA_METHODS = ("optuna", "optuna_eq")
-NEEDS_OPTUNA = ("tpe", "optuna", "optuna_eq")
-STRATEGIES = ("halving", "pbt")  # decided on the host between segments
+NEEDS_OPTUNA = ("tpe", "halving_tpe", "optuna", "optuna_eq")
+STRATEGIES = ("halving", "pbt", "halving_tpe")  # decided on the host between segments
 
 
 def method_name(method: str, rounds: int, num_configs: int, steps: int) -> str:
@@ -87,6 +89,7 @@ def method_name(method: str, rounds: int, num_configs: int, steps: int) -> str:
       "pbt": f"vt PBT ready {steps // 4}, {num_configs} lanes",
       "sobol": f"vt Sobol + zoom {rounds}x{num_configs}",
       "tpe": f"vt batched TPE {rounds}x{num_configs}",
+      "halving_tpe": f"vt halving + TPE refills, {num_configs} lanes",
       "optuna": f"optuna TPE + median, {trials} trials",
       "optuna_eq": "optuna TPE + median, = lane-steps",
   }[method]
@@ -97,6 +100,8 @@ def parse_args(argv):
   p.add_argument("--quick", action="store_true", help="2 seeds, 72 steps per trial (under 3 min on 2 CPU cores)")
   p.add_argument("--out", default=C.default_out("strategies"), help="JSON output path")
   p.add_argument("--seeds", type=int, default=None, help="seeds per method (default 5; --quick 2)")
+  p.add_argument("--first-seed", type=int, default=0,
+                 help="seeds run from here (a held-out set of seeds checks a setting chosen on others)")
   p.add_argument("--steps", type=int, default=None,
                  help="S, steps per trial, a multiple of 36 (default 540; --quick 72)")
   p.add_argument("--rounds", type=int, default=3)
@@ -201,8 +206,10 @@ class SegmentTimer:
 def run_vmaptune(method, model_fn, data, args, seed):
   kw = dict(optimizer=optax.adam, num_steps=args.steps, rounds=args.rounds, num_configs=args.num_configs,
             seed=seed, metric="loss", verbose=False)
-  if method == "halving":
+  if method in ("halving", "halving_tpe"):
     kw["strategy"] = vt.Halving(eta=3, min_fraction=1 / 9)
+    if method == "halving_tpe":
+      kw["sampler"] = "tpe"
   elif method == "pbt":
     kw["strategy"] = vt.PBT(ready=args.steps // 4)
   elif method in ("sobol", "tpe"):
@@ -439,7 +446,7 @@ def main(argv=None) -> int:
   record = C.header()
   record.update(
       benchmark="strategies", mode="quick" if args.quick else "full",
-      settings={"seeds": args.seeds, "steps": args.steps, "rounds": args.rounds, "num_configs": args.num_configs,
+      settings={"seeds": args.seeds, "first_seed": args.first_seed, "steps": args.steps, "rounds": args.rounds, "num_configs": args.num_configs,
                 "budget_lane_steps": budget, "tasks": tasks, "methods": methods, "method_names": names,
                 "halving": {"eta": 3, "min_fraction": 1 / 9, "rungs": [args.steps // 9, args.steps // 3, args.steps]},
                 "pbt": {"ready": args.steps // 4, "fraction": 0.25, "resample_probability": 0.25},
@@ -467,15 +474,15 @@ def main(argv=None) -> int:
     per_method = {}
     for method in methods:
       results = []
-      for seed in range(args.seeds):
-        if seed == 0 and args.cache == "fresh":
+      for k, seed in enumerate(range(args.first_seed, args.first_seed + args.seeds)):
+        if k == 0 and args.cache == "fresh":
           vt.clear_cache()  # each method's first seed pays its own compiles
         if method in OPTUNA_METHODS:
           r = run_optuna(optuna, method, model_fn, data, args, seed)
         else:
           r = run_vmaptune(method, model_fn, data, args, seed)
         r.update(task=task, method=method, name=names[method], seed=seed, data=source,
-                 cold=seed == 0 and args.cache == "fresh")
+                 cold=k == 0 and args.cache == "fresh")
         record["runs"].append(r)
         results.append(r)
         C.write_json(args.out, record)  # partial results survive a timeout

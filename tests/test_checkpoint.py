@@ -7,8 +7,10 @@ import time
 import numpy as np
 import pytest
 
+from flax import nnx
+
 import vmaptune as vt
-from vmaptune import _checkpoint
+from vmaptune import _checkpoint, _faults
 
 from _models import mlp_fn
 from _subprocess import read, run_search, same_search, start_search
@@ -108,3 +110,41 @@ def test_second_process_on_the_same_directory_fails_fast(tmp_path):
   assert lock.read_text().split()[0] == str(os.getpid())
   holder.release()
   assert not lock.exists()
+
+
+class _ActivationMLP(nnx.Module):
+  def __init__(self, activation, rngs):
+    self.inp, self.out, self.activation = nnx.Linear(64, 8, rngs=rngs), nnx.Linear(8, 10, rngs=rngs), activation
+
+  def __call__(self, x):
+    return self.out(self.activation(self.inp(x)))
+
+
+def _activation_fn(config, rngs):
+  return _ActivationMLP(config["activation"], rngs)
+
+
+def test_function_valued_hyperparameters_survive_a_resume(tmp_path, monkeypatch):
+  # JSON stores a function by name; a resumed search must hand the model the
+  # space's own function again (configs, programs, best model, replay).
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(200, 64)).astype(np.float32)
+  y = (x[:, :10].argmax(axis=1)).astype(np.int32)
+  space = {"learning_rate": vt.loguniform(1e-3, 3e-2), "activation": vt.choice([nnx.relu, nnx.tanh]),
+           "unused": nnx.gelu}
+  kw = dict(num_configs=4, num_steps=20, rounds=2, seed=0, verbose=False, checkpoint_dir=tmp_path / "ckpt",
+            checkpoint_every=10)
+  straight = vt.search(_activation_fn, (x, y), space, **dict(kw, checkpoint_dir=tmp_path / "straight"))
+  monkeypatch.setenv("VMAPTUNE_FAILPOINT", "round1:mid=crash")
+  _faults.reset()
+  with pytest.raises(_faults.SimulatedCrash):
+    vt.search(_activation_fn, (x, y), space, **kw)
+  monkeypatch.delenv("VMAPTUNE_FAILPOINT")
+  resumed = vt.search(_activation_fn, (x, y), space, **kw)
+  assert resumed.stats.resumed_from
+  assert [t.score for t in resumed.trials] == [t.score for t in straight.trials]
+  for t, u in zip(resumed.trials, straight.trials):
+    assert t.config["activation"] is u.config["activation"] and t.config["unused"] is nnx.gelu
+  assert resumed.best_model().activation is straight.best_config["activation"]
+  first = resumed.trials[0]  # finished before the crash: its program is rebuilt from the checkpoint
+  assert resumed.retrain(first).score == first.score

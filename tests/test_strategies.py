@@ -219,8 +219,10 @@ def _same_trials(a, b):
     np.testing.assert_array_equal(s.train_curve, t.train_curve)
 
 
-@pytest.mark.parametrize("name", ["halving", "pbt"])
-def test_strategy_crashed_mid_run_resumes_to_the_uninterrupted_result(name, small_digits, tmp_path,
+# Halving's 2nd checkpoint (12 steps each) comes before any zoom region or
+# finished trial, its 4th after both; PBT's 2nd is after its first exploit.
+@pytest.mark.parametrize("name,at", [("halving", 2), ("halving", 4), ("pbt", 2)])
+def test_strategy_crashed_mid_run_resumes_to_the_uninterrupted_result(name, at, small_digits, tmp_path,
                                                                       monkeypatch, request):
   from vmaptune import _faults
 
@@ -228,7 +230,7 @@ def test_strategy_crashed_mid_run_resumes_to_the_uninterrupted_result(name, smal
   kw = dict(KW, strategy="halving" if name == "halving" else vt.PBT(ready=18),
             checkpoint_dir=tmp_path / "ckpt", checkpoint_every=12)
   seen = []
-  monkeypatch.setenv("VMAPTUNE_FAILPOINT", f"{name}:saved@2=crash")
+  monkeypatch.setenv("VMAPTUNE_FAILPOINT", f"{name}:saved@{at}=crash")
   _faults.reset()
   with pytest.raises(_faults.SimulatedCrash):  # dies right after its 2nd checkpoint
     vt.search(mlp_fn, small_digits, SPACE, **kw)
@@ -245,5 +247,40 @@ def test_strategy_crashed_mid_run_resumes_to_the_uninterrupted_result(name, smal
   again = vt.search(mlp_fn, small_digits, SPACE, **kw)  # finished: nothing left to train
   assert again.stats.lane_steps == 0
   _same_trials(again, straight)
+  for u, v in zip(jax.tree.leaves(again.best_params), jax.tree.leaves(straight.best_params)):
+    np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
   with pytest.raises(vt.CheckpointMismatch, match="strategy"):
     vt.search(mlp_fn, small_digits, SPACE, **dict(kw, strategy="pbt" if name == "halving" else "halving"))
+
+
+def test_ctrl_c_in_halving_returns_finished_trials_and_a_rerun_completes(small_digits, halving, tmp_path):
+  def interrupt(result):
+    raise KeyboardInterrupt
+
+  kw = dict(KW, strategy="halving", checkpoint_dir=tmp_path / "ckpt")
+  with pytest.warns(RuntimeWarning, match="interrupted"):
+    partial = vt.search(mlp_fn, small_digits, SPACE, callbacks=[interrupt], **kw)
+  assert partial.interrupted and 0 < len(partial.trials) < len(halving.trials)
+  assert {t.status for t in partial.trials} <= {"ok", "stopped", "diverged"}
+  assert partial.best_trial.status == "ok" and partial.best_model() is not None
+  finished = vt.search(mlp_fn, small_digits, SPACE, **kw)  # the saved population trains on
+  assert not finished.interrupted and finished.stats.resumed_from
+  _same_trials(finished, halving)
+
+
+def test_halving_with_tpe_refills_keep_their_bucket_and_replay(small_digits):
+  pytest.importorskip("optuna")
+  space = dict(SPACE, hidden=vt.choice([8, 16]))
+  kw = dict(KW, strategy="halving", sampler="tpe")
+  r = vt.search(mlp_fn, small_digits, space, **kw)
+  assert r.stats.lane_steps == 8 * 72 and r.stats.programs_compiled <= 6  # 2 buckets x 3 programs
+  refilled = [t for t in r.trials if t.id >= 8]
+  assert len(refilled) > 8
+  width = {}
+  for t in r.trials:  # a refill keeps the bucket (width) of the lane it refills
+    assert width.setdefault(t.bucket, t.config["hidden"]) == t.config["hidden"]
+    assert 1e-3 <= t.config["learning_rate"] <= 3e-2 and 0.8 <= t.config["b1"] <= 0.99
+  random = vt.search(mlp_fn, small_digits, space, **dict(kw, sampler="random"))
+  assert [t.config for t in refilled] != [t.config for t in random.trials if t.id >= 8]
+  again = vt.search(mlp_fn, small_digits, space, **kw)
+  assert [(t.config, t.score) for t in again.trials] == [(t.config, t.score) for t in r.trials]

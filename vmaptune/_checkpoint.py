@@ -130,6 +130,27 @@ def loads(data: bytes) -> Any:
   return _decode(json.loads(data.decode()))
 
 
+def revive_config(space: Mapping[str, Any], config: Mapping[str, Any]) -> dict:
+  """A config read back from a checkpoint, its values mapped back to the space's own objects.
+
+  JSON keeps numbers, strings and tuples exactly but stores a function (an
+  activation among ``choice`` values, a constant) by name: such a value is
+  replaced by the space's object that encodes the same way.
+  """
+  from ._space import Choice, Distribution
+
+  out = {}
+  for k, v in config.items():
+    d = space.get(k)
+    if isinstance(d, Choice):
+      out[k] = next((c for c in d.values if c == v or loads(dumps(c)) == v), v)
+    elif k in space and not isinstance(d, Distribution):
+      out[k] = d
+    else:
+      out[k] = v
+  return out
+
+
 def _pid_alive(pid: int) -> bool:
   try:
     os.kill(pid, 0)

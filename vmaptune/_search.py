@@ -1007,6 +1007,26 @@ class _Search:
       return jax.tree.unflatten(treedef, host)
     return jax.device_put(jax.tree.unflatten(treedef, host), self.ctx.devices[0])
 
+  def _revive(self, config: Mapping[str, Any]) -> dict:
+    return _checkpoint.revive_config(self.space, config)
+
+  def _revive_trial(self, d: Mapping[str, Any]) -> Trial:
+    """A trial read back from a checkpoint, its configs the space's own values."""
+    d = dict(d, config=self._revive(d["config"]))
+    if d.get("schedule") is not None:
+      d["schedule"] = [(int(step), self._revive(c)) for step, c in d["schedule"]]
+    return _trial_from_dict(d)
+
+  def _restore_programs(self, meta: dict) -> None:
+    """Which program ran each trial, and each bucket's lane count (as saved: a
+    rerun with less free memory still resumes the same layout)."""
+    self.ctx.chunk_lanes.update({self._revive_sig(sig): v for sig, v in meta["chunk_lanes"]})
+    self.ctx.trial_program.update({int(tid): (self._revive_sig(sig), lanes)
+                                   for tid, (sig, lanes) in meta.get("trial_program", [])})
+
+  def _revive_sig(self, sig) -> tuple:
+    return tuple(self._revive(dict(tuple(kv) for kv in sig)).items())
+
   def _save_best(self, meta: dict, arrays: dict) -> None:
     """Adds the best trial's parameters (kept apart from any lane) to a checkpoint."""
     meta["best"] = None
@@ -1030,14 +1050,14 @@ class _Search:
 
   def _restore(self, meta: dict, arrays: dict) -> tuple[int, dict | None]:
     """Loads a checkpoint's finished work; returns ``(round, resume)``."""
-    self.trials = [_trial_from_dict(d) for d in meta["trials"]]
+    self.trials = [self._revive_trial(d) for d in meta["trials"]]
     self.regions = [Region.from_json(g) for g in meta["regions"]]
     self.lanes_per_program = meta["lanes_per_program"]
-    self.ctx.chunk_lanes.update({tuple(k): v for k, v in meta["chunk_lanes"]})
-    self.ctx.trial_program.update({int(tid): tuple(v) for tid, v in meta.get("trial_program", [])})
+    self._restore_programs(meta)
     self._resume_arrays = arrays
-    self._restore_best(meta, arrays, self.trials + [_trial_from_dict(d) for _, d in meta["done"]])
-    resume = {"done": {int(i): _trial_from_dict(d) for i, d in meta["done"]}, "inflight": meta["inflight"]}
+    done = {int(i): self._revive_trial(d) for i, d in meta["done"]}
+    self._restore_best(meta, arrays, self.trials + list(done.values()))
+    resume = {"done": done, "inflight": meta["inflight"]}
     return int(meta["round"]), resume
 
   def _load_checkpoint(self) -> tuple[dict, dict] | None:
@@ -1226,8 +1246,12 @@ def search(
       steps of batch 128).
     rounds: 1 coarse round plus ``rounds - 1`` zoom rounds.
     seed: the search seed. The same seed gives the same configs, scores and best.
-    sampler: ``"random"`` (default) or ``"grid"`` (the largest full grid of at
-      most ``num_configs`` points; for comparison).
+    sampler: ``"random"`` (default), ``"sobol"`` or ``"halton"`` (scrambled
+      quasi-random points on each hyperparameter's sampling scale), ``"grid"``
+      (the largest full grid of at most ``num_configs`` points; for
+      comparison; zoom strategy only) or ``"tpe"`` (Optuna's TPE proposes each
+      zoom round's whole batch; with ``strategy="halving"`` it proposes the
+      refills, BOHB-style; needs the ``optuna`` extra).
     metric: ``"loss"`` (default, minimized), ``"accuracy"`` (maximized) or a
       callable ``(outputs, targets) -> per-example values``, averaged.
     direction: ``"minimize"`` or ``"maximize"`` for a callable metric.
@@ -1256,7 +1280,9 @@ def search(
     enqueue: configs to train first in round 0 (a known baseline, say), as
       Optuna's ``enqueue_trial``; each sets every searched key.
     callbacks: functions called after each round with a :class:`SearchResult`
-      of the rounds so far (to log to whatever you use).
+      of the rounds so far (to log to whatever you use). With halving: after
+      each ``num_steps`` of population time, with the trials finished so far;
+      with PBT, whose lanes all finish at the end: once, at the end.
     checkpoint_dir: a directory to save the search in, atomically, after each
       round (and every ``checkpoint_every`` steps inside one; with halving or
       PBT, every ``checkpoint_every`` steps of population time, default
@@ -1439,9 +1465,10 @@ def _check_strategy(strategy: Any, sampler: str):
       raise ValueError(f"`strategy` must be 'zoom', 'halving', 'pbt', vt.Halving(...) or vt.PBT(...), got {strategy!r}.")
   if not isinstance(strategy, (Halving, PBT)):
     raise TypeError(f"`strategy` must be 'zoom', 'halving', 'pbt', vt.Halving(...) or vt.PBT(...), got {strategy!r}.")
-  if sampler in ("grid", "tpe"):
-    raise ValueError(f"sampler={sampler!r} needs strategy='zoom' (its rounds are batches); "
-                     "halving and PBT draw their population with 'random', 'sobol' or 'halton'.")
+  if sampler == "grid" or (sampler == "tpe" and isinstance(strategy, PBT)):
+    raise ValueError(f"sampler={sampler!r} does not work with strategy={strategy!r}: grid needs "
+                     "strategy='zoom' (its rounds are batches); 'tpe' works with 'zoom' and 'halving'. "
+                     "PBT draws its population with 'random', 'sobol' or 'halton'.")
   return strategy
 
 

@@ -25,6 +25,7 @@ import bisect
 import collections
 import math
 import time
+import warnings
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -32,7 +33,7 @@ import numpy as np
 from . import _faults, _space
 from ._checkpoint import CheckpointError
 from ._result import AllDivergedError, Trial, rank_trials
-from ._search import (_host, _lane_params, _Search, _trial_from_dict, _trial_to_dict, _unhost,
+from ._search import (_host, _lane_params, _Search, _trial_to_dict, _unhost,
                       model_digest, trial_seed)
 from ._space import Choice, Integer, Region
 
@@ -296,7 +297,20 @@ class _StrategyMixin(_Search):
           raise CheckpointError(
               f"checkpoint_dir {self.checkpointer.directory} holds a checkpoint of "
               f"strategy={saved[0].get('strategy', 'zoom')!r}, not {self.strategy!r}.")
-      return self._run(t_start, configs, seeds, saved, callbacks)
+      try:
+        return self._run(t_start, configs, seeds, saved, callbacks)
+      except KeyboardInterrupt:
+        # Ctrl-C: the trials finished so far (halving), as the zoom search
+        # returns its finished rounds. PBT's lanes all finish at the end.
+        finished = list(getattr(self, "_finished", ()))
+        if not rank_trials(finished, self.maximize):
+          raise
+        self.trials = sorted(finished, key=lambda t: t.id)
+        warnings.warn(
+            f"vmaptune: interrupted; returning the {len(self.trials)} finished trial(s)"
+            + (f" (saved in {self.checkpointer.directory})" if self.checkpointer else ""),
+            RuntimeWarning, stacklevel=3)
+        return self.snapshot(t_start, interrupted=True)
     finally:
       self.progress.close()
       if self.checkpointer is not None:
@@ -325,6 +339,7 @@ class _StrategyMixin(_Search):
         "slots": [{"trial": slot.trial, "curve": slot.curve, "curve_steps": slot.curve_steps,
                    "train_curve": slot.train_curve} for slot in self.population.slots],
         "trial_program": [[tid, list(v)] for tid, v in self.ctx.trial_program.items()],
+        "chunk_lanes": list(self.ctx.chunk_lanes.items()),
         "state": state,
     }
     self._save_best(meta, arrays)
@@ -337,9 +352,8 @@ class _StrategyMixin(_Search):
     pop = self.population
     self._next_id = int(meta["next_id"])
     self.regions = [Region.from_json(g) for g in meta["regions"]]
-    self.ctx.trial_program.update({int(tid): tuple(v) for tid, v in meta["trial_program"]})
     for slot, saved in zip(pop.slots, meta["slots"]):
-      slot.trial = saved["trial"]
+      slot.trial = dict(saved["trial"], config=self._revive(saved["trial"]["config"]))
       slot.curve, slot.curve_steps, slot.train_curve = (
           list(saved["curve"]), list(saved["curve_steps"]), list(saved["train_curve"]))
     configs = {i: slot.trial["config"] for i, slot in enumerate(pop.slots)}
@@ -436,6 +450,8 @@ class HalvingSearch(_StrategyMixin):
       raise ValueError(f"strategy='halving': eval_every={self.eval_every} must divide the first rung "
                        f"({segment} steps).")
     total = self.rounds * self.steps
+    if saved is not None:
+      self._restore_programs(saved[0])  # the saved lane layout, before the population is built
     pop = _Population(self, configs, segment // self.eval_every, self.steps)
     self.population = pop
     self._next_id = 0
@@ -448,30 +464,28 @@ class HalvingSearch(_StrategyMixin):
       rung_scores: list[list[float]] = [[] for _ in rungs]
       done: list[Trial] = []
       best_rung: dict[int, tuple[int, float]] = {}
+      observations: list[list] = [[] for _ in rungs]  # (config, score) of each arrival at a rung
       metrics = pop.start(cur_configs, cur_seeds)
       elapsed = segment
     else:
       meta, arrays = saved
       state = meta["state"]
-      done = [_trial_from_dict(d) for d in state["done"]]
+      done = [self._revive_trial(d) for d in state["done"]]
       rung_scores = [list(r) for r in state["rung_scores"]]
       best_rung = {int(k): tuple(v) for k, v in state["best_rung"].items()}
+      observations = [[(self._revive(c), score) for c, score in obs] for obs in state["observations"]]
       elapsed, cur_configs, cur_seeds = self._resume(meta, arrays, done)
       self.progress.advance(elapsed * len(configs), self._best_score_of(done))
-    announced = elapsed if saved is not None else 0  # rounds of population time reported
+    self._finished = done
+    announced = elapsed - segment  # callbacks follow rounds of population time
     while True:
       if saved is None:
         pop.record(metrics)
         self.progress.advance(segment * len(configs), self._best_score_of(done))
         if self._checkpoint_due(elapsed, segment):
           self._save(elapsed, {"done": [_trial_to_dict(t) for t in done], "rung_scores": rung_scores,
-                               "best_rung": best_rung})
+                               "best_rung": best_rung, "observations": observations})
       saved = None
-      if callbacks and elapsed // self.steps > announced // self.steps and elapsed < total and done:
-        self.trials = sorted(done, key=lambda t: t.id)
-        for fn in callbacks:
-          fn(self.snapshot(t_start))
-      announced = elapsed
       level = min(elapsed // self.steps, self.rounds - 1)
       refills = collections.defaultdict(list)
       arrived = []  # trials at a rung now: scored together, then decided
@@ -490,6 +504,7 @@ class HalvingSearch(_StrategyMixin):
             k = rungs.index(trial_steps)
             bisect.insort(rung_scores[k], -score if self.maximize else score)
             best_rung[slot.trial["id"]] = (k, score)
+            observations[k].append((slot.trial["config"], score))
             arrived.append((j, lane, i, k, score))
       for j, lane, i, k, score in arrived:
         slot = pop.slots[i]
@@ -500,6 +515,12 @@ class HalvingSearch(_StrategyMixin):
         elif not self._promoted(score, rung_scores[k]):
           done.append(_finish(slot, "stopped", self.maximize, rung=k))
           refills[j].append((lane, i))
+      if callbacks and elapsed // self.steps > announced // self.steps and elapsed < total:
+        # A round of population time passed: the trials finished so far.
+        self.trials = sorted(done, key=lambda t: t.id)
+        for fn in callbacks:
+          fn(self.snapshot(t_start))
+      announced = elapsed
       if elapsed >= total:
         break
       # Refill: new configs from the zoom region around the best so far.
@@ -510,11 +531,16 @@ class HalvingSearch(_StrategyMixin):
         region = self.regions[level]
         rng = np.random.default_rng([self.seed, 0x4A11, elapsed])
         nearest = self._nearest_finder(done)
+        proposals = None
+        if self.sampler == "tpe":  # BOHB-style: TPE proposes every refill of this segment
+          proposals = iter(self._tpe_refills(
+              observations, [pop.slots[i].signature for lanes in refills.values() for _, i in lanes], elapsed))
         for j, lanes in refills.items():
           mask = np.zeros(len(pop.chunks[j][3]), bool)
           for lane, i in lanes:
             slot = pop.slots[i]
-            config = self._refill_config(slot.signature, region, rng)
+            config = next(proposals) if proposals is not None else self._refill_config(
+                slot.signature, region, rng)
             parent = nearest(config)
             trial = self._new_trial(config, trial_seed(self.seed, 0x4A11, self._next_id), level, parent)
             cur_configs[i], cur_seeds[i] = config, trial["seed"]
@@ -563,6 +589,29 @@ class HalvingSearch(_StrategyMixin):
     if isinstance(self.keep, float):
       return max(2, int(round(self.keep * self.num_configs)))
     return self.keep
+
+  def _tpe_refills(self, observations: Sequence[list], signatures: Sequence[tuple], elapsed: int) -> list[dict]:
+    """Refill configs proposed by TPE (``sampler="tpe"``), as BOHB does.
+
+    The model is fitted on the scores at the highest rung that has at least
+    ``dims + 2`` of them (low rungs fill first; a higher rung's scores are
+    the better estimate once there are enough), then asked for the whole
+    batch of this segment's refills at once, with the constant liar so the
+    batch spreads out. Each proposal keeps its lane's bucket (the structural
+    keys of the lane it refills). A fresh sampler seeded by ``(seed,
+    elapsed)`` and rebuilt from the observations: deterministic, and
+    resumable from a checkpoint.
+    """
+    from ._samplers import TPEProposer
+
+    dims = len(_space.searched(self.space))
+    level = max((k for k, obs in enumerate(observations) if len(obs) >= dims + 2), default=0)
+    proposer = TPEProposer(self.space, seed=int(trial_seed(self.seed, 0xB0B, elapsed)), maximize=self.maximize)
+    obs = observations[level]
+    proposer.tell([c for c, _ in obs], [s for _, s in obs], [True] * len(obs))
+    fixed = [{k: v for k, v in sig if k in self.space} for sig in signatures]
+    consts = _space.constants(self.space)
+    return [{k: {**consts, **c}[k] for k in self.space} for c in proposer.ask(len(signatures), fixed)]
 
   def _refill_config(self, signature: tuple, region: Region, rng) -> dict:
     dists = _space.searched(self.space)
@@ -617,6 +666,8 @@ class PBTSearch(_StrategyMixin):
       raise ValueError(
           f"strategy='pbt': `ready`={ready} must be a multiple of eval_every={self.eval_every} "
           f"and divide the run of rounds*num_steps={total} steps.")
+    if saved is not None:
+      self._restore_programs(saved[0])  # the saved lane layout, before the population is built
     pop = _Population(self, configs, ready // self.eval_every, total)
     self.population = pop
     self._next_id = 0
@@ -637,8 +688,8 @@ class PBTSearch(_StrategyMixin):
       meta, arrays = saved
       state = meta["state"]
       elapsed, _, _ = self._resume(meta, arrays, [])
-      current = {int(i): c for i, c in state["current"].items()}
-      schedules = {int(i): [tuple(e) for e in v] for i, v in state["schedules"].items()}
+      current = {int(i): self._revive(c) for i, c in state["current"].items()}
+      schedules = {int(i): [(int(step), self._revive(c)) for step, c in v] for i, v in state["schedules"].items()}
       self.exploits = [tuple(e) for e in state["exploits"]]
       self.progress.advance(elapsed * len(configs), None)
     while True:
