@@ -686,21 +686,37 @@ def _lane_counts(k: int, n: int, lanes_per_program: int) -> list[int]:
   return counts
 
 
-def _nearest(space, configs, top: Sequence[Trial]) -> list[int]:
-  """For each config, the id of the closest top trial (sampling coordinates)."""
+def nearest_finder(space, top: Sequence[Trial]) -> Callable[[Mapping[str, Any]], int | None]:
+  """``config -> id`` of the closest of the ``top`` trials: squared distance in
+  sampling coordinates plus one per differing choice; ties go to the lower id.
+
+  Choice values (hashable) become integer codes, so each query is one
+  vectorised comparison against all of ``top``, not a Python loop.
+  """
+  if not top:
+    return lambda config: None
   dists = _space.searched(space)
   numeric = [k for k, d in dists.items() if not isinstance(d, Choice)]
   cats = [k for k, d in dists.items() if isinstance(d, Choice)]
-  tops = [(_space.coords(space, t.config, numeric), t) for t in top]
-  out = []
-  for c in configs:
-    x = _space.coords(space, c, numeric)
-    best = min(
-        tops,
-        key=lambda pt: (float(np.sum((pt[0] - x) ** 2)) + sum(c[k] != pt[1].config[k] for k in cats), pt[1].id),
-    )
-    out.append(best[1].id)
-  return out
+  points = np.asarray([_space.coords(space, t.config, numeric) for t in top], np.float64).reshape(len(top), -1)
+  codes: dict[str, dict] = {k: {} for k in cats}
+  labels = np.asarray([[codes[k].setdefault(t.config[k], len(codes[k])) for k in cats] for t in top],
+                      np.int64).reshape(len(top), len(cats))
+  ids = np.asarray([t.id for t in top])
+
+  def nearest(config: Mapping[str, Any]) -> int:
+    x = _space.coords(space, config, numeric)
+    d = np.sum((points - x) ** 2, axis=1)
+    d += np.sum(labels != np.asarray([codes[k].get(config[k], -1) for k in cats], np.int64), axis=1)
+    return int(ids[np.lexsort((ids, d))[0]])
+
+  return nearest
+
+
+def _nearest(space, configs, top: Sequence[Trial]) -> list[int]:
+  """For each config, the id of the closest top trial (sampling coordinates)."""
+  find = nearest_finder(space, top)
+  return [find(c) for c in configs]
 
 
 # --------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from . import _faults, _space
 from ._checkpoint import CheckpointError
 from ._result import AllDivergedError, Trial, rank_trials
 from ._search import (_host, _lane_params, _Search, _trial_to_dict, _unhost,
-                      model_digest, trial_seed)
+                      model_digest, nearest_finder, trial_seed)
 from ._space import Choice, Integer, Region
 
 __all__ = ["HalvingSearch", "PBTSearch", "STRATEGIES"]
@@ -623,24 +623,7 @@ class HalvingSearch(_StrategyMixin):
 
   def _nearest_finder(self, done):
     """``config -> id`` of the nearest of the best finished trials (one ranking a segment)."""
-    top = rank_trials(done, self.maximize)[: self._keep_count()]
-    if not top:
-      return lambda config: None
-    dists = _space.searched(self.space)
-    numeric = [k for k, d in dists.items() if not isinstance(d, Choice)]
-    cats = [k for k, d in dists.items() if isinstance(d, Choice)]
-    points = np.asarray([_space.coords(self.space, t.config, numeric) for t in top]).reshape(len(top), -1)
-    labels = [[t.config[k] for k in cats] for t in top]
-    ids = np.asarray([t.id for t in top])
-
-    def nearest(config):
-      x = _space.coords(self.space, config, numeric)
-      d = np.sum((points - x) ** 2, axis=1)
-      d += np.asarray([sum(a != config[k] for a, k in zip(row, cats)) for row in labels], float)
-      order = np.lexsort((ids, d))  # ties: the lower id, as _nearest does
-      return int(ids[order[0]])
-
-    return nearest
+    return nearest_finder(self.space, rank_trials(done, self.maximize)[: self._keep_count()])
 
   def _best_score_of(self, trials) -> float | None:
     ranked = rank_trials(trials, self.maximize)
