@@ -828,12 +828,10 @@ class _Search:
   def _sample(self, r: int, region: Region) -> list[dict]:
     rng = self._rng(r, 0)
     dists = _space.searched(self.space)
-    consts = _space.constants(self.space)
-    order = list(self.space)
     sig_keys = set(self.ctx.routing.signature_keys)
     if self.sampler == "grid":
       configs = _space.grid_values(dists, self.num_configs, region)
-      return [{k: {**consts, **c}[k] for k in order} for c in configs]
+      return [_space.complete(self.space, c) for c in configs]
     structural = {k: d for k, d in dists.items() if k in sig_keys}
     rest = {k: d for k, d in dists.items() if k not in sig_keys}
     if self.sampler == "tpe":
@@ -849,7 +847,7 @@ class _Search:
       if self.lanes_per_program is None:
         k = len({tuple(c[n] for n in structural) for c in proposals})
         self.lanes_per_program = self.ctx.padded_lanes(-(-self.num_configs // k))
-      return [{k: {**consts, **c}[k] for k in order} for c in proposals]
+      return [_space.complete(self.space, c) for c in proposals]
     sigs = _draw_signatures(structural, region, rng, min(self.max_buckets, self.num_configs))
     if self.lanes_per_program is None:
       self.lanes_per_program = self.ctx.padded_lanes(-(-self.num_configs // len(sigs)))
@@ -861,7 +859,7 @@ class _Search:
       values = qmc_values(rest, self.num_configs, region, self.sampler, (self.seed, r))
     else:
       values = _space.sample_values(rest, rng, self.num_configs, region)
-    return [{k: {**consts, **lane_sigs[i], **values[i]}[k] for k in order} for i in range(self.num_configs)]
+    return [_space.complete(self.space, lane_sigs[i], values[i]) for i in range(self.num_configs)]
 
   # Running --------------------------------------------------------------
 
@@ -872,7 +870,10 @@ class _Search:
     return buckets
 
   def _best_score(self) -> float | None:
-    ranked = rank_trials(self.trials, self.maximize)
+    return self._best_score_of(self.trials)
+
+  def _best_score_of(self, trials: Sequence[Trial]) -> float | None:
+    ranked = rank_trials(trials, self.maximize)
     return ranked[0].score if ranked else None
 
   def _round_setup(self, r: int):
@@ -975,6 +976,17 @@ class _Search:
 
   # Checkpoints --------------------------------------------------------------
 
+  def _acquire_checkpoint(self, first: Mapping[str, Any]) -> None:
+    """Completes the fingerprint and takes the directory's lock.
+
+    The model's structure at round 0's first signature joins the
+    fingerprint: a changed architecture is a different search even under the
+    same function name.
+    """
+    self.fingerprint = dict(self.fingerprint, model_structure=model_digest(
+        self.ctx.spec_for(self.ctx.routing.signature(first))))
+    self.checkpointer.acquire()
+
   def _checkpoint(self, r: int, done: Mapping[int, Trial], inflight, state, pending) -> None:
     """Commits the search as it stands: finished rounds, this round's finished
     chunks and, inside a chunk, the population's state."""
@@ -1004,8 +1016,7 @@ class _Search:
 
   def _restore_inflight(self, inflight, spec: TrainSpec, inputs: LaneInputs, lanes: int):
     """The saved population state of an unfinished chunk, placed on the devices."""
-    abstract = jax.eval_shape(jax.vmap(lambda i: lane_init(spec, i)), inputs)
-    leaves, treedef = jax.tree.flatten(abstract)
+    leaves, treedef = jax.tree.flatten(abstract_population(spec, inputs))
     saved = self._resume_arrays
     if len(leaves) != inflight["leaves"]:
       return None
@@ -1041,7 +1052,7 @@ class _Search:
                                    for tid, (sig, lanes) in meta.get("trial_program", [])})
 
   def _revive_sig(self, sig) -> tuple:
-    return tuple(self._revive(dict(tuple(kv) for kv in sig)).items())
+    return tuple(self._revive(dict(sig)).items())
 
   def _save_best(self, meta: dict, arrays: dict) -> None:
     """Adds the best trial's parameters (kept apart from any lane) to a checkpoint."""
@@ -1122,13 +1133,9 @@ class _Search:
   def run(self, t_start: float, callbacks: Sequence[Callable] = ()) -> SearchResult:
     start_round, resume = 0, None
     if self.checkpointer is not None:
-      # The model's structure at round 0's first signature: a changed
-      # architecture is a different search even under the same function name.
       first = self._sample(0, Region.full(self.space))[0] if not self.enqueue else dict(self.enqueue[0])
-      self.fingerprint = dict(self.fingerprint, model_structure=model_digest(
-          self.ctx.spec_for(self.ctx.routing.signature(first))))
       self.lanes_per_program = None  # sampled again when the search runs
-      self.checkpointer.acquire()
+      self._acquire_checkpoint(first)
     try:
       if self.checkpointer is not None:
         found = self._load_checkpoint()
@@ -1178,6 +1185,11 @@ def _unhost(array: np.ndarray, abstract):
 
 
 _TRIAL_FIELDS = tuple(f.name for f in dataclasses.fields(Trial))
+
+
+def abstract_population(spec: TrainSpec, inputs: LaneInputs):
+  """Shapes and dtypes of a population's state (``lane_init`` over the lanes), no compute."""
+  return jax.eval_shape(jax.vmap(lambda i: lane_init(spec, i)), inputs)
 
 
 def _trial_to_dict(t: Trial) -> dict:

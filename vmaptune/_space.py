@@ -414,6 +414,15 @@ def constants(space: Mapping[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in space.items() if not isinstance(v, Distribution)}
 
 
+def complete(space: Mapping[str, Any], *parts: Mapping[str, Any]) -> dict[str, Any]:
+  """A whole config in the space's key order: its constants, then ``parts``
+  (later ones win); keys outside the space are dropped."""
+  merged = constants(space)
+  for part in parts:
+    merged.update(part)
+  return {k: merged[k] for k in space}
+
+
 @dataclasses.dataclass(frozen=True)
 class Region:
   """A box in sampling coordinates (numeric) and allowed values (choices).

@@ -33,8 +33,8 @@ import numpy as np
 from . import _faults, _space
 from ._checkpoint import CheckpointError
 from ._result import AllDivergedError, Trial, rank_trials
-from ._search import (_host, _lane_params, _Search, _trial_to_dict, _unhost,
-                      model_digest, nearest_finder, trial_seed)
+from ._search import (_host, _lane_params, _Search, _trial_to_dict, _unhost, abstract_population,
+                      nearest_finder, trial_seed)
 from ._space import Choice, Integer, Region
 
 __all__ = ["HalvingSearch", "PBTSearch", "STRATEGIES"]
@@ -94,13 +94,9 @@ class _Population:
     """
     import jax
 
-    from ._trainer import lane_init
-
     for j, chunk in enumerate(self.chunks):
-      sig, program, lanes, part, _, key = chunk
-      spec = program.spec
-      inputs = self._inputs(j, configs, seeds)
-      abstract = jax.eval_shape(jax.vmap(lambda i: lane_init(spec, i)), inputs)
+      part = chunk[3]
+      abstract = self._abstract(j, configs, seeds)
       zero = jax.tree.map(lambda a: self._place(np.zeros(a.shape, a.dtype) if not jax.dtypes.issubdtype(
           a.dtype, jax.dtypes.prng_key) else None, a), abstract)
       chunk[4] = zero
@@ -108,12 +104,7 @@ class _Population:
     return self.advance()
 
   def _abstract(self, j: int, configs: Mapping[int, dict], seeds: Mapping[int, int]):
-    import jax
-
-    from ._trainer import lane_init
-
-    spec = self.chunks[j][1].spec
-    return jax.eval_shape(jax.vmap(lambda i: lane_init(spec, i)), self._inputs(j, configs, seeds))
+    return abstract_population(self.chunks[j][1].spec, self._inputs(j, configs, seeds))
 
   def save(self, arrays: dict) -> None:
     """Adds every program's population state to a checkpoint's arrays."""
@@ -287,16 +278,10 @@ class _StrategyMixin(_Search):
     configs, seeds = self._setup(t_start)
     saved = None
     if self.checkpointer is not None:
-      self.fingerprint = dict(self.fingerprint, model_structure=model_digest(
-          self.ctx.spec_for(self.ctx.routing.signature(configs[0]))))
-      self.checkpointer.acquire()
+      self._acquire_checkpoint(configs[0])
     try:
       if self.checkpointer is not None:
-        saved = self._load_checkpoint()
-        if saved is not None and saved[0].get("strategy") != self.strategy:
-          raise CheckpointError(
-              f"checkpoint_dir {self.checkpointer.directory} holds a checkpoint of "
-              f"strategy={saved[0].get('strategy', 'zoom')!r}, not {self.strategy!r}.")
+        saved = self._load_checkpoint()  # the fingerprint holds the strategy: no other's checkpoint
       try:
         return self._run(t_start, configs, seeds, saved, callbacks)
       except KeyboardInterrupt:
@@ -363,7 +348,6 @@ class _StrategyMixin(_Search):
     if self.best_params:
       (tid,) = self.best_params
       self._by_id = {t.id: t for t in trials if t.id == tid}
-    self.ctx.stats.resumed_from = self.checkpointer.directory
     return int(meta["elapsed"]), configs, seeds
 
   def _setup(self, t_start: float):
@@ -610,24 +594,18 @@ class HalvingSearch(_StrategyMixin):
     obs = observations[level]
     proposer.tell([c for c, _ in obs], [s for _, s in obs], [True] * len(obs))
     fixed = [{k: v for k, v in sig if k in self.space} for sig in signatures]
-    consts = _space.constants(self.space)
-    return [{k: {**consts, **c}[k] for k in self.space} for c in proposer.ask(len(signatures), fixed)]
+    return [_space.complete(self.space, c) for c in proposer.ask(len(signatures), fixed)]
 
   def _refill_config(self, signature: tuple, region: Region, rng) -> dict:
     dists = _space.searched(self.space)
     fixed = dict(signature)
     rest = {k: d for k, d in dists.items() if k not in fixed}
     values = _space.sample_values(rest, rng, 1, region)[0]
-    merged = {**_space.constants(self.space), **{k: v for k, v in fixed.items() if k in self.space}, **values}
-    return {k: merged[k] for k in self.space}
+    return _space.complete(self.space, fixed, values)
 
   def _nearest_finder(self, done):
     """``config -> id`` of the nearest of the best finished trials (one ranking a segment)."""
     return nearest_finder(self.space, rank_trials(done, self.maximize)[: self._keep_count()])
-
-  def _best_score_of(self, trials) -> float | None:
-    ranked = rank_trials(trials, self.maximize)
-    return ranked[0].score if ranked else None
 
 
 class PBTSearch(_StrategyMixin):
@@ -730,10 +708,6 @@ class PBTSearch(_StrategyMixin):
     self.progress.end_round(self._best_score_of(trials))
     self.progress.close()
     return self._result(t_start, callbacks)
-
-  def _best_score_of(self, trials) -> float | None:
-    ranked = rank_trials(trials, self.maximize)
-    return ranked[0].score if ranked else None
 
   def _exploit(self, j: int, source: np.ndarray, current: Mapping[int, dict]) -> None:
     pop = self.population
