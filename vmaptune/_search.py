@@ -1024,15 +1024,18 @@ class _Search:
     pending = [tuple(saved[f"metrics/{j}/{q}"] for q in range(3)) for j in range(inflight["segments"])]
     return state, pending, inflight["calls"]
 
+  def _place_lanes(self, host):
+    """An array whose leading axis is lanes, on the devices (sharded over them when several)."""
+    if len(self.ctx.devices) == 1:
+      return jax.device_put(host, self.ctx.devices[0])
+    return put_global(host, _devices.lane_sharding(self.ctx.mesh))
+
   def _place_state(self, treedef, host: list):
-    """A population state from its host leaves, placed (sharded) on the devices."""
-    if len(self.ctx.devices) > 1:
-      sharding = _devices.lane_sharding(self.ctx.mesh)
-      host = [jax.random.wrap_key_data(put_global(jax.random.key_data(h), sharding), impl=h.dtype._impl)
-              if jax.dtypes.issubdtype(getattr(h, "dtype", np.float32), jax.dtypes.prng_key)
-              else put_global(h, sharding) for h in host]
-      return jax.tree.unflatten(treedef, host)
-    return jax.device_put(jax.tree.unflatten(treedef, host), self.ctx.devices[0])
+    """A population state from its host leaves (typed keys included), placed on the devices."""
+    return jax.tree.unflatten(treedef, [
+        jax.random.wrap_key_data(self._place_lanes(jax.random.key_data(h)), impl=h.dtype._impl)
+        if jax.dtypes.issubdtype(getattr(h, "dtype", np.float32), jax.dtypes.prng_key) else self._place_lanes(h)
+        for h in host])
 
   def _revive(self, config: Mapping[str, Any]) -> dict:
     return _checkpoint.revive_config(self.space, config)

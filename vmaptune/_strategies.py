@@ -95,12 +95,9 @@ class _Population:
     import jax
 
     for j, chunk in enumerate(self.chunks):
-      part = chunk[3]
-      abstract = self._abstract(j, configs, seeds)
-      zero = jax.tree.map(lambda a: self._place(np.zeros(a.shape, a.dtype) if not jax.dtypes.issubdtype(
-          a.dtype, jax.dtypes.prng_key) else None, a), abstract)
-      chunk[4] = zero
-      self.refill(j, np.ones(len(part), bool), configs, seeds)
+      leaves, treedef = jax.tree.flatten(self._abstract(j, configs, seeds))
+      chunk[4] = self.search._place_state(treedef, [_zeros(a) for a in leaves])
+      self.refill(j, np.ones(len(chunk[3]), bool), configs, seeds)
     return self.advance()
 
   def _abstract(self, j: int, configs: Mapping[int, dict], seeds: Mapping[int, int]):
@@ -128,21 +125,6 @@ class _Population:
       host = [_unhost(arrays[f"pop/{j}/{k}"], a) for k, a in enumerate(leaves)]
       chunk[4] = self.search._place_state(treedef, host)
 
-  def _place(self, host, abstract):
-    import jax
-
-    from . import _devices
-    from ._trainer import put_global
-
-    if host is None:  # a typed key leaf: zeros of its key data
-      data = np.zeros(abstract.shape + (2,), np.uint32)
-      impl = getattr(abstract.dtype, "_impl", None)
-      placed = self._place(data, None)
-      return jax.random.wrap_key_data(placed, impl=impl) if impl is not None else jax.random.wrap_key_data(placed)
-    if len(self.ctx.devices) == 1:
-      return jax.device_put(host, self.ctx.devices[0])
-    return put_global(host, _devices.lane_sharding(self.ctx.mesh))
-
   def advance(self):
     """Trains one more segment in every program; returns the host metrics."""
     from ._trainer import to_host
@@ -168,19 +150,8 @@ class _Population:
     lanes_mask[: len(mask)] = mask
     before = self._before(chunk[1])
     t0 = time.perf_counter()
-    chunk[4] = chunk[1].refill(chunk[4], inputs, self._place_mask(lanes_mask))
+    chunk[4] = chunk[1].refill(chunk[4], inputs, self.search._place_lanes(lanes_mask))
     self._time_many(t0, [before], [chunk])
-
-  def _place_mask(self, mask: np.ndarray):
-    import jax
-
-    from . import _devices
-
-    from ._trainer import put_global
-
-    if len(self.ctx.devices) == 1:
-      return jax.device_put(mask, self.ctx.devices[0])
-    return put_global(mask, _devices.lane_sharding(self.ctx.mesh))
 
   def _time_many(self, t0: float, befores, chunks=None) -> None:
     """Books calls' time: compiling (first use of a program) apart from training.
@@ -223,6 +194,15 @@ class _Population:
         slot.curve.extend(scores[lane].tolist())
         slot.train_curve.extend(losses[lane].tolist())
         slot.curve_steps.extend(steps[lane].tolist())
+
+
+def _zeros(abstract):
+  """Host zeros of a state leaf's shape and dtype (a typed key leaf: zero key data)."""
+  import jax
+
+  if jax.dtypes.issubdtype(abstract.dtype, jax.dtypes.prng_key):
+    return _unhost(np.zeros(abstract.shape + (2,), np.uint32), abstract)
+  return np.zeros(abstract.shape, abstract.dtype)
 
 
 def _finish(slot: _Slot, status: str, maximize: bool, rung=None, extra=None) -> Trial:
