@@ -26,22 +26,22 @@ import jax
 import numpy as np
 import optax
 
-from vmaptune import _data, _devices, _model, _trainer
+from vmaptune import _data, _devices, _lane, _model, _program, _routing
 
 
 def _spec(dataset, hidden: int):
   objective = _data.resolve_objective(dataset.task, None, "loss", None)
   model_fn = _common.model_fn_for(64, 10, hidden, depth=2)
   adapter = _model.make_adapter(model_fn, {}, None)
-  return _trainer.TrainSpec(
-      adapter=adapter, optimizer=optax.adam, factory_kind="factory", injected=("b1", "learning_rate"),
-      int_injected=(), static_opt=(), schedule=None, batch_size=64, eval_batch_size=512,
+  routing = _routing.route({"learning_rate": 1e-3, "b1": 0.9}, optax.adam, "inverse_time")
+  return _lane.TrainSpec(
+      adapter=adapter, routing=routing, static_opt=(), batch_size=64, eval_batch_size=512,
       objective=objective, num_train=dataset.num_train, num_val=dataset.num_val)
 
 
 def _inputs(spec, n: int, steps: int):
   configs = _common.sample_configs(n)
-  return _trainer.stack_inputs(range(n), [{"learning_rate": c["learning_rate"], "b1": c["b1"]} for c in configs],
+  return _lane.stack_inputs(range(n), [{"learning_rate": c["learning_rate"], "b1": c["b1"]} for c in configs],
                                [0.0] * n, [steps] * n, spec)
 
 
@@ -54,22 +54,24 @@ def _best_of(fn, reps: int) -> float:
   return best
 
 
-def _program(spec, n, devices, lane_batch, evals, options=None):
+def _timed_program(spec, n, devices, lane_batch, evals, options=None):
   mesh = _devices.make_mesh(devices)
-  program = _trainer.Program(spec, _trainer.Layout(n, len(devices), lane_batch), mesh, evals_per_call=evals)
+  program = _program.Program(spec, _program.Layout(n, len(devices), lane_batch), mesh, evals_per_call=evals)
   if options is not None:
-    saved = _trainer.compiler_options
-    _trainer.compiler_options = lambda platform: options
+    saved = _program.compiler_options
+    _program.compiler_options = lambda platform: options
   try:
-    data = _trainer.place_data(_DATA, 512, mesh)
-    inputs = _trainer.place_inputs(_inputs(spec, n, _STEPS), mesh, len(devices))
+    data = _program.place_data(_DATA, 512, mesh)
+    inputs = _program.place_lanes(_inputs(spec, n, _STEPS), mesh)
+    mask = _program.place_lanes(np.ones(n, bool), mesh)
     t0 = time.perf_counter()
-    program.compile(inputs, data)
+    program.compile(program.zeros(inputs), inputs, mask, data)
     compile_s = time.perf_counter() - t0
   finally:
     if options is not None:
-      _trainer.compiler_options = saved
-  run = lambda: jax.block_until_ready(program.fresh(inputs, data, _STEPS // evals))
+      _program.compiler_options = saved
+  # A fresh start each time: every lane initialised, then trained.
+  run = lambda: jax.block_until_ready(program.run(program.zeros(inputs), inputs, mask, data, _STEPS // evals))
   run()
   return compile_s, _best_of(run, _REPS)
 
@@ -90,13 +92,13 @@ def question_opt_level(spec, n, devices):
   alternate the variants and keep each one's best (widths differ by one so
   nothing is served from a cache).
   """
-  _program(_spec(_DATA, 32), n, devices, 1, 10)
+  _timed_program(_spec(_DATA, 32), n, devices, 1, 10)
   best = {}
   width = 128
   for _ in range(2):
     for name, options in OPTIONS.items():
       width += 1
-      compile_s, run_s = _program(_spec(_DATA, width), n, devices, 1, 10, options)
+      compile_s, run_s = _timed_program(_spec(_DATA, width), n, devices, 1, 10, options)
       c, r = best.get(name, (float("inf"), float("inf")))
       best[name] = (min(c, compile_s), min(r, run_s))
   return [{"llvm": name, "compile_s": c, "us_per_lane_step": r / n / _STEPS * 1e6}
@@ -109,7 +111,7 @@ def question_lane_batch(spec, n, devices):
   for k in sorted({1, 2, 4, 8, per_device}):
     if per_device % k:
       continue
-    compile_s, run_s = _program(spec, n, devices, k, 10)
+    compile_s, run_s = _timed_program(spec, n, devices, k, 10)
     rows.append({"lane_batch": k if k < per_device else f"{k} (all)", "compile_s": compile_s,
                  "us_per_lane_step": run_s / n / _STEPS * 1e6})
   return rows
@@ -120,26 +122,34 @@ def question_fused_buckets(n, devices):
   specs = [_spec(_DATA, 64), _spec(_DATA, 128)]
   device = devices[:1]
   mesh = _devices.make_mesh(device)
-  data = _trainer.place_data(_DATA, 512, mesh)
-  inputs = [_trainer.place_inputs(_inputs(s, n, _STEPS), mesh, 1) for s in specs]
-  programs = [_trainer.Program(s, _trainer.Layout(n, 1, 1), mesh, evals_per_call=10) for s in specs]
+  data = _program.place_data(_DATA, 512, mesh)
+  inputs = [_program.place_lanes(_inputs(s, n, _STEPS), mesh) for s in specs]
+  mask = _program.place_lanes(np.ones(n, bool), mesh)
+  programs = [_program.Program(s, _program.Layout(n, 1, 1), mesh, evals_per_call=10) for s in specs]
   eval_every = np.asarray(_STEPS // 10, np.int32)
   t0 = time.perf_counter()
   for p, i in zip(programs, inputs):
-    p.compile(i, data)
+    p.compile(p.zeros(i), i, mask, data)
   separate_compile = time.perf_counter() - t0
-  separate = lambda: jax.block_until_ready([p.fresh(i, data, _STEPS // 10) for p, i in zip(programs, inputs)])
+  separate = lambda: jax.block_until_ready([p.run(p.zeros(i), i, mask, data, _STEPS // 10)
+                                            for p, i in zip(programs, inputs)])
   separate()
   separate_run = _best_of(separate, _REPS)
 
-  def fused(a, b, train, val, every):
-    return programs[0]._local_fresh(a, train, val, every), programs[1]._local_fresh(b, train, val, every)
+  def fused(sa, a, sb, b, m, train, val, every):
+    return (programs[0]._local_run(sa, a, m, train, val, every), programs[1]._local_run(sb, b, m, train, val, every))
 
+  zeros = lambda: (programs[0].zeros(inputs[0]), programs[1].zeros(inputs[1]))
   t0 = time.perf_counter()
-  lowered = jax.jit(fused).lower(inputs[0], inputs[1], data.train, data.val, eval_every)
-  compiled = _trainer._compile(lowered, device[0].platform)
+  compiler = _program._Compiler(None, device[0].platform)
+  za, zb = zeros()
+  compiled = compiler.build(fused, (za, inputs[0], zb, inputs[1], mask, data.train, data.val, eval_every))
   fused_compile = time.perf_counter() - t0
-  run = lambda: jax.block_until_ready(compiled(inputs[0], inputs[1], data.train, data.val, eval_every))
+
+  def run():
+    za, zb = zeros()
+    jax.block_until_ready(compiled(za, inputs[0], zb, inputs[1], mask, data.train, data.val, eval_every))
+
   run()
   fused_run = _best_of(run, _REPS)
   lane_steps = 2 * n * _STEPS

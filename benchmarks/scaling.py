@@ -14,7 +14,7 @@ Reads ``result.stats``. Each N is searched twice, cold (compiles) and warm
 (``--no-warm`` skips it). Next to each number: achieved FLOP/s and MFU
 against a measured large matmul, and the memory roofline, bytes per
 lane-step ≈ 40 x parameters (fp32 Adam: forward and backward reads, the
-gradient write, Adam's reads of p, g, m, v and writes of p, m, v; NOTES.md)
+gradient write 4P, Adam's reads of p, g, m, v and writes of p, m, v: 28P)
 over a measured copy bandwidth. Saturation: the first N from which
 lane-steps/s grows by no more than 10% per doubling.
 
@@ -38,7 +38,7 @@ import optax  # noqa: E402
 
 import vmaptune as vt  # noqa: E402
 
-BYTES_PER_PARAM = 40  # fp32 Adam, per lane-step (NOTES.md)
+BYTES_PER_PARAM = 40  # fp32 Adam, per lane-step: forward 4P, backward ~1.6P + grad 4P, fused Adam 28P
 
 MODELS = {
     "digits": {"sizes": (64, 128, 128, 10), "batch": 64},

@@ -37,12 +37,10 @@ and batched TPE reuse zoom's programs, PBT halving's segment programs, the
 equal-budget Optuna run the other's): there only the warm times compare.
 
 Host-side overhead of halving and PBT: their decisions run on the host between
-compiled segments. Per segment the script reports ``(wall - stats.train_seconds -
-stats.compile_seconds - stats.trace_seconds) / segments`` (the formula from the
-stats), and an instrumented split: the benchmark wraps the population's
-segment calls (``start``/``advance``, including the wait for their metrics) and
-refill/exploit calls (blocked until done) with timers, so "device" is the time
-inside compiled calls and "host" the rest of the wall time outside compiling.
+compiled segments. ``result.stats`` splits the wall time: ``train_seconds`` is
+the time inside compiled calls (dispatch until the metrics are on the host),
+``host_seconds`` the rest outside tracing and compiling; ``segments`` counts
+the decision points. Per segment the script reports both.
 The time the same lane-steps take at the zoom search's training rate is shown
 as the floor a strategy decided inside one program could approach. A sweep
 over the population size (``--sweep 32,256,1024``: diabetes, one width, S =
@@ -58,7 +56,6 @@ Tasks as in ``quality.py``: digits (validation cross-entropy) and diabetes
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import sys
@@ -132,70 +129,14 @@ def parse_args(argv):
 # --------------------------------------------------------------------------
 
 
-class SegmentTimer:
-  """Times a halving/PBT search's compiled calls from outside vmaptune.
-
-  Wraps the private population methods (``start``, ``advance``: one segment
-  in every program, up to and including fetching its metrics; ``refill`` and
-  PBT's ``_exploit``: blocked until done, so their device time is booked here
-  and not in the next segment) and subtracts whatever compiling happened
-  inside them. Everything else in the search's wall time, compiling aside, is
-  host work: decisions, sampling, bookkeeping, result building.
-  """
-
-  def __init__(self):
-    self.device_s = 0.0
-    self.segment_s = 0.0
-    self.population_ops_s = 0.0
-    self.segments = 0
-    self.population_ops = 0
-    self.available = True
-
-  @contextlib.contextmanager
-  def active(self):
-    try:
-      from vmaptune import _strategies as S
-
-      pop, pbt = S._Population, S.PBTSearch
-      originals = {(pop, "start"): pop.start, (pop, "advance"): pop.advance, (pop, "refill"): pop.refill,
-                   (pbt, "_exploit"): pbt._exploit}
-    except (ImportError, AttributeError):  # vmaptune's internals moved: no split
-      self.available = False
-      yield self
-      return
-    import jax
-
-    timer = self
-
-    def wrap(fn, kind):
-      def timed(obj, *a, **kw):
-        stats = obj.ctx.stats
-        c0 = stats.compile_seconds + stats.trace_seconds
-        t0 = time.perf_counter()
-        out = fn(obj, *a, **kw)
-        if kind == "op":
-          chunks = obj.chunks if hasattr(obj, "chunks") else obj.population.chunks
-          jax.block_until_ready([c[4] for c in chunks])
-        elapsed = time.perf_counter() - t0 - (stats.compile_seconds + stats.trace_seconds - c0)
-        timer.device_s += elapsed
-        if kind == "segment":
-          timer.segment_s += elapsed
-          timer.segments += 1
-        else:
-          timer.population_ops_s += elapsed
-          timer.population_ops += 1
-        return out
-
-      return timed
-
-    kinds = {"start": "segment", "advance": "segment", "refill": "op", "_exploit": "op"}
-    try:
-      for (cls, name), fn in originals.items():
-        setattr(cls, name, wrap(fn, kinds[name]))
-      yield self
-    finally:
-      for (cls, name), fn in originals.items():
-        setattr(cls, name, fn)
+def stats_split(stats) -> dict:
+  """Where a search's time went, from its ``result.stats``: time inside
+  compiled calls (dispatch to metrics on the host, device time included) and
+  host time (wall minus tracing, compiling and those calls), per segment."""
+  segments = stats.segments or None
+  return {"segments": segments, "device_s": stats.train_seconds, "host_s": stats.host_seconds,
+          "host_per_segment_s": stats.host_seconds / segments if segments else None,
+          "device_per_segment_s": stats.train_seconds / segments if segments else None}
 
 
 # --------------------------------------------------------------------------
@@ -214,11 +155,9 @@ def run_vmaptune(method, model_fn, data, args, seed):
     kw["strategy"] = vt.PBT(ready=args.steps // 4)
   elif method in ("sobol", "tpe"):
     kw["sampler"] = method
-  timer = SegmentTimer()
-  with (timer.active() if method in STRATEGIES else contextlib.nullcontext()):
-    t0 = time.perf_counter()
-    result = vt.search(model_fn, data, Q.space(), **kw)
-    wall = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  result = vt.search(model_fn, data, Q.space(), **kw)
+  wall = time.perf_counter() - t0
   s = result.stats
   best = result.best_trial  # ranks only "ok" trials: for halving, those that finished all S steps
   out = {"best": float(best.score), "wall_s": wall, "lane_steps": int(s.lane_steps),
@@ -229,16 +168,7 @@ def run_vmaptune(method, model_fn, data, args, seed):
          "train_s": s.train_seconds, "compile_s": s.compile_seconds, "trace_s": s.trace_seconds,
          "programs_compiled": s.programs_compiled}
   if method in STRATEGIES:
-    segments = timer.segments if timer.available else None
-    out["segments"] = segments
-    out["host_per_segment_from_stats_s"] = (
-        (wall - s.train_seconds - s.compile_seconds - s.trace_seconds) / segments if segments else None)
-    out["train_per_segment_from_stats_s"] = s.train_seconds / segments if segments else None
-    if timer.available and segments:
-      host = wall - s.compile_seconds - s.trace_seconds - timer.device_s
-      out.update(device_s=timer.device_s, segment_calls_s=timer.segment_s,
-                 population_ops_s=timer.population_ops_s, population_ops=timer.population_ops,
-                 host_s=host, host_per_segment_s=host / segments, device_per_segment_s=timer.device_s / segments)
+    out.update(stats_split(s))
   return out
 
 
@@ -346,9 +276,8 @@ def overhead_row(task, method, name, results, zoom_rate, zoom_host):
   beyond = (host - zoom_host) / segments if host is not None and zoom_host is not None and segments else None
   return {"task": task, "method": method, "name": name, "seeds": len(rs), "segments": pick("segments"),
           "wall": pick("wall_s"), "compile": _median([(r["compile_s"] or 0) + (r["trace_s"] or 0) for r in rs]),
-          "train_stats": pick("train_s"), "device": pick("device_s"), "population_ops": pick("population_ops_s"),
-          "host": pick("host_s"), "host_seg_stats_ms": _ms(pick("host_per_segment_from_stats_s")),
-          "train_seg_stats_ms": _ms(pick("train_per_segment_from_stats_s")),
+          "train_stats": pick("train_s"), "device": pick("device_s"),
+          "host": pick("host_s"),
           "host_seg_ms": _ms(pick("host_per_segment_s")), "device_seg_ms": _ms(pick("device_per_segment_s")),
           "zoom_rate_floor": floor,
           "zoom_host": zoom_host, "host_seg_beyond_zoom_ms": _ms(beyond),
@@ -407,21 +336,18 @@ def run_sweep(args, record, t_start):
   for n in args.sweep:
     for method, strategy in strategies.items():
       for seed in (0, 1):
-        timer = SegmentTimer()
-        with timer.active():
-          t0 = time.perf_counter()
-          result = vt.search(model_fn, data, space, optimizer=optax.adam, num_configs=n, num_steps=SWEEP_STEPS,
-                             rounds=3, seed=seed, strategy=strategy, verbose=False)
-          wall = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        result = vt.search(model_fn, data, space, optimizer=optax.adam, num_configs=n, num_steps=SWEEP_STEPS,
+                           rounds=3, seed=seed, strategy=strategy, verbose=False)
+        wall = time.perf_counter() - t0
       s = result.stats
-      compile_s = s.compile_seconds + s.trace_seconds
+      compile_s = s.compile_wall_seconds + s.trace_seconds
+      split = stats_split(s)
       row = {"lanes": n, "method": method, "wall": wall, "compile": compile_s, "train_stats": s.train_seconds,
-             "lane_steps": s.lane_steps, "trials": len(result.trials), "segments": timer.segments}
-      if timer.available and timer.segments:
-        host = wall - compile_s - timer.device_s
-        row.update(device=timer.device_s, host=host, host_seg_ms=1e3 * host / timer.segments,
-                   device_seg_ms=1e3 * timer.device_s / timer.segments,
-                   host_share=host / max(1e-9, wall - compile_s))
+             "lane_steps": s.lane_steps, "trials": len(result.trials), "segments": split["segments"],
+             "device": split["device_s"], "host": split["host_s"],
+             "host_seg_ms": _ms(split["host_per_segment_s"]), "device_seg_ms": _ms(split["device_per_segment_s"]),
+             "host_share": split["host_s"] / max(1e-9, wall - compile_s)}
       rows.append(row)
       record["sweep"].append(row)
       C.write_json(args.out, record)
@@ -510,8 +436,8 @@ def main(argv=None) -> int:
         overhead.append(o)
         record["overhead"].append(o)
         record["summary"].append(
-            f"{task} / {method}: {C.fmt(o['segments'])} segments, host {C.fmt(o['host_seg_ms'])} ms/segment "
-            f"(from stats {C.fmt(o['host_seg_stats_ms'])}), in compiled calls {C.fmt(o['device_seg_ms'])} "
+            f"{task} / {method}: {C.fmt(o['segments'])} segments, host {C.fmt(o['host_seg_ms'])} ms/segment, "
+            f"in compiled calls {C.fmt(o['device_seg_ms'])} "
             f"ms/segment; (wall - compile) / zoom-rate floor {C.fmt(o['wall_over_floor'])}")
   sweep = run_sweep(args, record, t_start) if args.sweep else []
   whens = (("warm",) if args.seeds > 1 else ()) + (("cold",) if args.cache == "fresh" else ())
@@ -539,14 +465,12 @@ def main(argv=None) -> int:
                  "(order-dependent; no cold verdict); warm: median of later seeds; median: over all seeds")
 
   if overhead:
-    print("\nHalving/PBT time per segment (warm seeds, medians); host = wall - compile - time inside compiled "
-          "calls (instrumented); 'from stats' = (wall - stats.train_seconds - compile) / segments:\n")
+    print("\nHalving/PBT time per segment (warm seeds, medians), from result.stats: in compiled calls = "
+          "stats.train_seconds, host = stats.host_seconds:\n")
     ocols = [("task", "task"), ("method", "strategy"), ("segments", "segments"), ("wall", "wall s"),
-             ("train_stats", "stats.train s"), ("device", "in compiled calls s"),
-             ("population_ops", "of which refill/exploit s"), ("host", "host s"),
+             ("device", "in compiled calls s"), ("host", "host s"),
              ("device_seg_ms", "device ms/seg"), ("host_seg_ms", "host ms/seg"), ("zoom_host", "zoom search host s"),
              ("host_seg_beyond_zoom_ms", "host ms/seg beyond zoom's"), ("host_share", "host share"),
-             ("train_seg_stats_ms", "stats.train ms/seg"), ("host_seg_stats_ms", "host ms/seg from stats"),
              ("zoom_rate_floor", "same lane-steps at zoom rate s"), ("wall_over_floor", "(wall-compile)/floor")]
     print(C.table(overhead, ocols))
     notes.append("strategy segments: halving 3*S/(S/9) = 27, PBT 3*S/(S/4) = 12; each is one compiled call per "
@@ -554,13 +478,6 @@ def main(argv=None) -> int:
                  "floor = the same lane-steps at the warm zoom search's stats.lane_steps_per_second; "
                  "zoom search host = its wall - train - compile (sampling, data placement, result: every "
                  "search pays it), and host ms/seg beyond zoom's = (host - that) / segments")
-    ratios = [o["device"] / o["train_stats"] for o in overhead if o["device"] and o["train_stats"]]
-    if ratios and max(ratios) > 1.2:
-      notes.append(
-          f"stats.train_seconds of halving/PBT is {min(ratios):.1f}-{max(ratios):.1f}x smaller than the time "
-          "measured inside their compiled calls: _Population.start/advance stop the clock after dispatching "
-          "a segment and fetch its metrics (to_host, which waits for the device) outside it, so the "
-          "'from stats' host overhead overstates the host's share (and stats.lane_steps_per_second is too high)")
 
   if sweep:
     print(f"\nHost overhead as the population grows (diabetes, one width, S = {SWEEP_STEPS}; the second of two "

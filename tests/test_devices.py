@@ -44,11 +44,17 @@ def test_padding_lanes_never_reach_the_results(small_digits):
   assert r.stats.lane_steps == 5 * 10
 
 
-def _peak(result, lanes):
-  from vmaptune._search import _peak_bytes
+def _program(result, trial):
+  """The compiled program a trial ran in (through the result's replay record)."""
+  ref = result._replay.population.refs[trial.id]
+  return result._replay.plan.program(ref.signature, ref.lanes, ref.evals_per_call)
 
-  programs = [p for (sig, n, *_), p in result._context.programs.items() if n == lanes]
-  return _peak_bytes(programs[0].memory)
+
+def _peak(result, lanes):
+  from vmaptune._plan import peak_bytes
+
+  programs = [_program(result, t) for t in result.trials]
+  return peak_bytes([p for p in programs if p.layout.num_lanes == lanes][0].memory)
 
 
 def test_tiny_memory_budget_chunks_the_population_with_the_same_results(small_digits, sharded):
@@ -57,7 +63,7 @@ def test_tiny_memory_budget_chunks_the_population_with_the_same_results(small_di
   budget = _peak(sharded, 8) - 1
   chunked = vt.search(mlp_fn, small_digits, SPACE, memory_budget=budget, **KW)
   assert _peak(chunked, 4) <= budget
-  lanes = {chunked._context.trial_program[t.id][1] for t in chunked.trials}
+  lanes = {_program(chunked, t).layout.num_lanes for t in chunked.trials}
   assert lanes == {4}  # one lane per device per program instead of all 8 at once
   for a, b in zip(chunked.trials, sharded.trials):
     assert a.config == b.config and a.score == b.score  # lanes are independent: bit for bit
@@ -83,7 +89,7 @@ def test_out_of_memory_at_one_lane_per_device_is_a_clear_error(small_digits, mon
 
 @pytest.mark.parametrize("value, expected", [(1024, 1024), ("2KB", 2048), ("1.5MB", 3 * 2**19), ("1GiB", 2**30)])
 def test_memory_budget_parsing(value, expected):
-  assert _devices._parse_bytes(value) == expected
+  assert _devices.parse_bytes(value) == expected
 
 
 @pytest.mark.parametrize("value", [0, -5, "lots", True, "0MB"])

@@ -11,8 +11,8 @@ import pytest
 
 import vmaptune as vt
 from vmaptune import _importance
-from vmaptune._result import SearchResult, Stats, Trial
-from vmaptune._space import Region
+from vmaptune import SearchResult, Stats, Trial
+from vmaptune import Region
 
 
 def _trial(i, config, score, round_=0, status="ok"):

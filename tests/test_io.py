@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import vmaptune as vt
-from vmaptune import _io, _space
-from vmaptune._result import SearchResult, Stats, Trial
+from vmaptune import _io, _region
+from vmaptune import SearchResult, Stats, Trial
 
 from _models import mlp_fn
 
@@ -36,7 +36,7 @@ def result(small_digits):
   bad = dataclasses.replace(t0, id=len(r.trials), round=1, score=math.inf, status="diverged",
                             diverged_at=int(t0.curve_steps[2]), curve=curve, parent=r.best_trial.id)
   return SearchResult(trials=r.trials + [bad], space=r.space, metric=r.metric, maximize=r.maximize,
-                      regions=r.regions, stats=r.stats, context=r._context,
+                      regions=r.regions, stats=r.stats, replay=r._replay,
                       best_params=r._best_params, options=r.options)
 
 
@@ -115,7 +115,7 @@ def _hand_built(best_params=None):
                         curve_steps=np.asarray([5, 10], np.int32),
                         train_curve=np.zeros((0,), np.float32), steps=10))
   return SearchResult(trials=trials, space=space, metric="accuracy", maximize=True,
-                      regions=[_space.Region.full(space)], stats=Stats(wall_seconds=1.5),
+                      regions=[_region.Region.full(space)], stats=Stats(wall_seconds=1.5),
                       best_params=best_params, options={"shrink": 0.5, "keep": math.inf})
 
 

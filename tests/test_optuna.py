@@ -9,8 +9,8 @@ import pytest
 optuna = pytest.importorskip("optuna")
 
 import vmaptune as vt  # noqa: E402
-from vmaptune import _space  # noqa: E402
-from vmaptune._result import SearchResult, Stats, Trial  # noqa: E402
+from vmaptune import _region, _space  # noqa: E402
+from vmaptune import SearchResult, Stats, Trial  # noqa: E402
 
 from optuna.distributions import (  # noqa: E402
     CategoricalDistribution,
@@ -52,7 +52,7 @@ def _result(maximize=False, n=24):
                         train_curve=np.zeros(4, np.float32), steps=40,
                         diverged_at=25 if diverged else None, parent=0 if i >= n // 2 else None))
   return SearchResult(trials=trials, space=SPACE, metric="accuracy" if maximize else "loss",
-                      maximize=maximize, regions=[_space.Region.full(SPACE)], stats=Stats(),
+                      maximize=maximize, regions=[_region.Region.full(SPACE)], stats=Stats(),
                       options={"sampler": "random", "num_configs": n // 2})
 
 

@@ -17,8 +17,8 @@ import pytest
 pytest.importorskip("matplotlib")
 
 import vmaptune as vt  # noqa: E402
-from vmaptune import _report, _space, plot  # noqa: E402
-from vmaptune._result import SearchResult, Stats, Trial  # noqa: E402
+from vmaptune import _report, _region, _space, plot  # noqa: E402
+from vmaptune import SearchResult, Stats, Trial  # noqa: E402
 
 from _models import mlp_fn  # noqa: E402
 
@@ -61,7 +61,7 @@ def _hand_built(space, configs, score_fn, *, maximize=False, sampler="random"):
                         curve_steps=np.arange(1, 6) * 10, train_curve=np.zeros(5, np.float32),
                         steps=50))
   return SearchResult(trials=trials, space=space, metric="accuracy" if maximize else "loss",
-                      maximize=maximize, regions=[_space.Region.full(space)], stats=Stats(),
+                      maximize=maximize, regions=[_region.Region.full(space)], stats=Stats(),
                       options={"sampler": sampler})
 
 
@@ -144,8 +144,8 @@ def test_scatter_categorical_axis_and_errors(result):
 
 def test_scatter_grid_shows_the_few_distinct_values():
   space = {"lr": vt.loguniform(1e-4, 1e-1), "momentum": vt.uniform(0.0, 0.99), "width": 32}
-  configs = [dict(c, width=32) for c in _space.grid_values(_space.searched(space), 25,
-                                                           _space.Region.full(space))]
+  configs = [dict(c, width=32) for c in _region.grid_values(_space.searched(space), 25,
+                                                           _region.Region.full(space))]
   r = _hand_built(space, configs, lambda c: abs(math.log10(c["lr"]) + 2.5), sampler="grid")
   fig = plot.scatter(r, "lr", "momentum")
   title = fig.axes[0].get_title()

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import vmaptune as vt
-from vmaptune import _trainer
+from vmaptune import _program
 
 from _models import MLP, Regressor, linen_mlp_fn, mlp_fn
 
@@ -238,7 +238,7 @@ def no_compile(monkeypatch):
   def refuse(*a, **k):
     raise AssertionError("compiled before validating the input")
 
-  monkeypatch.setattr(_trainer.Program, "compile", refuse)
+  monkeypatch.setattr(_program.Program, "compile", refuse)
 
 
 def _bad_model(config, rngs):

@@ -6,7 +6,7 @@ import pytest
 from scipy import stats
 
 import vmaptune as vt
-from vmaptune import _space
+from vmaptune import _region, _space
 
 
 def _draw(d, n=4000, seed=0):
@@ -129,11 +129,11 @@ def test_zoom_region_shrinks_and_contains_best():
   space = {"lr": vt.loguniform(1e-5, 1.0), "b1": vt.reverse_loguniform(0.5, 0.999),
            "h": vt.choice([8, 16, 32]), "n": vt.integer(1, 8)}
   rng = np.random.default_rng(0)
-  configs = _space.sample_values(_space.searched(space), rng, 50, _space.Region.full(space))
-  full = _space.Region.full(space)
+  configs = _region.sample_values(_space.searched(space), rng, 50, _region.Region.full(space))
+  full = _region.Region.full(space)
   for r in (1, 2, 3):
     top = configs[:10]
-    region = _space.zoom_region(space, top, r, shrink=0.5)
+    region = _region.zoom_region(space, top, r, shrink=0.5)
     for k in ("lr", "b1", "n"):
       lo, hi = region.numeric[k]
       flo, fhi = full.numeric[k]
@@ -142,19 +142,19 @@ def test_zoom_region_shrinks_and_contains_best():
       t = space[k].to_coord(top[0][k])
       assert lo - 1e-9 <= t <= hi + 1e-9, k  # the best config stays inside
     assert set(region.choices["h"]) == {c["h"] for c in top}
-    samples = _space.sample_values(_space.searched(space), rng, 200, region)
+    samples = _region.sample_values(_space.searched(space), rng, 200, region)
     assert all(region.contains(space, s) for s in samples)
 
 
 def test_grid_is_full_and_within_budget():
   space = {"lr": vt.loguniform(1e-4, 1e-1), "mom": vt.uniform(0.0, 0.9)}
-  g = _space.grid_values(_space.searched(space), 25, _space.Region.full(space))
+  g = _region.grid_values(_space.searched(space), 25, _region.Region.full(space))
   assert len(g) == 25
   assert len({c["lr"] for c in g}) == 5  # a 5x5 grid tries only 5 learning rates
-  g = _space.grid_values(_space.searched(space), 96, _space.Region.full(space))
+  g = _region.grid_values(_space.searched(space), 96, _region.Region.full(space))
   assert len(g) == 90 and len({c["lr"] for c in g}) == 10
   with pytest.raises(ValueError, match="grid"):
-    _space.grid_values({"h": vt.choice(list(range(10)))}, 5, _space.Region.full({"h": vt.choice(list(range(10)))}))
+    _region.grid_values({"h": vt.choice(list(range(10)))}, 5, _region.Region.full({"h": vt.choice(list(range(10)))}))
 
 
 def test_json_round_trip():

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import vmaptune as vt
-from vmaptune import _data, _model, _samplers, _space, _trainer
+from vmaptune import _data, _lane, _model, _program, _routing, _samplers, _region
 
 from _models import mlp_fn
 
@@ -118,19 +118,19 @@ def test_pbt_schedule_replays_with_train(pbt, small_digits):
 def test_pbt_exploit_copies_parameters_and_optimizer_state_exactly(small_digits):
   ds = _data.prepare_data(small_digits, val_fraction=0.2, seed=0)
   obj = _data.resolve_objective(ds.task, None, "loss", None)
-  spec = _trainer.TrainSpec(adapter=_model.make_adapter(mlp_fn, {"hidden": 8}, None), optimizer=optax.adam,
-                            factory_kind="factory", injected=("learning_rate",), int_injected=(),
-                            static_opt=(), schedule=None, batch_size=32, eval_batch_size=512,
-                            objective=obj, num_train=ds.num_train, num_val=ds.num_val)
+  routing = _routing.route({"learning_rate": 1e-2}, optax.adam, "inverse_time")
+  spec = _lane.TrainSpec(adapter=_model.make_adapter(mlp_fn, {"hidden": 8}, None), routing=routing, static_opt=(),
+                         batch_size=32, eval_batch_size=512, objective=obj, num_train=ds.num_train,
+                         num_val=ds.num_val)
   from vmaptune import _devices
 
   mesh = _devices.make_mesh(jax.devices())
-  program = _trainer.Program(spec, _trainer.Layout(4, 4, 1), mesh, evals_per_call=1)
-  data = _trainer.place_data(ds, 512, mesh)
-  inputs = _trainer.place_inputs(_trainer.stack_inputs(range(4), [{"learning_rate": 1e-2}] * 4, [0.0] * 4,
-                                                       [10] * 4, spec), mesh, 4)
-  program.compile(inputs, data)
-  state, _ = program.fresh(inputs, data, 5)
+  program = _program.Program(spec, _program.Layout(4, 4, 1), mesh, evals_per_call=1)
+  data = _program.place_data(ds, 512, mesh)
+  inputs = _program.place_lanes(_lane.stack_inputs(range(4), [{"learning_rate": 1e-2}] * 4, [0.0] * 4,
+                                                   [10] * 4, spec), mesh)
+  mask = _program.place_lanes(np.ones(4, bool), mesh)
+  state, _ = program.run(program.zeros(inputs), inputs, mask, data, 5)
   before = jax.device_get(state)
   source = np.array([0, 0, 2, 2], np.int32)  # lane 1 takes lane 0, lane 3 takes lane 2
   new_lr = np.array([1e-2, 5e-3, 1e-2, 2e-2], np.float32)
@@ -170,10 +170,10 @@ def test_strategies_are_deterministic(small_digits, strategy, halving, pbt):
 @pytest.mark.parametrize("kind", ["sobol", "halton"])
 def test_quasi_random_points_are_more_even_than_random(kind):
   space = {"a": vt.uniform(0, 1), "b": vt.loguniform(1e-4, 1.0), "c": vt.reverse_loguniform(0.5, 0.999)}
-  region = _space.Region.full(space)
-  unit = lambda cs: np.asarray([_space.coords(space, c, list(space)) for c in cs])
+  region = vt.Region.full(space)
+  unit = lambda cs: np.asarray([_region.coords(space, c, list(space)) for c in cs])
   qmc = [_samplers.discrepancy(unit(_samplers.qmc_values(space, 64, region, kind, (s, 0)))) for s in range(5)]
-  rnd = [_samplers.discrepancy(unit(_space.sample_values(space, np.random.default_rng(s), 64, region)))
+  rnd = [_samplers.discrepancy(unit(_region.sample_values(space, np.random.default_rng(s), 64, region)))
          for s in range(5)]
   assert np.median(qmc) < 0.5 * np.median(rnd)
   assert _samplers.qmc_values(space, 8, region, kind, (1, 0)) == _samplers.qmc_values(space, 8, region, kind, (1, 0))

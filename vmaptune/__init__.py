@@ -14,14 +14,20 @@ from . import _devices
 _devices.configure_cpu_devices()
 
 from ._devices import enable_compilation_cache  # noqa: E402
-from ._result import AllDivergedError, Run, SearchResult, Stats, Trial  # noqa: E402
+from ._trial import AllDivergedError, Run, Stats, Trial  # noqa: E402
+from ._result import SearchResult, load  # noqa: E402
 from ._checkpoint import CheckpointError, CheckpointMismatch  # noqa: E402
-from ._search import PBT, Halving, OutOfMemoryError, TrainState, clear_cache, search, train  # noqa: E402
-from ._io import load  # noqa: E402
+from ._plan import OutOfMemoryError  # noqa: E402
+from ._program import clear_cache  # noqa: E402
+from ._zoom import Zoom  # noqa: E402
+from ._halving import Halving  # noqa: E402
+from ._pbt import PBT  # noqa: E402
+from ._search import search  # noqa: E402
+from ._train import TrainState, train  # noqa: E402
 from . import plot  # noqa: E402  (matplotlib is imported lazily, on first use)
+from ._region import Region  # noqa: E402
 from ._space import (  # noqa: E402
     Distribution,
-    Region,
     choice,
     integer,
     loguniform,
@@ -35,6 +41,7 @@ __all__ = [
     "search",
     "train",
     "load",
+    "Zoom",
     "Halving",
     "PBT",
     "uniform",

@@ -5,8 +5,8 @@ Layout of ``checkpoint_dir``::
   LOCK                 pid and host of the process that owns the directory
   LATEST               name of the newest committed checkpoint (atomically replaced)
   ckpt-000012/         one committed checkpoint
-    meta.json          search state: trials, regions, round, in-flight chunk, fingerprint
-    arrays.npz         the in-flight population's state, best parameters
+    meta.json          the search loop's state: fingerprint, trials, strategy state, lanes
+    arrays.npz         the population's device state, best parameters
     MANIFEST.json      format version and SHA-256 of each member
 
 A checkpoint is written into ``ckpt-000012.tmp-<pid>``, every file flushed and
@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import os
 import shutil
 import socket
@@ -32,10 +31,14 @@ from typing import Any, Mapping
 import numpy as np
 
 from . import _faults
+from ._codec import dumps, fsync_dir, loads, write_file
 
-__all__ = ["Checkpointer", "CheckpointError", "CheckpointMismatch", "FORMAT_VERSION"]
+__all__ = ["Checkpointer", "CheckpointError", "CheckpointMismatch", "FORMAT_VERSION", "dumps", "loads",
+           "fingerprint_diff"]
 
-FORMAT_VERSION = 1
+#: Version 2 (one format for every strategy: the loop's state, see _loop.py)
+#: replaced version 1 (separate zoom and halving/PBT formats) on 2026-11-29.
+FORMAT_VERSION = 2
 _KEEP = 2
 
 
@@ -57,100 +60,6 @@ class CheckpointMismatch(ValueError):
   """
 
 
-def _fsync_dir(path: str) -> None:
-  try:
-    fd = os.open(path, os.O_RDONLY)
-  except OSError:  # pragma: no cover - platforms without directory fds
-    return
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-
-
-def _write_file(path: str, data: bytes) -> None:
-  # Errors (ENOSPC, EFBIG) surface at write, flush or fsync: never swallow them.
-  with open(path, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-
-
-def _encode(obj: Any) -> Any:
-  """JSON has no inf/nan and no tuples: encode them reversibly."""
-  if isinstance(obj, float):
-    if math.isnan(obj):
-      return {"__float__": "nan"}
-    if math.isinf(obj):
-      return {"__float__": "inf" if obj > 0 else "-inf"}
-    return obj
-  if isinstance(obj, (bool, int, str)) or obj is None:
-    return obj
-  if isinstance(obj, (np.integer,)):
-    return int(obj)
-  if isinstance(obj, (np.floating,)):
-    return _encode(float(obj))
-  if isinstance(obj, tuple):
-    return {"__tuple__": [_encode(v) for v in obj]}
-  if isinstance(obj, list):
-    return [_encode(v) for v in obj]
-  if isinstance(obj, dict):
-    return {"__dict__": [[_encode(k), _encode(v)] for k, v in obj.items()]}
-  if isinstance(obj, np.ndarray):
-    return {"__array__": [_encode(v) for v in obj.tolist()], "dtype": obj.dtype.str}
-  if callable(obj):
-    return {"__callable__": f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"}
-  return {"__repr__": repr(obj)}
-
-
-def _decode(obj: Any) -> Any:
-  if isinstance(obj, list):
-    return [_decode(v) for v in obj]
-  if isinstance(obj, dict):
-    if "__float__" in obj:
-      return float(obj["__float__"])
-    if "__tuple__" in obj:
-      return tuple(_decode(v) for v in obj["__tuple__"])
-    if "__dict__" in obj:
-      return {_decode(k): _decode(v) for k, v in obj["__dict__"]}
-    if "__array__" in obj:
-      return np.asarray(_decode(obj["__array__"]), dtype=np.dtype(obj["dtype"]))
-    if "__callable__" in obj:
-      return obj["__callable__"]
-    if "__repr__" in obj:
-      return obj["__repr__"]
-  return obj
-
-
-def dumps(obj: Any) -> bytes:
-  return json.dumps(_encode(obj), sort_keys=False).encode()
-
-
-def loads(data: bytes) -> Any:
-  return _decode(json.loads(data.decode()))
-
-
-def revive_config(space: Mapping[str, Any], config: Mapping[str, Any]) -> dict:
-  """A config read back from a checkpoint, its values mapped back to the space's own objects.
-
-  JSON keeps numbers, strings and tuples exactly but stores a function (an
-  activation among ``choice`` values, a constant) by name: such a value is
-  replaced by the space's object that encodes the same way.
-  """
-  from ._space import Choice, Distribution
-
-  out = {}
-  for k, v in config.items():
-    d = space.get(k)
-    if isinstance(d, Choice):
-      out[k] = next((c for c in d.values if c == v or loads(dumps(c)) == v), v)
-    elif k in space and not isinstance(d, Distribution):
-      out[k] = d
-    else:
-      out[k] = v
-  return out
-
-
 def _pid_alive(pid: int) -> bool:
   try:
     os.kill(pid, 0)
@@ -164,8 +73,11 @@ def _pid_alive(pid: int) -> bool:
 class Checkpointer:
   """Owns one checkpoint directory for the duration of a search."""
 
-  def __init__(self, directory: str):
+  def __init__(self, directory: str, objects: Mapping[str, Any] | None = None):
+    """``objects``: how stored function names map back to objects (see
+    :func:`vmaptune._codec.space_objects`)."""
     self.directory = os.path.abspath(os.fspath(directory))
+    self.objects = dict(objects or {})
     self._locked = False
     self._seq = 0
 
@@ -247,9 +159,13 @@ class Checkpointer:
       raise CheckpointError(f"{manifest_path}: unreadable manifest ({e})") from None
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
+      older = isinstance(version, int) and version < FORMAT_VERSION
       raise CheckpointError(
           f"{manifest_path}: checkpoint format version {version!r}, this vmaptune reads "
-          f"version {FORMAT_VERSION}; resume with the vmaptune that wrote it or pass overwrite=True."
+          f"version {FORMAT_VERSION}; "
+          + ("it was written by an older vmaptune (0.1, before the one search loop): finish that search "
+             "with the vmaptune that wrote it, or pass overwrite=True to start afresh."
+             if older else "resume with the vmaptune that wrote it or pass overwrite=True.")
       )
     files = manifest.get("files", {})
     if set(files) != {"meta.json", "arrays.npz"}:
@@ -265,7 +181,7 @@ class Checkpointer:
       if hashlib.sha256(blob).hexdigest() != digest:
         raise CheckpointError(f"{member_path}: checksum mismatch (truncated or corrupted)")
       blobs[member] = blob
-    meta = loads(blobs["meta.json"])
+    meta = loads(blobs["meta.json"], self.objects)
     with np.load(io.BytesIO(blobs["arrays.npz"]), allow_pickle=False) as z:
       arrays = {k: z[k] for k in z.files}
     return meta, arrays
@@ -327,8 +243,8 @@ class Checkpointer:
       buf = io.BytesIO()
       np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
       arrays_blob = buf.getvalue()
-      _write_file(os.path.join(tmp, "meta.json"), meta_blob)
-      _write_file(os.path.join(tmp, "arrays.npz"), arrays_blob)
+      write_file(os.path.join(tmp, "meta.json"), meta_blob)
+      write_file(os.path.join(tmp, "arrays.npz"), arrays_blob)
       manifest = {
           "format_version": FORMAT_VERSION,
           "files": {
@@ -336,17 +252,17 @@ class Checkpointer:
               "arrays.npz": hashlib.sha256(arrays_blob).hexdigest(),
           },
       }
-      _write_file(os.path.join(tmp, "MANIFEST.json"), json.dumps(manifest).encode())
-      _fsync_dir(tmp)
+      write_file(os.path.join(tmp, "MANIFEST.json"), json.dumps(manifest).encode())
+      fsync_dir(tmp)
       _faults.failpoint("checkpoint:after-temp-write")
       os.replace(tmp, final)
-      _fsync_dir(self.directory)
+      fsync_dir(self.directory)
       _faults.failpoint("checkpoint:after-rename")
       _faults.failpoint("checkpoint:before-latest")
       latest_tmp = os.path.join(self.directory, f"LATEST.tmp-{os.getpid()}")
-      _write_file(latest_tmp, (name + "\n").encode())
+      write_file(latest_tmp, (name + "\n").encode())
       os.replace(latest_tmp, os.path.join(self.directory, "LATEST"))
-      _fsync_dir(self.directory)
+      fsync_dir(self.directory)
     except OSError as e:
       self._seq -= 1
       shutil.rmtree(tmp, ignore_errors=True)

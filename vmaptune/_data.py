@@ -39,6 +39,13 @@ class Dataset:
   def num_val(self) -> int:
     return int(self.x_val.shape[0])
 
+  @property
+  def num_classes(self) -> int | None:
+    """Classes seen in the labels (classification), else None."""
+    if self.task != "classification":
+      return None
+    return int(max(self.y_train.max(), self.y_val.max())) + 1
+
   def fingerprint(self) -> str:
     """A digest of shapes, dtypes and contents (for checkpoints and caches)."""
     h = hashlib.sha256()

@@ -70,6 +70,36 @@ def demo_model_fn(config, rngs):
   return MLP(config["hidden"], config["num_layers"], rngs)
 
 
+def example_result():
+  """A small hand-built :class:`~vmaptune.SearchResult` for examples and docs.
+
+  Forty round-0 trials over a learning rate (log scale) and a width, where the
+  score is ``(log10(lr) + 2.5)**2`` plus a little noise: the learning rate
+  drives the score, the width does not. No training involved.
+
+  >>> example_result().best_config["learning_rate"] > 0
+  True
+  """
+  import math
+
+  import numpy as np
+
+  import vmaptune as vt
+
+  space = {"learning_rate": vt.loguniform(1e-4, 1e-1), "width": vt.choice([8, 16])}
+  rng = np.random.default_rng(0)
+  trials = []
+  for i in range(40):
+    lr = float(np.exp(rng.uniform(*space["learning_rate"].bounds())))
+    width = [8, 16][int(rng.integers(2))]
+    score = (math.log10(lr) + 2.5) ** 2 + 0.01 * rng.normal()
+    trials.append(vt.Trial(id=i, config={"learning_rate": lr, "width": width}, score=score, round=0,
+                           lane=i, status="ok", seed=i, curve=np.asarray([score]),
+                           curve_steps=np.asarray([10]), train_curve=np.asarray([score]), steps=10))
+  return vt.SearchResult(trials=trials, space=space, metric="loss", maximize=False,
+                         regions=[vt.Region.full(space)], stats=vt.Stats())
+
+
 def run_demo(args: argparse.Namespace) -> int:
   import vmaptune as vt
 

@@ -1,6 +1,7 @@
 """Which devices the lane axis is sharded over, and using every CPU core.
 
-One XLA CPU device runs these small programs on one core (NOTES.md), so on a
+One XLA CPU device runs these small programs on one core (measured: pinning a
+single-device run to one core changed nothing), so on a
 CPU host vmaptune asks JAX for one CPU device per core. That only works before
 JAX initialises its backends; :func:`configure_cpu_devices` runs when
 ``vmaptune`` is imported and :func:`warn_if_cpu_underused` explains the
@@ -111,7 +112,8 @@ def make_mesh(devices: Sequence[Any]) -> Mesh:
   """A 1-D mesh over ``devices`` with the lane axis in Auto mode.
 
   ``jax.make_mesh`` now defaults to Explicit axes, under which a vmapped
-  permutation fails to reshape (NOTES.md); build the Mesh directly.
+  permutation fails with ``ShardingTypeError ... reshape``; build the Mesh
+  directly with Auto axes.
   """
   import numpy as np
 
@@ -163,7 +165,7 @@ def enable_compilation_cache(path: str | None = None) -> str:
   return path
 
 
-def _parse_bytes(value) -> int:
+def parse_bytes(value) -> int:
   if isinstance(value, bool):
     raise TypeError(f"`memory_budget` must be bytes (int) or a string like '2GB', got {value!r}.")
   if isinstance(value, (int, float)):
@@ -193,7 +195,7 @@ def memory_budget(value, devices) -> int | None:
   devices (they share it).
   """
   if value is not None:
-    return _parse_bytes(value)
+    return parse_bytes(value)
   try:
     stats = devices[0].memory_stats()
   except Exception:  # pragma: no cover - backends without the call

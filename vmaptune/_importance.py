@@ -50,7 +50,8 @@ def select_trials(result, rounds=None) -> tuple[list, str]:
     ``(trials, description)``, e.g. ``(trials, "round 0, 24 trials")``.
 
   >>> from vmaptune import _importance
-  >>> _importance.select_trials(_importance._example(), None)[1]
+  >>> from vmaptune._demo import example_result
+  >>> _importance.select_trials(example_result(), None)[1]
   'round 0, 40 trials'
   """
   finite = [t for t in result.trials if t.status == "ok" and math.isfinite(t.score)]
@@ -107,7 +108,8 @@ def importance(result, *, rounds: int | Iterable[int] | None = None) -> dict[str
     ValueError: fewer than 3 finite trials to work from.
 
   >>> from vmaptune import _importance
-  >>> shares = _importance.importance(_importance._example())
+  >>> from vmaptune._demo import example_result
+  >>> shares = _importance.importance(example_result())
   >>> list(shares)[0], round(sum(shares.values()), 6)
   ('learning_rate', 1.0)
   """
@@ -176,21 +178,3 @@ def _key(v: Any):
     return v
   except TypeError:
     return repr(v)
-
-
-def _example():
-  """A hand-built result where the learning rate drives the score (doctests)."""
-  from ._result import SearchResult, Stats, Trial
-
-  space = {"learning_rate": _space.loguniform(1e-4, 1e-1), "width": _space.choice([8, 16])}
-  rng = np.random.default_rng(0)
-  trials = []
-  for i in range(40):
-    lr = float(np.exp(rng.uniform(*space["learning_rate"].bounds())))
-    width = [8, 16][int(rng.integers(2))]
-    score = (math.log10(lr) + 2.5) ** 2 + 0.01 * rng.normal()
-    trials.append(Trial(id=i, config={"learning_rate": lr, "width": width}, score=score, round=0,
-                        lane=i, status="ok", seed=i, curve=np.asarray([score]),
-                        curve_steps=np.asarray([10]), train_curve=np.asarray([score]), steps=10))
-  return SearchResult(trials=trials, space=space, metric="loss", maximize=False,
-                      regions=[_space.Region.full(space)], stats=Stats())

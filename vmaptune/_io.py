@@ -25,67 +25,23 @@ import io
 import json
 import math
 import os
-import tempfile
 import zipfile
 from typing import Any
 
 import numpy as np
 
 from . import _space
+from ._codec import atomic_file, decode, encode
+from ._region import Region
+from ._trial import Stats, Trial
 
-__all__ = ["save", "load", "FORMAT_VERSION"]
+__all__ = ["save", "read", "FORMAT_VERSION"]
 
 FORMAT = "vmaptune.SearchResult"
 #: The version :func:`save` writes and :func:`load` reads.
 FORMAT_VERSION = 1
 _INDEX = "vmaptune.json"
 _CURVES = ("curve", "curve_steps", "train_curve")
-
-
-# --------------------------------------------------------------------------
-# JSON values
-# --------------------------------------------------------------------------
-
-
-def _encode(v: Any) -> Any:
-  """A JSON-able form of ``v``; :func:`_decode` inverts it (functions and
-  other objects come back as their names / reprs)."""
-  if isinstance(v, np.generic):
-    v = v.item()
-  if v is None or isinstance(v, (bool, int, str)):
-    return v
-  if isinstance(v, float):
-    if math.isfinite(v):
-      return v
-    return {"__float__": "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")}
-  if isinstance(v, list):
-    return [_encode(x) for x in v]
-  if isinstance(v, tuple):
-    return {"__tuple__": [_encode(x) for x in v]}
-  if isinstance(v, dict) and all(isinstance(k, str) for k in v):
-    return {k: _encode(x) for k, x in v.items()}
-  if isinstance(v, np.ndarray):
-    return [_encode(x) for x in v.tolist()]
-  if callable(v):
-    # The same qualified name _space.to_json writes for a constant function.
-    return {"__callable__": _space._jsonable(v)["callable"]}
-  return {"__repr__": repr(v)}
-
-
-def _decode(v: Any) -> Any:
-  if isinstance(v, list):
-    return [_decode(x) for x in v]
-  if isinstance(v, dict):
-    if len(v) == 1:
-      (k, x), = v.items()
-      if k == "__float__" and x in ("inf", "-inf", "nan"):
-        return float(x)
-      if k == "__tuple__" and isinstance(x, list):
-        return tuple(_decode(y) for y in x)
-      if k in ("__callable__", "__repr__") and isinstance(x, str):
-        return x
-    return {k: _decode(x) for k, x in v.items()}
-  return v
 
 
 # --------------------------------------------------------------------------
@@ -212,8 +168,9 @@ def save(result, path) -> str:
     ``path`` as a string.
 
   >>> import os, tempfile
-  >>> from vmaptune import _io, _importance
-  >>> path = _io.save(_importance._example(), os.path.join(tempfile.mkdtemp(), "r.vmaptune"))
+  >>> from vmaptune import _io
+  >>> from vmaptune._demo import example_result
+  >>> path = _io.save(example_result(), os.path.join(tempfile.mkdtemp(), "r.vmaptune"))
   >>> os.path.getsize(path) > 0
   True
   """
@@ -224,38 +181,12 @@ def save(result, path) -> str:
     raise IsADirectoryError(
         f"save: {path!r} is a directory; give a file name, e.g. {os.path.join(path, 'search.vmaptune')!r}."
     )
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:
-        index = _write(result, _Writer(zf))
-        text = json.dumps(_encode(index), allow_nan=False, indent=1)
-        zf.writestr(_INDEX, text, compress_type=zipfile.ZIP_DEFLATED)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-  _fsync_dir(parent)
+  with atomic_file(path) as f:
+    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:
+      index = _write(result, _Writer(zf))
+      text = json.dumps(encode(index), allow_nan=False, indent=1)
+      zf.writestr(_INDEX, text, compress_type=zipfile.ZIP_DEFLATED)
   return path
-
-
-def _fsync_dir(directory: str) -> None:
-  # Make the rename itself durable; not every platform can open a directory.
-  try:
-    fd = os.open(directory, os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
 
 
 def _write(result, writer: _Writer) -> dict:
@@ -263,12 +194,7 @@ def _write(result, writer: _Writer) -> dict:
 
   trials = []
   for t in result.trials:
-    trials.append(dict(
-        id=t.id, config=dict(t.config), score=float(t.score), round=t.round, lane=t.lane,
-        status=t.status, seed=t.seed, diverged_at=t.diverged_at, parent=t.parent, steps=t.steps,
-        bucket=t.bucket, rung=t.rung,
-        schedule=[(int(step), dict(c)) for step, c in t.schedule] if t.schedule is not None else None,
-    ))
+    trials.append(t.to_dict(curves=False))
   curves = {}
   for kind in _CURVES:
     arrays = [np.asarray(getattr(t, kind)) for t in result.trials]
@@ -309,38 +235,14 @@ def _write(result, writer: _Writer) -> dict:
 # --------------------------------------------------------------------------
 
 
-def load(path):
-  """Loads a :class:`SearchResult` written by ``result.save(path)``.
-
-  The loaded result plots, reports, ranks and exports to Optuna like the
-  original. It has no compiled programs or data, so ``best_model()`` and
-  ``retrain()`` raise; train the best config again with :func:`vmaptune.train`
-  and ``result.best_trial.seed``. ``result.best_params`` is
-  ``(params, model_state)`` as nested dicts of NumPy arrays keyed by the
-  original key path (ints for list positions), not an ``nnx.State``; JAX
-  random keys come back as their raw ``uint32`` key data. Space constants
-  that were functions come back as their qualified names (strings), in the
-  space and in every trial's config alike.
-
-  Args:
-    path: a file written by :meth:`SearchResult.save`.
-
-  Returns:
-    A :class:`SearchResult`.
+def read(path) -> dict:
+  """The parts of a result written by :func:`save`: keyword arguments of
+  ``SearchResult`` (``vmaptune.load`` builds the result from them).
 
   Raises:
     FileNotFoundError: nothing at ``path``.
     ValueError: the file is not a saved vmaptune result, is damaged, or was
       written by a newer vmaptune (its ``format_version`` is unknown).
-
-  >>> import os, tempfile
-  >>> import vmaptune as vt
-  >>> from vmaptune._importance import _example
-  >>> result = _example()  # any SearchResult, e.g. from vt.search(...)
-  >>> path = result.save(os.path.join(tempfile.mkdtemp(), "search.vmaptune"))
-  >>> loaded = vt.load(path)
-  >>> loaded.best_config == result.best_config, len(loaded.trials)
-  (True, 40)
   """
   path = os.fspath(path)
   if not os.path.exists(path):
@@ -372,16 +274,14 @@ def load(path):
             f"{FORMAT_VERSION}. Load it with the vmaptune that wrote it "
             f"({index.get('vmaptune_version', 'unknown version')}) or a newer one."
         )
-      return _build(zf, _decode(index))
+      return _build(zf, decode(index))
   except zipfile.BadZipFile as e:
     raise ValueError(f"{path!r} is damaged: {e}.") from None
   except (KeyError, TypeError, IndexError) as e:
     raise ValueError(f"{path!r} is damaged or incomplete: {type(e).__name__}: {e}.") from None
 
 
-def _build(zf: zipfile.ZipFile, index: dict):
-  from ._result import SearchResult, Stats, Trial
-
+def _build(zf: zipfile.ZipFile, index: dict) -> dict:
   curves = {}
   for kind in _CURVES:
     entry = index["curves"][kind]
@@ -394,16 +294,10 @@ def _build(zf: zipfile.ZipFile, index: dict):
     curves[kind] = parts
   trials = []
   for i, t in enumerate(index["trials"]):
-    trials.append(Trial(
-        id=t["id"], config=t["config"], score=float(t["score"]), round=t["round"], lane=t["lane"],
-        status=t["status"], seed=t["seed"], diverged_at=t["diverged_at"], parent=t["parent"],
-        steps=t["steps"], bucket=t["bucket"], rung=t.get("rung"),
-        schedule=[tuple(e) for e in t["schedule"]] if t.get("schedule") is not None else None,
-        **{kind: curves[kind][i] for kind in _CURVES},
-    ))
+    trials.append(Trial.from_dict(dict(t, score=float(t["score"])), **{kind: curves[kind][i] for kind in _CURVES}))
   space = {k: _space.from_json(v) for k, v in index["space"].items()}
   regions = [
-      _space.Region(
+      Region(
           numeric={k: (float(lo), float(hi)) for k, (lo, hi) in r["numeric"].items()},
           choices={k: tuple(_space._from_jsonable(v) for v in vals) for k, vals in r["choices"].items()},
       )
@@ -415,8 +309,7 @@ def _build(zf: zipfile.ZipFile, index: dict):
       int(b["trial"]): (_load_tree(zf, b["params"]), _load_tree(zf, b["model_state"]))
       for b in index["best_params"]
   }
-  return SearchResult(
+  return dict(
       trials=trials, space=space, metric=index["metric"], maximize=index["maximize"],
-      regions=regions, stats=stats, context=None, best_params=best_params or None,
-      options=index["options"],
+      regions=regions, stats=stats, best_params=best_params or None, options=index["options"],
   )

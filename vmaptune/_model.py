@@ -3,7 +3,7 @@
 The trainer only sees ``init(key) -> (params, model_state)`` and
 ``apply(params, model_state, x, train, key) -> (outputs, model_state)`` on one
 lane's plain pytrees. NNX graph machinery stays at this boundary
-(``nnx.split``/``nnx.merge``), as STYLE.md asks.
+(``nnx.split``/``nnx.merge``); inside, everything is plain pytrees.
 """
 
 from __future__ import annotations

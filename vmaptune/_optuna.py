@@ -109,8 +109,9 @@ def to_optuna(result, storage=None, study_name: str | None = None):
     An ``optuna.Study`` with direction ``"maximize"`` or ``"minimize"`` as
     the metric.
 
-  >>> from vmaptune import _optuna, _importance
-  >>> study = _optuna.to_optuna(_importance._example())
+  >>> from vmaptune import _optuna
+  >>> from vmaptune._demo import example_result
+  >>> study = _optuna.to_optuna(example_result())
   >>> len(study.trials), study.direction.name
   (40, 'MINIMIZE')
   """

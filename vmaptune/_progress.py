@@ -1,4 +1,9 @@
-"""A progress bar on stderr when it is a terminal; a line per round otherwise."""
+"""Progress: a ``rich`` bar on a terminal, a line per round otherwise.
+
+``rich`` comes with Flax, so it costs no extra dependency. When stderr is not
+a terminal (a log file, CI, a notebook's captured output) nothing animates:
+one line per round says how far the search is and the best score so far.
+"""
 
 from __future__ import annotations
 
@@ -7,41 +12,36 @@ from typing import Any
 
 
 class Progress:
-  """Rounds, lane-steps and the best score so far.
+  """Lane-steps done, what the search is doing, and the best score so far.
 
   Args:
-    total_rounds: rounds in the search (or 1 for a single run).
     metric: the metric's name, for the label.
     enabled: False silences everything.
+    unit: what is counted (``"lane-steps"``, or ``"steps"`` for one run).
   """
 
-  def __init__(self, total_rounds: int, metric: str, enabled: bool, unit: str = "lane-steps"):
+  def __init__(self, metric: str, enabled: bool, unit: str = "lane-steps"):
     self.enabled = bool(enabled)
-    self.total_rounds = total_rounds
     self.metric = metric
     self.unit = unit
     self.tty = self.enabled and sys.stderr.isatty()
     self._bar = None
     self._task = None
-    self._round = 0
-    self._best = None
+    self._label = ""
+    self._best: float | None = None
+    self._done = 0
     if self.tty:
       try:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
         from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn
+        from rich.progress import TimeElapsedColumn
       except ImportError:  # pragma: no cover - rich comes with flax
         self.tty = False
       else:
         self._bar = RichProgress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn(unit),
-            TextColumn("{task.fields[best]}"),
-            TimeElapsedColumn(),
-            console=Console(file=sys.stderr),
-            transient=False,
-        )
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+            TextColumn("{task.fields[best]}"), TimeElapsedColumn(),
+            console=Console(file=sys.stderr), transient=False)
         self._bar.start()
 
   def _best_text(self) -> str:
@@ -50,21 +50,27 @@ class Progress:
     label = "latest" if self.unit == "steps" else "best"
     return f"{label} {self.metric} {self._best:.5g}"
 
-  def start_round(self, r: int, total: int, label: str | None = None) -> None:
-    self._round = r
-    if not self.enabled:
-      return
-    desc = label or f"round {r + 1}/{self.total_rounds}"
+  def start(self, label: str, total: int | None, done: int = 0) -> None:
+    """A bar of ``total`` units (None: open-ended), ``done`` of them already."""
+    self._label, self._done = label, done
     if self._bar is not None:
-      self._task = self._bar.add_task(desc, total=total, best=self._best_text())
+      self._task = self._bar.add_task(label, total=total, completed=done, best=self._best_text())
 
-  def advance(self, amount: int, best: float | None = None) -> None:
+  def status(self, text: str | None) -> None:
+    """What the search does right now (e.g. ``"compiling 2/6 programs"``)."""
+    if self._bar is not None and self._task is not None:
+      self._bar.update(self._task, description=f"{self._label}: {text}" if text else self._label)
+
+  def advance(self, done: int, best: float | None = None) -> None:
+    """``done`` units so far (absolute), and the best score so far."""
     if best is not None:
       self._best = best
+    self._done = done
     if self._bar is not None and self._task is not None:
-      self._bar.update(self._task, advance=amount, best=self._best_text())
+      self._bar.update(self._task, completed=done, best=self._best_text())
 
-  def end_round(self, best: float | None, extra: str = "") -> None:
+  def end_round(self, best: float | None, rounds_done: int) -> None:
+    """A round (of population time) finished: a line when there is no bar."""
     if best is not None:
       self._best = best
     if not self.enabled:
@@ -73,11 +79,8 @@ class Progress:
       if self._task is not None:
         self._bar.update(self._task, best=self._best_text())
       return
-    print(
-        f"vmaptune: round {self._round + 1}/{self.total_rounds} done, {self._best_text()}{extra}",
-        file=sys.stderr,
-        flush=True,
-    )
+    print(f"vmaptune: {self._label} round {rounds_done} done, {self._done:,} {self.unit}, {self._best_text()}",
+          file=sys.stderr, flush=True)
 
   def close(self) -> None:
     if self._bar is not None:

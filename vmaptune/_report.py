@@ -58,8 +58,9 @@ def write_report(result, path, *, title: str | None = None, top: int = 10) -> st
     The page's path, as a string.
 
   >>> import os, tempfile
-  >>> from vmaptune import _report, _importance
-  >>> path = _report.write_report(_importance._example(), tempfile.mkdtemp())
+  >>> from vmaptune import _report
+  >>> from vmaptune._demo import example_result
+  >>> path = _report.write_report(example_result(), tempfile.mkdtemp())
   >>> os.path.basename(path)
   'report.html'
   """
@@ -92,8 +93,9 @@ def write_report(result, path, *, title: str | None = None, top: int = 10) -> st
 def render(result, *, title: str | None = None, top: int = 10) -> str:
   """The report page as an HTML string (see :func:`write_report`).
 
-  >>> from vmaptune import _report, _importance
-  >>> _report.render(_importance._example()).startswith("<!DOCTYPE html>")
+  >>> from vmaptune import _report
+  >>> from vmaptune._demo import example_result
+  >>> _report.render(example_result()).startswith("<!DOCTYPE html>")
   True
   """
   e = html.escape

@@ -1,21 +1,23 @@
-"""What a search and a single run give back: plain host data plus small methods."""
+"""What a search gives back: plain host data plus small methods.
+
+The top of the results layer: :class:`SearchResult` delegates to ``_io``,
+``_importance``, ``_report`` and ``_optuna``, which know only the plain
+records of ``_trial`` and the space; none of them imports this module.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from typing import Any, Sequence
+import importlib
 
 import numpy as np
 
-from . import _space
+from . import _importance, _io, _optuna, _report, _space
+from ._trial import AllDivergedError, Run, Stats, Trial, fmt, rank_trials
 
-__all__ = ["Trial", "Run", "Stats", "SearchResult", "AllDivergedError"]
+__all__ = ["SearchResult", "load"]
 
 
 def _optional(module: str, extra: str):
-  import importlib
-
   try:
     return importlib.import_module(module)
   except ImportError:
@@ -23,186 +25,6 @@ def _optional(module: str, extra: str):
         f"this feature needs {module}; install it with "
         f"`pip install 'vmaptune[{extra}]'` (or `pip install {module}`)."
     ) from None
-
-
-@dataclasses.dataclass
-class Trial:
-  """One configuration trained in a search (see :class:`SearchResult` for an example).
-
-  Attributes:
-    id: unique within the search, in order of creation.
-    config: the hyperparameters, as plain Python values.
-    score: validation score at the end of the budget; ``+inf`` (``-inf`` when
-      maximizing) if the trial diverged.
-    round: 0 for the coarse round, then 1, 2, ... for zoom rounds.
-    lane: the trial's position in its program's population.
-    status: ``"ok"``, ``"diverged"``, or ``"stopped"`` (halted early by a
-      strategy, or still running when the budget ran out).
-    seed: the trial seed; init, data order and dropout derive from it alone.
-    curve: validation score at each evaluation, shape ``(num_evals,)``.
-    curve_steps: the step of each evaluation, shape ``(num_evals,)``.
-    train_curve: mean training loss over each evaluation interval.
-    diverged_at: the step at which the loss or parameters went non-finite.
-    parent: the id of the trial this one was zoomed from (None in round 0);
-      with ``strategy="pbt"``, the last trial whose weights it copied.
-    steps: steps trained.
-    bucket: index of the trial's static signature within its round.
-    rung: with ``strategy="halving"``, the highest rung the trial reached
-      (0 for the first); None otherwise.
-    schedule: with ``strategy="pbt"``, the lane's hyperparameters over time:
-      a list of ``(step, config)``, the first at step 0. Replay it with
-      ``vt.train(..., schedule=trial.schedule)``.
-  """
-
-  id: int
-  config: dict
-  score: float
-  round: int
-  lane: int
-  status: str
-  seed: int
-  curve: np.ndarray
-  curve_steps: np.ndarray
-  train_curve: np.ndarray
-  diverged_at: int | None = None
-  parent: int | None = None
-  steps: int = 0
-  bucket: int = 0
-  rung: int | None = None
-  schedule: list | None = None
-
-  def __repr__(self) -> str:
-    cfg = ", ".join(f"{k}={_fmt(v)}" for k, v in self.config.items())
-    return f"Trial(id={self.id}, round={self.round}, score={self.score:.6g}, status={self.status!r}, {cfg})"
-
-
-def _fmt(v: Any) -> str:
-  if isinstance(v, float):
-    return f"{v:.4g}"
-  return repr(v)
-
-
-@dataclasses.dataclass
-class Stats:
-  """Where a search's time went.
-
-  >>> import vmaptune as vt
-  >>> vt.Stats(lane_steps=1000, train_seconds=0.5).lane_steps_per_second
-  2000.0
-
-  Attributes:
-    wall_seconds: the whole call.
-    compile_seconds: XLA compilation.
-    trace_seconds: tracing and lowering to XLA.
-    train_seconds: executing the compiled programs (training and validation).
-    programs_compiled: XLA programs compiled (one per bucket signature and lane layout).
-    lane_steps: optimisation steps over all real lanes (no padding).
-    lane_steps_per_second: ``lane_steps / train_seconds``.
-    padded_lanes: dummy lanes added to fill device layouts (never reported).
-    num_devices: devices the lanes were sharded over.
-    lane_batch: lanes vectorised together on one device.
-    resumed_from: the checkpoint directory this search resumed from, if any.
-  """
-
-  wall_seconds: float = 0.0
-  compile_seconds: float = 0.0
-  trace_seconds: float = 0.0
-  train_seconds: float = 0.0
-  programs_compiled: int = 0
-  lane_steps: int = 0
-  padded_lanes: int = 0
-  num_devices: int = 1
-  lane_batch: int = 1
-  resumed_from: str | None = None
-
-  @property
-  def lane_steps_per_second(self) -> float:
-    return self.lane_steps / self.train_seconds if self.train_seconds > 0 else 0.0
-
-  @property
-  def overhead_seconds(self) -> float:
-    """Everything but training: compiles, sampling, zoom, host work."""
-    return max(0.0, self.wall_seconds - self.train_seconds)
-
-  def as_dict(self) -> dict:
-    d = dataclasses.asdict(self)
-    d["lane_steps_per_second"] = self.lane_steps_per_second
-    d["overhead_seconds"] = self.overhead_seconds
-    return d
-
-  def __repr__(self) -> str:
-    return (
-        f"Stats(wall={self.wall_seconds:.2f}s, compile={self.compile_seconds:.2f}s, "
-        f"train={self.train_seconds:.2f}s, programs={self.programs_compiled}, "
-        f"lane_steps/s={self.lane_steps_per_second:,.0f}, devices={self.num_devices})"
-    )
-
-
-class Run:
-  """One configuration trained alone (:func:`vmaptune.train`) or replayed.
-
-  See :func:`vmaptune.train` for an example; ``run.model()`` rebuilds the
-  trained model.
-
-  Attributes:
-    config: the hyperparameters.
-    seed: the trial seed.
-    score: final validation score (``±inf`` if diverged).
-    curve, curve_steps, train_curve: as in :class:`Trial`.
-    status: ``"ok"`` or ``"diverged"``.
-    diverged_at: step of divergence or None.
-    steps: steps trained.
-    params: the trained parameters (a pytree of jax arrays).
-    model_state: non-parameter state (batch statistics, ...).
-  """
-
-  def __init__(self, *, config, seed, score, curve, curve_steps, train_curve, status,
-               diverged_at, steps, params, model_state, adapter, metric_name, maximize):
-    self.config = dict(config)
-    self.seed = int(seed)
-    self.score = float(score)
-    self.curve = np.asarray(curve)
-    self.curve_steps = np.asarray(curve_steps)
-    self.train_curve = np.asarray(train_curve)
-    self.status = status
-    self.diverged_at = diverged_at
-    self.steps = int(steps)
-    self.params = params
-    self.model_state = model_state
-    self.metric_name = metric_name
-    self.maximize = maximize
-    self._adapter = adapter
-
-  def model(self):
-    """The trained model in evaluation mode: an ``nnx.Module`` (NNX) or
-    ``(module, variables)`` (Linen)."""
-    return self._adapter.build(self.params, self.model_state)
-
-  def __repr__(self) -> str:
-    return f"Run(score={self.score:.6g}, status={self.status!r}, steps={self.steps}, seed={self.seed})"
-
-
-class AllDivergedError(RuntimeError):
-  """Every trial of a search diverged; ``.trials`` holds them for inspection.
-
-  >>> import vmaptune as vt
-  >>> vt.AllDivergedError("all 4 trials diverged", trials=[]).trials
-  []
-  """
-
-  def __init__(self, message: str, trials: Sequence[Trial]):
-    super().__init__(message)
-    self.trials = list(trials)
-
-
-def is_better(a: float, b: float, maximize: bool) -> bool:
-  return a > b if maximize else a < b
-
-
-def rank_trials(trials: Sequence[Trial], maximize: bool) -> list[Trial]:
-  """Healthy trials best first; NaN and diverged trials never rank."""
-  ok = [t for t in trials if t.status == "ok" and math.isfinite(t.score)]
-  return sorted(ok, key=lambda t: (-t.score if maximize else t.score, t.id))
 
 
 class SearchResult:
@@ -244,7 +66,7 @@ class SearchResult:
     ('report.html', 8)
   """
 
-  def __init__(self, *, trials, space, metric, maximize, regions, stats, context=None,
+  def __init__(self, *, trials, space, metric, maximize, regions, stats, replay=None,
                best_params=None, options=None):
     self.trials: list[Trial] = list(trials)
     self.space = dict(space)
@@ -253,7 +75,9 @@ class SearchResult:
     self.regions = list(regions)
     self.stats: Stats = stats
     self.options = dict(options or {})
-    self._context = context
+    # What best_model() and retrain() need: the search's programs and data
+    # (None for a loaded result); see _population.Replay.
+    self._replay = replay
     self._best_params = best_params
     #: True when Ctrl-C stopped the search: the result holds the finished rounds.
     self.interrupted = False
@@ -284,13 +108,13 @@ class SearchResult:
 
   # Models -------------------------------------------------------------------
 
-  def _require_context(self, what: str):
-    if self._context is None:
+  def _require_replay(self, what: str):
+    if self._replay is None:
       raise RuntimeError(
           f"{what} needs the search's compiled programs and data, which a "
           "loaded result does not have; run vt.train with the trial's config and seed."
       )
-    return self._context
+    return self._replay
 
   def best_model(self):
     """The best trial's trained model, in evaluation mode.
@@ -298,10 +122,10 @@ class SearchResult:
     Returns an ``nnx.Module`` for NNX models and ``(module, variables)`` for
     Linen models.
     """
-    ctx = self._require_context("best_model()")
+    replay = self._require_replay("best_model()")
     best = self.best_trial
     params, model_state = self._best_params[best.id]
-    return ctx.adapter_for(best).build(params, model_state)
+    return replay.model(best, params, model_state)
 
   def retrain(self, trial: Trial | int | None = None) -> Run:
     """Replays a trial exactly as the search ran it: same score, bit for bit.
@@ -313,7 +137,7 @@ class SearchResult:
     Args:
       trial: a :class:`Trial`, a trial id, or None for the best trial.
     """
-    ctx = self._require_context("retrain()")
+    replay = self._require_replay("retrain()")
     if self.options.get("strategy") == "pbt":
       raise ValueError(
           "PBT lanes copied other lanes' weights mid-run, so there is no single run to replay; "
@@ -325,7 +149,7 @@ class SearchResult:
       trial = self.trials[int(trial)]
     elif not isinstance(trial, Trial):
       raise TypeError(f"`trial` must be a Trial, a trial id or None, got {trial!r}.")
-    return ctx.replay(trial, self.metric, self.maximize)
+    return replay.run(trial, self.metric, self.maximize)
 
   @property
   def best_params(self):
@@ -342,29 +166,21 @@ class SearchResult:
   def importance(self, **kwargs) -> dict:
     """Each hyperparameter's share of the score's variance; see
     :func:`vmaptune._importance.importance`."""
-    from ._importance import importance
-
-    return importance(self, **kwargs)
+    return _importance.importance(self, **kwargs)
 
   def report(self, path, **kwargs) -> str:
     """Writes one self-contained HTML page (plots inlined, top trials, best
     config) and returns its path; see :func:`vmaptune._report.write_report`."""
-    from ._report import write_report
-
-    return write_report(self, path, **kwargs)
+    return _report.write_report(self, path, **kwargs)
 
   def save(self, path) -> str:
     """Saves trials, curves, space, regions and the best parameters; load
     with :func:`vmaptune.load`."""
-    from ._io import save
-
-    return save(self, path)
+    return _io.save(self, path)
 
   def to_optuna(self, storage=None, study_name: str | None = None):
     """An ``optuna.Study`` holding every trial (needs optuna)."""
-    from ._optuna import to_optuna
-
-    return to_optuna(self, storage=storage, study_name=study_name)
+    return _optuna.to_optuna(self, storage=storage, study_name=study_name)
 
   # Tables -------------------------------------------------------------------
 
@@ -391,7 +207,7 @@ class SearchResult:
     names = [k for k, v in self.space.items() if isinstance(v, _space.Distribution)]
     head = ["rank", "trial", "round", self.metric] + names
     rows = [
-        [str(i + 1), str(t.id), str(t.round), f"{t.score:.5g}"] + [_fmt(t.config[k]) for k in names]
+        [str(i + 1), str(t.id), str(t.round), f"{t.score:.5g}"] + [fmt(t.config[k]) for k in names]
         for i, t in enumerate(top)
     ]
     widths = [max(len(h), *(len(r[j]) for r in rows)) if rows else len(h) for j, h in enumerate(head)]
@@ -405,3 +221,41 @@ class SearchResult:
     except AllDivergedError:
       best = "no healthy trial"
     return f"SearchResult({len(self.trials)} trials, {ok} ok, {best}, rounds={len(self.regions)})"
+
+
+def load(path) -> SearchResult:
+  """Loads a :class:`SearchResult` written by ``result.save(path)``.
+
+  The loaded result plots, reports, ranks and exports to Optuna like the
+  original. It has no compiled programs or data, so ``best_model()`` and
+  ``retrain()`` raise; train the best config again with :func:`vmaptune.train`
+  and ``result.best_trial.seed``. ``result.best_params`` is
+  ``(params, model_state)`` as nested dicts of NumPy arrays keyed by the
+  original key path (ints for list positions), not an ``nnx.State``; JAX
+  random keys come back as their raw ``uint32`` key data. Space constants
+  that were functions come back as their qualified names (strings), in the
+  space and in every trial's config alike. The file format is described in
+  ``vmaptune/_io.py``.
+
+  Args:
+    path: a file written by :meth:`SearchResult.save`.
+
+  Returns:
+    A :class:`SearchResult`.
+
+  Raises:
+    FileNotFoundError: nothing at ``path``.
+    ValueError: the file is not a saved vmaptune result, is damaged, or was
+      written by a newer vmaptune (its ``format_version`` is unknown).
+
+  >>> import os, tempfile
+  >>> import vmaptune as vt
+  >>> from vmaptune._demo import example_result
+  >>> result = example_result()  # any SearchResult, e.g. from vt.search(...)
+  >>> path = result.save(os.path.join(tempfile.mkdtemp(), "search.vmaptune"))
+  >>> loaded = vt.load(path)
+  >>> loaded.best_config == result.best_config, len(loaded.trials)
+  (True, 40)
+  """
+  parts = _io.read(path)
+  return SearchResult(replay=None, **parts)

@@ -14,7 +14,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ._space import Choice, Distribution, Region
+from ._region import Region
+from ._space import Choice, Distribution
 
 __all__ = ["SAMPLERS", "qmc_values", "TPEProposer"]
 

@@ -278,8 +278,9 @@ def scatter(result, x: str, y: str):
   Returns:
     A ``matplotlib.figure.Figure``.
 
-  >>> from vmaptune import plot, _importance
-  >>> fig = plot.scatter(_importance._example(), "learning_rate", "width")
+  >>> from vmaptune import plot
+  >>> from vmaptune._demo import example_result
+  >>> fig = plot.scatter(example_result(), "learning_rate", "width")
   >>> fig.axes[0].get_xscale()
   'log'
   """
@@ -347,8 +348,9 @@ def slice(result):  # noqa: A001  (the name the API promises; builtins.slice sta
   Returns:
     A ``matplotlib.figure.Figure`` with one axes per searched hyperparameter.
 
-  >>> from vmaptune import plot, _importance
-  >>> [ax.get_xscale() for ax in plot.slice(_importance._example()).axes]
+  >>> from vmaptune import plot
+  >>> from vmaptune._demo import example_result
+  >>> [ax.get_xscale() for ax in plot.slice(example_result()).axes]
   ['log', 'linear']
   """
   _matplotlib()
@@ -400,8 +402,9 @@ def curves(result):
   Returns:
     A ``matplotlib.figure.Figure``.
 
-  >>> from vmaptune import plot, _importance
-  >>> len(plot.curves(_importance._example()).axes[0].lines)
+  >>> from vmaptune import plot
+  >>> from vmaptune._demo import example_result
+  >>> len(plot.curves(example_result()).axes[0].lines)
   40
   """
   _matplotlib()
@@ -453,8 +456,9 @@ def history(result):
   Returns:
     A ``matplotlib.figure.Figure``.
 
-  >>> from vmaptune import plot, _importance
-  >>> plot.history(_importance._example()).axes[0].get_xlabel()
+  >>> from vmaptune import plot
+  >>> from vmaptune._demo import example_result
+  >>> plot.history(example_result()).axes[0].get_xlabel()
   'trial'
   """
   _matplotlib()
@@ -506,8 +510,9 @@ def importance(result):
   Returns:
     A ``matplotlib.figure.Figure``.
 
-  >>> from vmaptune import plot, _importance
-  >>> [t.get_text() for t in plot.importance(_importance._example()).axes[0].get_yticklabels()]
+  >>> from vmaptune import plot
+  >>> from vmaptune._demo import example_result
+  >>> [t.get_text() for t in plot.importance(example_result()).axes[0].get_yticklabels()]
   ['width', 'learning_rate']
   """
   _matplotlib()

@@ -119,25 +119,41 @@ def test_leftover_temporary_directory_is_ignored_and_cleaned(saved, tmp_path):
   assert not [n for n in os.listdir(ckpt) if ".tmp" in n]
 
 
+def _asset(name, tmp_path):
+  ckpt = tmp_path / name
+  shutil.copytree(os.path.join(os.path.dirname(__file__), "..", "assets", name), ckpt)
+  return ckpt
+
+
+def _set_version(ckpt, version):
+  for name in os.listdir(ckpt):
+    if name.startswith("ckpt-"):
+      manifest = ckpt / name / "MANIFEST.json"
+      data = json.loads(manifest.read_text())
+      data["format_version"] = version
+      manifest.write_text(json.dumps(data))
+
+
 def test_format_versions(tmp_path):
-  """Scenario 11: today's format, kept as a test asset, loads and resumes; a
-  future version is refused with a clear error."""
-  asset = os.path.join(os.path.dirname(__file__), "..", "assets", "checkpoint-v1")
-  ckpt = tmp_path / "ckpt"
-  shutil.copytree(asset, ckpt)
+  """Scenario 11: today's format, kept as a test asset, loads and resumes; an
+  older format is refused with a clear error (and overwrite=True starts
+  afresh); a future version is refused with a clear error."""
+  ckpt = _asset("checkpoint-v2", tmp_path)
   meta, arrays = _checkpoint.Checkpointer(ckpt).load()
-  assert meta["round"] == 1 and meta["inflight"] is not None and len(meta["trials"]) == 8
+  assert meta["phase"] == "advance" and meta["horizons"] == 1 and len(meta["trials"]) == 8
   stored = [(t["id"], t["score"]) for t in meta["trials"]]
   result = _search_script.run(str(ckpt), OPTS)
   assert result.stats.resumed_from and len(result.trials) == 24
   assert [(t.id, t.score) for t in result.trials[:8]] == stored  # restored as saved
-  future = tmp_path / "future"
-  shutil.copytree(asset, future)
-  for name in os.listdir(future):
-    if name.startswith("ckpt-"):
-      manifest = future / name / "MANIFEST.json"
-      data = json.loads(manifest.read_text())
-      data["format_version"] = _checkpoint.FORMAT_VERSION + 1
-      manifest.write_text(json.dumps(data))
-  with pytest.raises(vt.CheckpointError, match=r"format version 2.*reads version 1"):
+  assert 0 < result.stats.lane_steps < 24 * 60  # round 1 was resumed mid-way, not trained again
+
+  old = _asset("checkpoint-v1", tmp_path)
+  with pytest.raises(vt.CheckpointError, match=r"format version 1.*reads version 2.*older vmaptune.*overwrite=True"):
+    _search_script.run(str(old), OPTS)
+  fresh = _search_script.run(str(old), dict(OPTS, overwrite="1"))
+  assert not fresh.stats.resumed_from and len(fresh.trials) == 24
+
+  future = _asset("checkpoint-v2", tmp_path / "future")
+  _set_version(future, _checkpoint.FORMAT_VERSION + 1)
+  with pytest.raises(vt.CheckpointError, match=r"format version 3.*reads version 2"):
     _checkpoint.Checkpointer(future).load()

@@ -37,7 +37,7 @@ def _digest(directory):
 @pytest.mark.parametrize("where", ["write", "replace"])
 def test_disk_full_keeps_the_previous_checkpoint_and_resumes(tmp_path, monkeypatch, where):
   ckpt = tmp_path / "ckpt"
-  real_write, real_replace = _checkpoint._write_file, os.replace
+  real_write, real_replace = _checkpoint.write_file, os.replace
   calls = {"n": 0}
   snapshot = {}
 
@@ -49,14 +49,14 @@ def test_disk_full_keeps_the_previous_checkpoint_and_resumes(tmp_path, monkeypat
     return (real_write if where == "write" else real_replace)(*args)
 
   if where == "write":
-    monkeypatch.setattr(_checkpoint, "_write_file", full)
+    monkeypatch.setattr(_checkpoint, "write_file", full)
   else:
     monkeypatch.setattr(_checkpoint.os, "replace", full)
   with pytest.raises(OSError, match=r"could not write checkpoint .*ckpt-\d+.*No space left") as info:
     _search_script.run(str(ckpt), OPTS)
   assert info.value.errno == errno.ENOSPC
   assert _digest(ckpt) == snapshot["before"]  # what was committed is untouched
-  monkeypatch.setattr(_checkpoint, "_write_file", real_write)
+  monkeypatch.setattr(_checkpoint, "write_file", real_write)
   monkeypatch.setattr(_checkpoint.os, "replace", real_replace)
   resumed = _search_script.run(str(ckpt), OPTS)
   straight = _search_script.run(str(tmp_path / "straight"), OPTS)

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import vmaptune as vt
-from vmaptune import _data, _trainer
+from vmaptune import _data, _program
 
 from _models import mlp_fn
 
@@ -103,8 +103,8 @@ def no_compile(monkeypatch):
   def refuse(*a, **k):
     raise AssertionError("compiled before validating the input")
 
-  monkeypatch.setattr(_trainer.Program, "compile", refuse)
-  monkeypatch.setattr(_trainer.Program, "compile_advance", refuse)
+  monkeypatch.setattr(_program.Program, "compile", refuse)
+  monkeypatch.setattr(_program.SingleProgram, "init", refuse)
 
 
 bad_args = st.sampled_from([

@@ -5,7 +5,7 @@ results in populations of different sizes and neighbours; (3) against a plain
 single run (``vt.train``, no vmap) gradients and first steps agree to
 rounding and whole runs at moderate learning rates agree closely. Not
 bitwise in general: XLA picks other kernels for a batched matmul than for a
-single one (NOTES.md).
+single one.
 """
 
 import functools
@@ -17,7 +17,7 @@ import optax
 import pytest
 
 import vmaptune as vt
-from vmaptune import _data, _model, _trainer
+from vmaptune import _data, _lane, _model, _routing
 
 from _models import mlp_fn
 
@@ -99,25 +99,24 @@ def _spec(small_digits, hidden=16, batch=32):
   ds = _data.prepare_data(small_digits, val_fraction=0.2, seed=0)
   obj = _data.resolve_objective(ds.task, None, "loss", None)
   adapter = _model.make_adapter(mlp_fn, {"hidden": hidden}, None)
-  spec = _trainer.TrainSpec(adapter=adapter, optimizer=optax.adam, factory_kind="factory",
-                            injected=("learning_rate",), int_injected=(), static_opt=(), schedule=None,
-                            batch_size=batch, eval_batch_size=512, objective=obj,
-                            num_train=ds.num_train, num_val=ds.num_val)
+  routing = _routing.route({"learning_rate": 1e-3}, optax.adam, "inverse_time")
+  spec = _lane.TrainSpec(adapter=adapter, routing=routing, static_opt=(), batch_size=batch, eval_batch_size=512,
+                         objective=obj, num_train=ds.num_train, num_val=ds.num_val)
   return spec, ds
 
 
 def test_batched_gradients_match_single_lane_gradients(small_digits):
   spec, ds = _spec(small_digits)
   n = 4
-  inputs = _trainer.stack_inputs(range(n), [{"learning_rate": 1e-3}] * n, [0.0] * n, [10] * n, spec)
+  inputs = _lane.stack_inputs(range(n), [{"learning_rate": 1e-3}] * n, [0.0] * n, [10] * n, spec)
   data = (jnp.asarray(ds.x_train), jnp.asarray(ds.y_train))
 
   def grads(state):
-    state = state._replace(perm=_trainer.lane_perm(spec, state))
-    xb, yb = _trainer.lane_batch(spec, state, data)
-    return jax.grad(lambda p: _trainer.lane_loss(spec, p, state, xb, yb)[0])(state.params)
+    state = state._replace(perm=_lane.lane_perm(spec, state))
+    xb, yb = _lane.lane_minibatch(spec, state, data)
+    return jax.grad(lambda p: _lane.lane_loss(spec, p, state, xb, yb)[0])(state.params)
 
-  init = functools.partial(_trainer.lane_init, spec)
+  init = functools.partial(_lane.lane_init, spec)
   batched = jax.jit(jax.vmap(lambda i: grads(init(i))))(inputs)
   one = jax.jit(lambda i: grads(init(i)))
   for lane in range(n):

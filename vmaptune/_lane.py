@@ -1,0 +1,288 @@
+"""One lane: its inputs, its state and the pure functions that train it.
+
+Everything here is written for a single lane and knows nothing of the lane
+axis; ``_program`` vectorises it (``jax.vmap``/``lax.map``) in one place and
+compiles it. A lane's numbers depend on its own inputs alone: its init, data
+order and training noise derive from its trial seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from ._data import Objective
+from ._model import ModelAdapter
+from ._routing import Routing
+
+__all__ = ["LaneInputs", "LaneState", "TrainSpec", "lane_init", "lane_step", "lane_eval", "lane_check",
+           "stack_inputs"]
+
+
+class LaneInputs(NamedTuple):
+  """What distinguishes one lane from another; every leaf has shape ``()`` per lane.
+
+  Attributes:
+    seed: the trial seed (uint32); init, data order and dropout derive from it.
+    hparams: injected optimizer hyperparameters by name (float32 or int32).
+    lr_decay: decay rate of the learning-rate schedule (float32).
+    budget: how many steps the lane trains (int32).
+  """
+
+  seed: jax.Array
+  hparams: dict
+  lr_decay: jax.Array
+  budget: jax.Array
+
+
+class LaneState(NamedTuple):
+  """One lane's training state (a leading lane axis when stacked).
+
+  Attributes:
+    params: the model's trainable parameters.
+    model_state: non-parameter state (batch statistics, NNX rng counters).
+    opt_state: the optimizer state, hyperparameters injected.
+    lr0: the base learning rate the schedule decays from (float32).
+    lr_decay: the schedule's decay rate (float32).
+    step: steps taken so far (int32).
+    budget: steps to take in all (int32).
+    data_key: raw key data for the per-epoch data permutation.
+    dropout_key: raw key data for dropout and other training noise.
+    perm: this epoch's permutation of the training examples (int32).
+    diverged_at: the step whose loss or parameters were non-finite, -1 if none.
+  """
+
+  params: Any
+  model_state: Any
+  opt_state: Any
+  lr0: jax.Array
+  lr_decay: jax.Array
+  step: jax.Array
+  budget: jax.Array
+  data_key: jax.Array
+  dropout_key: jax.Array
+  perm: jax.Array
+  diverged_at: jax.Array
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainSpec:
+  """Everything static about one bucket's program: the lanes of a bucket
+  differ only in their :class:`LaneInputs`.
+
+  Attributes:
+    adapter: the model at this bucket's structural config.
+    routing: where each hyperparameter goes (the optimizer factory, which
+      names are injected per lane, the learning-rate schedule).
+    static_opt: this bucket's non-numeric optimizer arguments,
+      ``((name, value), ...)``.
+    batch_size: examples per step.
+    eval_batch_size: validation examples per chunk of the validation pass.
+    objective: loss and metric.
+    num_train, num_val: dataset sizes.
+    precision: matmul precision for ``jax.default_matmul_precision``.
+    abstract_state: one lane's state as shapes and dtypes, once checked
+      (``_check.check_spec`` fills it; memory estimates read it).
+  """
+
+  adapter: ModelAdapter
+  routing: Routing
+  static_opt: tuple
+  batch_size: int
+  eval_batch_size: int
+  objective: Objective
+  num_train: int
+  num_val: int
+  precision: str | None = None
+  abstract_state: Any = dataclasses.field(default=None, compare=False)
+
+  @property
+  def injected(self) -> tuple:
+    return self.routing.injected
+
+  @property
+  def int_injected(self) -> tuple:
+    return self.routing.int_injected
+
+  @property
+  def schedule(self) -> str | None:
+    return self.routing.schedule
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return self.num_train // self.batch_size
+
+  def make_optimizer(self, hparams: Mapping[str, Any]) -> optax.GradientTransformation:
+    """The optax transformation with this lane's injected hyperparameters."""
+    if self.routing.factory_kind == "transform":
+      return self.routing.optimizer
+    static = dict(self.static_opt)
+    callables = tuple(k for k, v in static.items() if callable(v))
+    return optax.inject_hyperparams(
+        self.routing.optimizer, static_args=callables, hyperparam_dtype=jnp.float32
+    )(**hparams, **static)
+
+
+def stack_inputs(
+    seeds: Sequence[int],
+    hparams: Sequence[Mapping[str, Any]],
+    lr_decay: Sequence[float],
+    budgets: Sequence[int],
+    spec: TrainSpec,
+) -> LaneInputs:
+  """Host arrays for a list of lanes, shape ``(num_lanes,)`` each.
+
+  Hyperparameters are float32 (int32 for integer ones) whatever form the
+  config holds them in: a Python float, an ``np.float32`` and a JAX scalar
+  would otherwise be three jit cache entries (optax#1414).
+  """
+  hp = {}
+  for name in spec.injected:
+    dtype = np.int32 if name in spec.int_injected else np.float32
+    hp[name] = np.asarray([h[name] for h in hparams], dtype=dtype)
+  return LaneInputs(
+      seed=np.asarray(seeds, dtype=np.uint32),
+      hparams=hp,
+      lr_decay=np.asarray(lr_decay, dtype=np.float32),
+      budget=np.asarray(budgets, dtype=np.int32),
+  )
+
+
+def _key(raw: jax.Array) -> jax.Array:
+  return jax.random.wrap_key_data(raw)
+
+
+def lane_init(spec: TrainSpec, inputs: LaneInputs) -> LaneState:
+  """A lane's initial state from its inputs alone."""
+  key = jax.random.key(inputs.seed)
+  k_model, k_data, k_dropout = jax.random.split(key, 3)
+  params, model_state = spec.adapter.init(k_model)
+  opt_state = spec.make_optimizer(inputs.hparams).init(params)
+  if spec.schedule is not None:
+    lr0 = opt_state.hyperparams["learning_rate"]
+  else:
+    lr0 = jnp.zeros((), jnp.float32)
+  return LaneState(
+      params=params,
+      model_state=model_state,
+      opt_state=opt_state,
+      lr0=jnp.asarray(lr0, jnp.float32),
+      lr_decay=jnp.asarray(inputs.lr_decay, jnp.float32),
+      step=jnp.zeros((), jnp.int32),
+      budget=jnp.asarray(inputs.budget, jnp.int32),
+      data_key=jax.random.key_data(k_data),
+      dropout_key=jax.random.key_data(k_dropout),
+      perm=jnp.zeros((spec.num_train,), jnp.int32),
+      diverged_at=jnp.full((), -1, jnp.int32),
+  )
+
+
+def lane_perm(spec: TrainSpec, state: LaneState) -> jax.Array:
+  """The permutation of the epoch ``state.step`` falls in."""
+  epoch = state.step // spec.steps_per_epoch
+  key = jax.random.fold_in(_key(state.data_key), epoch)
+  return jax.random.permutation(key, spec.num_train).astype(jnp.int32)
+
+
+def scheduled_lr(spec: TrainSpec, state: LaneState) -> jax.Array:
+  """The decayed learning rate of the epoch ``state.step`` falls in."""
+  epoch = (state.step // spec.steps_per_epoch).astype(jnp.float32)
+  if spec.schedule == "inverse_time":
+    return state.lr0 / (1.0 + state.lr_decay * epoch)
+  if spec.schedule == "exponential":
+    return state.lr0 * jnp.exp(-state.lr_decay * epoch)
+  raise ValueError(spec.schedule)
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every inexact leaf of ``tree`` is finite (one boolean)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  if not leaves:
+    return jnp.ones((), bool)
+  return jnp.all(jnp.stack(leaves))
+
+
+def lane_loss(spec: TrainSpec, params, state: LaneState, x, y):
+  """Mean training loss of one mini-batch and the updated model state."""
+  key = jax.random.fold_in(_key(state.dropout_key), state.step)
+  out, model_state = spec.adapter.apply(params, state.model_state, x, True, key)
+  return jnp.mean(spec.objective.loss_fn(out, y)), model_state
+
+
+def lane_minibatch(spec: TrainSpec, state: LaneState, data) -> tuple[jax.Array, jax.Array]:
+  """The lane's mini-batch for its current step, from its own permutation."""
+  x, y = data
+  i = state.step % spec.steps_per_epoch
+  idx = lax.dynamic_slice_in_dim(state.perm, i * spec.batch_size, spec.batch_size)
+  return jnp.take(x, idx, axis=0), jnp.take(y, idx, axis=0)
+
+
+def lane_step(spec: TrainSpec, state: LaneState, data) -> tuple[LaneState, jax.Array, jax.Array]:
+  """One optimisation step; a lane that goes non-finite is frozen instead.
+
+  Returns:
+    ``(state, loss, took)``: ``took`` is False where the lane was frozen or
+    past its budget, and ``state`` is then the old one.
+  """
+  xb, yb = lane_minibatch(spec, state, data)
+  (loss, model_state), grads = jax.value_and_grad(
+      functools.partial(lane_loss, spec), has_aux=True
+  )(state.params, state, xb, yb)
+  opt_state = state.opt_state
+  if spec.schedule is not None:
+    hp = dict(opt_state.hyperparams)
+    hp["learning_rate"] = scheduled_lr(spec, state).astype(hp["learning_rate"].dtype)
+    opt_state = opt_state._replace(hyperparams=hp)
+  opt = spec.make_optimizer({k: opt_state.hyperparams[k] for k in spec.injected}) if spec.injected else spec.make_optimizer({})
+  updates, opt_state = opt.update(grads, opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  active = state.step < state.budget
+  # Only the loss is checked every step: a reduction over all parameters
+  # costs ~10% of a small step on CPU. Parameters are checked at every
+  # evaluation (lane_check); a non-finite parameter makes the next loss
+  # non-finite anyway, so the lane freezes at most one step late.
+  ok = jnp.isfinite(loss) & (state.diverged_at < 0)
+  take = ok & active
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(take, n, o), new, old)
+  # Parameters and model state (batch statistics) freeze; the optimizer state
+  # need not: a lane that stops taking steps (diverged, or past its budget)
+  # never takes one again without a fresh init (refill) or a copied state
+  # (PBT), so selecting its moments every step (2x the parameters with Adam)
+  # would buy nothing.
+  new_state = state._replace(
+      params=keep(params, state.params),
+      model_state=keep(model_state, state.model_state),
+      opt_state=opt_state,
+      step=state.step + active.astype(jnp.int32),
+      diverged_at=jnp.where(
+          active & ~ok & (state.diverged_at < 0), state.step, state.diverged_at
+      ),
+  )
+  return new_state, loss.astype(jnp.float32), take
+
+
+def lane_eval(spec: TrainSpec, state: LaneState, val) -> jax.Array:
+  """Mean validation metric of one lane, in evaluation mode, chunk by chunk."""
+  xv, yv, wv = val
+
+  def body(total, chunk):
+    xc, yc, wc = chunk
+    out, _ = spec.adapter.apply(state.params, state.model_state, xc, False, None)
+    values = spec.objective.metric_fn(out, yc).astype(jnp.float32)
+    return total + jnp.sum(values * wc), None
+
+  total, _ = lax.scan(body, jnp.zeros((), jnp.float32), (xv, yv, wv))
+  return total / spec.num_val
+
+
+def lane_check(state: LaneState, score: jax.Array) -> LaneState:
+  """Marks a lane diverged if its parameters or validation score are non-finite."""
+  bad = ~(all_finite(state.params) & jnp.isfinite(score)) & (state.diverged_at < 0)
+  return state._replace(diverged_at=jnp.where(bad, state.step, state.diverged_at))

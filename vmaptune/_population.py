@@ -1,0 +1,474 @@
+"""The population: every lane's device state, and the trials the lanes run.
+
+A population is a list of *slots* (a lane and the trial it runs, with its
+curve so far) grouped into *chunks*: a chunk is ``lanes`` lanes of one
+compiled :class:`~vmaptune._program.Program`, one bucket's configs (or a
+slice of them that fits memory). The population starts a generation of
+trials, advances it (a chunk at a time to the end of its trials, or every
+chunk one segment in lockstep), refills lanes, copies lanes into others
+(PBT), retries a chunk in halves when the device runs out of memory, and
+turns a lane into a :class:`~vmaptune.Trial`. It decides nothing: the
+strategy does, through the loop.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import time
+import warnings
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import jax
+import numpy as np
+
+from . import _faults
+from ._lane import LaneInputs, stack_inputs
+from ._plan import Plan
+from ._program import DeviceData, Program, host_leaf, place_data, place_lanes, to_host, unhost
+from ._strategy import Cadence, LaneView, NewTrial
+from ._trial import Run, Stats, Trial
+
+__all__ = ["Population", "Slot", "Chunk", "ProgramRef", "Replay"]
+
+
+class ProgramRef(NamedTuple):
+  """Which program a trial ran in, so it can be replayed exactly."""
+
+  signature: tuple
+  lanes: int
+  evals_per_call: int
+  eval_every: int
+
+
+@dataclasses.dataclass
+class Slot:
+  """A lane and the trial it runs.
+
+  Attributes:
+    trial: the trial (its config changes when PBT perturbs it).
+    chunk, lane: where it runs.
+    bucket: index of its signature in its generation.
+    budget: the trial's step budget; ``evals`` its evaluations in all.
+    curve, curve_steps, train_curve: evaluations so far.
+    diverged_at: the step its loss or parameters went non-finite, -1 if not.
+  """
+
+  trial: NewTrial
+  chunk: int
+  lane: int
+  bucket: int
+  budget: int
+  evals: int
+  curve: list = dataclasses.field(default_factory=list)
+  curve_steps: list = dataclasses.field(default_factory=list)
+  train_curve: list = dataclasses.field(default_factory=list)
+  diverged_at: int = -1
+
+  @property
+  def steps(self) -> int:
+    return int(self.curve_steps[-1]) if self.curve_steps else 0
+
+  def restart(self, trial: NewTrial) -> None:
+    self.trial = trial
+    self.curve, self.curve_steps, self.train_curve = [], [], []
+    self.diverged_at = -1
+
+  def to_trial(self, status: str, maximize: bool, **extra) -> Trial:
+    """The lane's trial as it stands: the one lane -> trial builder."""
+    t = self.trial
+    curve = np.asarray(self.curve, np.float32)
+    score = float(curve[-1]) if len(curve) else math.nan
+    diverged_at = self.diverged_at if self.diverged_at >= 0 else None
+    if status != "diverged" and (diverged_at is not None or not math.isfinite(score)):
+      status = "diverged"
+    if status == "diverged":
+      score = -math.inf if maximize else math.inf
+      if diverged_at is None:
+        diverged_at = self.steps
+    config = extra.pop("config", t.config)
+    return Trial(id=t.id, config=dict(config), score=score, round=t.round, lane=self.lane, status=status,
+                 seed=t.seed, curve=curve, curve_steps=np.asarray(self.curve_steps, np.int32),
+                 train_curve=np.asarray(self.train_curve, np.float32),
+                 diverged_at=diverged_at if status == "diverged" else None, parent=t.parent,
+                 steps=self.steps, bucket=self.bucket, **extra)
+
+
+@dataclasses.dataclass
+class Chunk:
+  """``lanes`` lanes of one program and the slots they run (``members``, in
+  lane order; lanes past them are padding, never reported).
+
+  Attributes:
+    calls: compiled calls run since its trials started (sequential) .
+    fresh: lanes to (re)initialise at the next call.
+    state: the lanes' device state, or None before the first call and after
+      the chunk's trials are done (sequential).
+    done: its trials are finished (sequential).
+  """
+
+  signature: tuple
+  program: Program
+  lanes: int
+  members: list
+  cadence: Cadence
+  calls: int = 0
+  fresh: np.ndarray | None = None
+  state: Any = None
+  done: bool = False
+
+  @property
+  def calls_needed(self) -> int:
+    evals = -(-self.cadence.budget // self.cadence.eval_every)
+    return -(-evals // self.cadence.evals_per_call)
+
+
+def _inputs(chunk: Chunk, slots: Sequence[Slot]) -> LaneInputs:
+  """Host inputs of a chunk's lanes (padding lanes copy the first)."""
+  spec = chunk.program.spec
+  trials = [slots[i].trial for i in chunk.members]
+  trials += [trials[0]] * (chunk.lanes - len(trials))
+  return stack_inputs(
+      [t.seed for t in trials],
+      [{k: t.config[k] for k in spec.injected} for t in trials],
+      [float(t.config.get("lr_decay", 0.0)) for t in trials],
+      [slots[chunk.members[0]].budget] * chunk.lanes,
+      spec,
+  )
+
+
+class Population:
+  """Device state per chunk, and each lane's trial.
+
+  Args:
+    plan: the search's plan (specs, programs, layouts, memory).
+    cadence: ``signature -> Cadence`` (the strategy's).
+    stats: where compile, train and lane-step counts are booked.
+    capacity: ``wanted -> lanes per program`` (fixed by its first call).
+  """
+
+  def __init__(self, plan: Plan, cadence: Callable[[tuple], Cadence], stats: Stats,
+               capacity: Callable[[int], int]):
+    self.plan = plan
+    self.cadence = cadence
+    self.stats = stats
+    self.capacity = capacity
+    self.slots: list[Slot] = []
+    self.chunks: list[Chunk] = []
+    self.refs: dict[int, ProgramRef] = {}
+    self._data: DeviceData | None = None
+    self._spare: dict[int, Any] = {}  # id(program) -> a finished chunk's state, reused as buffers
+
+  @property
+  def data(self) -> DeviceData:
+    if self._data is None:
+      self._data = place_data(self.plan.dataset, self.plan.eval_batch_size, self.plan.mesh)
+    return self._data
+
+  # Layout ------------------------------------------------------------------
+
+  def start(self, trials: Sequence[NewTrial]) -> None:
+    """A new generation: ``trials`` grouped into buckets and chunks, every
+    lane to be initialised at its chunk's first call. Every bucket is
+    validated before anything compiles."""
+    buckets: "collections.OrderedDict[tuple, list[int]]" = collections.OrderedDict()
+    for i, t in enumerate(trials):
+      buckets.setdefault(self.plan.routing.signature(t.config), []).append(i)
+    for sig in buckets:
+      self.plan.spec(sig)
+    wanted = self.capacity(max(len(v) for v in buckets.values()))
+    self.slots, self.chunks = [None] * len(trials), []  # type: ignore[list-item]
+    for bucket, (sig, members) in enumerate(buckets.items()):
+      cadence = self.cadence(sig)
+      lanes = self.plan.fit_lanes(sig, wanted)
+      evals = -(-cadence.budget // cadence.eval_every)
+      for start in range(0, len(members), lanes):
+        part = members[start:start + lanes]
+        for lane, i in enumerate(part):
+          self.slots[i] = Slot(trials[i], len(self.chunks), lane, bucket, cadence.budget, evals)
+        self._add_chunk(sig, lanes, part, cadence)
+
+  def _add_chunk(self, sig: tuple, lanes: int, members: list, cadence: Cadence, at: int | None = None) -> Chunk:
+    program = self.plan.program(sig, lanes, cadence.evals_per_call)
+    chunk = Chunk(sig, program, lanes, list(members), cadence, fresh=np.ones(lanes, bool))
+    self.stats.padded_lanes += lanes - len(members)
+    if at is None:
+      self.chunks.append(chunk)
+    else:
+      self.chunks.insert(at, chunk)
+    return chunk
+
+  def _renumber(self) -> None:
+    for j, chunk in enumerate(self.chunks):
+      for lane, i in enumerate(chunk.members):
+        self.slots[i].chunk, self.slots[i].lane = j, lane
+
+  def views(self) -> list[LaneView]:
+    """Every lane as the strategy sees it, chunk by chunk, in lane order."""
+    out = []
+    for j, chunk in enumerate(self.chunks):
+      for lane, i in enumerate(chunk.members):
+        s = self.slots[i]
+        score = float(s.curve[-1]) if s.curve else math.nan
+        out.append(LaneView(i, j, lane, s.trial, chunk.signature, s.steps, score, s.diverged_at >= 0))
+    return out
+
+  # Training ----------------------------------------------------------------
+
+  def advance(self, sequential: bool, on_call: Callable[[str, int], None] | None = None,
+              on_done: Callable[[int], None] | None = None) -> None:
+    """Trains to the strategy's next decision point.
+
+    Sequential: each chunk in turn runs every call its trials need, then
+    ``on_done(chunk)`` is called and its state is released (kept as the
+    buffers of the program's next chunk); ``on_call("mid", j)`` follows every
+    call but a chunk's last, ``on_call("chunk", j)`` every chunk but the last
+    (checkpoint points). Lockstep: every chunk runs one call.
+    """
+    if not sequential:
+      t0 = time.perf_counter()
+      before = self._compile_marks()
+      pending = [(j, self._call(j)) for j in range(len(self.chunks))]
+      for j, metrics in pending:
+        self._record(j, to_host(metrics))  # waits for the devices: inside the clock
+      self._book(t0, before)
+      return
+    j = 0
+    while j < len(self.chunks):
+      chunk = self.chunks[j]
+      if chunk.done:
+        j += 1
+        continue
+      try:
+        while chunk.calls < chunk.calls_needed:
+          t0 = time.perf_counter()
+          before = self._compile_marks()
+          metrics = to_host(self._call(j))
+          self._record(j, metrics)
+          self._book(t0, before)
+          if chunk.calls < chunk.calls_needed and on_call is not None:
+            on_call("mid", j)
+      except Exception as e:  # noqa: BLE001 - only running out of memory is handled here
+        if not _faults.is_out_of_memory(e):
+          raise
+        self._split(j, str(e).splitlines()[0][:200])
+        continue
+      chunk.done = True
+      if on_done is not None:
+        on_done(j)
+      self._spare = {id(chunk.program): chunk.state}
+      chunk.state = None
+      if on_call is not None and any(not c.done for c in self.chunks):
+        on_call("chunk", j)
+      j += 1
+
+  def _call(self, j: int):
+    """One compiled call of chunk ``j`` (compiling it first if needed)."""
+    chunk = self.chunks[j]
+    program = chunk.program
+    inputs = place_lanes(_inputs(chunk, self.slots), self.plan.mesh)
+    if chunk.state is None:
+      # A finished chunk's state is the buffers of its program's next chunk;
+      # another program's is dropped first, so at most one is ever kept.
+      spare = self._spare.pop(id(program), None)
+      self._spare.clear()
+      chunk.state = spare if spare is not None else program.zeros(inputs)
+    mask = place_lanes(chunk.fresh, self.plan.mesh)
+    if not program.compiled:
+      program.compile(chunk.state, inputs, mask, self.data)
+    self.plan.check_budget(program)
+    _faults.failpoint("execute")
+    for lane, i in enumerate(chunk.members):
+      if chunk.fresh[lane]:
+        s = self.slots[i]
+        self.refs[s.trial.id] = ProgramRef(chunk.signature, chunk.lanes, chunk.cadence.evals_per_call,
+                                           chunk.cadence.eval_every)
+    chunk.state, metrics = program.run(chunk.state, inputs, mask, self.data, chunk.cadence.eval_every)
+    chunk.fresh = np.zeros(chunk.lanes, bool)
+    chunk.calls += 1
+    return metrics
+
+  def _record(self, j: int, metrics) -> None:
+    """Appends a call's evaluations to the trial of each real lane."""
+    chunk = self.chunks[j]
+    scores, losses, steps = metrics
+    diverged = to_host(chunk.state.diverged_at)
+    for lane, i in enumerate(chunk.members):
+      s = self.slots[i]
+      before = s.steps
+      room = s.evals - len(s.curve)  # a last call may run past the trial's evaluations
+      s.curve.extend(scores[lane, :room].tolist())
+      s.train_curve.extend(losses[lane, :room].tolist())
+      s.curve_steps.extend(int(v) for v in steps[lane, :room])
+      s.diverged_at = int(diverged[lane])
+      self.stats.lane_steps += s.steps - before
+
+  def _compile_marks(self):
+    return {id(c.program): (c.program, c.program.compiler.trace_seconds, c.program.compiler.compile_seconds,
+                            c.program.compiler.programs_compiled) for c in self.chunks}
+
+  def _book(self, t0: float, before) -> None:
+    """Books a stretch of calls: compiling (first use of a program) apart from training."""
+    elapsed = time.perf_counter() - t0
+    for program, trace_s, compile_s, n in before.values():
+      c = program.compiler
+      self.stats.programs_compiled += c.programs_compiled - n
+      self.stats.compile_seconds += c.compile_seconds - compile_s
+      self.stats.compile_wall_seconds += c.compile_seconds - compile_s  # one at a time, here
+      self.stats.trace_seconds += c.trace_seconds - trace_s
+      elapsed -= (c.compile_seconds - compile_s) + (c.trace_seconds - trace_s)
+    self.stats.train_seconds += max(0.0, elapsed)
+
+  def _split(self, j: int, why: str) -> None:
+    """Chunk ``j`` ran out of memory: it restarts as chunks of half the lanes."""
+    chunk = self.chunks[j]
+    smaller = self.plan.shrink(chunk.signature, chunk.lanes, why)
+    warnings.warn(
+        f"vmaptune: out of memory with {chunk.lanes} lanes of bucket {dict(chunk.signature)}; retrying "
+        f"with {smaller} lanes per program.", RuntimeWarning, stacklevel=4)
+    del self.chunks[j]
+    self.stats.padded_lanes -= chunk.lanes - len(chunk.members)
+    for k, start in enumerate(range(0, len(chunk.members), smaller)):
+      part = chunk.members[start:start + smaller]
+      for i in part:
+        s = self.slots[i]
+        s.restart(s.trial)
+      self._add_chunk(chunk.signature, smaller, part, chunk.cadence, at=j + k)
+    self._renumber()
+
+  # Decisions -----------------------------------------------------------------
+
+  def finish(self, slot: int, fields: Mapping[str, Any], maximize: bool) -> Trial:
+    """The trial of lane ``slot`` as it ends (the lane keeps running until refilled)."""
+    fields = dict(fields)
+    return self.slots[slot].to_trial(fields.pop("status"), maximize, **fields)
+
+  def refill(self, refills: Mapping[int, NewTrial]) -> None:
+    """Fresh trials in those lanes, initialised at their chunk's next call."""
+    for slot, trial in refills.items():
+      s = self.slots[slot]
+      s.restart(trial)
+      self.chunks[s.chunk].fresh[s.lane] = True
+
+  def exploit(self, exploits: Mapping[int, tuple[int, dict]]) -> None:
+    """PBT: each target lane copies its source lane (same chunk) and takes new
+    hyperparameters; one gather per chunk."""
+    by_chunk: dict[int, dict[int, tuple[int, dict]]] = collections.defaultdict(dict)
+    for slot, (source, config) in exploits.items():
+      by_chunk[self.slots[slot].chunk][slot] = (source, config)
+    for j, targets in by_chunk.items():
+      chunk = self.chunks[j]
+      spec = chunk.program.spec
+      source = np.arange(chunk.lanes, dtype=np.int32)
+      for slot, (src, config) in targets.items():
+        s = self.slots[slot]
+        source[s.lane] = self.slots[src].lane
+        s.trial = s.trial._replace(config=dict(config), parent=self.slots[src].trial.id)
+      configs = [self.slots[i].trial.config for i in chunk.members]
+      configs += [configs[0]] * (chunk.lanes - len(configs))
+      hparams = {k: np.asarray([c[k] for c in configs], np.int32 if k in spec.int_injected else np.float32)
+                 for k in spec.injected}
+      lr_key = "learning_rate" if "learning_rate" in spec.injected else None
+      lr0 = np.asarray([c[lr_key] if lr_key else 0.0 for c in configs], np.float32)
+      decay = np.asarray([float(c.get("lr_decay", 0.0)) for c in configs], np.float32)
+      if spec.schedule is not None and lr_key is None:
+        lr0 = to_host(chunk.state.lr0)  # the schedule decays the optimizer's default learning rate
+      t0 = time.perf_counter()
+      before = self._compile_marks()
+      chunk.state = chunk.program.exploit(chunk.state, source, hparams, lr0, decay)
+      self._book(t0, before)
+
+  def lane_params(self, slot: int):
+    """``(params, model_state)`` of a lane, as host arrays (every process)."""
+    s = self.slots[slot]
+    return lane_params(self.chunks[s.chunk].state, s.lane)
+
+  # Checkpoints ---------------------------------------------------------------
+
+  def save(self, arrays: dict) -> dict:
+    """The population as checkpoint metadata; device states go into ``arrays``."""
+    chunks = []
+    for j, c in enumerate(self.chunks):
+      leaves = jax.tree.leaves(c.state) if c.state is not None else []
+      for k, leaf in enumerate(leaves):
+        arrays[f"pop/{j}/{k}"] = host_leaf(leaf)
+      chunks.append({"signature": c.signature, "lanes": c.lanes, "members": list(c.members),
+                     "cadence": tuple(c.cadence), "calls": c.calls, "fresh": c.fresh.tolist(), "done": c.done,
+                     "leaves": len(leaves)})
+    slots = [{"trial": tuple(s.trial), "bucket": s.bucket, "budget": s.budget, "evals": s.evals,
+              "curve": s.curve, "curve_steps": s.curve_steps, "train_curve": s.train_curve,
+              "diverged_at": s.diverged_at} for s in self.slots]
+    return {"chunks": chunks, "slots": slots, "refs": [[tid, tuple(r)] for tid, r in self.refs.items()]}
+
+  def restore(self, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+    """Rebuilds the population :meth:`save` described, states on the devices."""
+    self.refs = {int(tid): ProgramRef(*r) for tid, r in meta["refs"]}
+    self.slots = [Slot(NewTrial(*d["trial"]), 0, 0, d["bucket"], d["budget"], d["evals"], list(d["curve"]),
+                       list(d["curve_steps"]), list(d["train_curve"]), d["diverged_at"]) for d in meta["slots"]]
+    self.chunks = []
+    for j, d in enumerate(meta["chunks"]):
+      cadence = Cadence(*d["cadence"])
+      program = self.plan.program(d["signature"], d["lanes"], cadence.evals_per_call)
+      chunk = Chunk(d["signature"], program, d["lanes"], list(d["members"]), cadence, d["calls"],
+                    np.asarray(d["fresh"], bool), None, d["done"])
+      if d["leaves"]:
+        abstract = program.abstract_state(_inputs(chunk, self.slots))
+        leaves, treedef = jax.tree.flatten(abstract)
+        missing = [f"pop/{j}/{k}" for k in range(len(leaves)) if f"pop/{j}/{k}" not in arrays]
+        if missing or len(leaves) != d["leaves"]:
+          from ._checkpoint import CheckpointError
+
+          raise CheckpointError(f"the checkpoint lacks the population arrays {missing[:3]} (or they do not "
+                                "fit the model); pass overwrite=True to start afresh.")
+        host = [unhost(arrays[f"pop/{j}/{k}"], a) for k, a in enumerate(leaves)]
+        chunk.state = place_lanes(jax.tree.unflatten(treedef, host), self.plan.mesh)
+      self.chunks.append(chunk)
+    self._renumber()
+
+
+def lane_params(state, lane: int):
+  """``(params, model_state)`` of one lane of a population state, on the host."""
+  take = lambda a: a[lane]
+  if jax.process_count() > 1:  # gather the lane to every process, as host arrays
+    params, model_state = jax.tree.map(take, (state.params, state.model_state))
+    rehost = lambda tree: jax.tree.map(lambda h, a: unhost(h, a) if jax.dtypes.issubdtype(
+        a.dtype, jax.dtypes.prng_key) else h, jax.tree.map(host_leaf, tree), tree)
+    return rehost(params), rehost(model_state)
+  return jax.device_get(jax.tree.map(take, state.params)), jax.tree.map(take, state.model_state)
+
+
+class Replay:
+  """What a result needs to rebuild a model and replay a trial exactly."""
+
+  def __init__(self, plan: Plan, population: Population):
+    self.plan = plan
+    self.population = population
+
+  def model(self, trial: Trial, params, model_state):
+    ref = self.population.refs[trial.id]
+    return self.plan.spec(ref.signature).adapter.build(params, model_state)
+
+  def run(self, trial: Trial, metric: str, maximize: bool) -> Run:
+    """Trains ``trial`` again in its own program, at its own lane, every other
+    lane a copy of it: the same numbers bit for bit."""
+    ref = self.population.refs[trial.id]
+    cadence = Cadence(ref.eval_every, ref.evals_per_call, trial.steps)
+    replay = Population(self.plan, lambda sig: cadence, Stats(), lambda wanted: ref.lanes)
+    replay._data = self.population.data
+    program = self.plan.program(ref.signature, ref.lanes, ref.evals_per_call)
+    evals = -(-trial.steps // ref.eval_every)
+    slots = [Slot(NewTrial(trial.id, trial.config, trial.seed, trial.round), 0, lane, 0, trial.steps, evals)
+             for lane in range(ref.lanes)]
+    replay.slots = slots
+    replay.chunks = [Chunk(ref.signature, program, ref.lanes, list(range(ref.lanes)), cadence,
+                           fresh=np.ones(ref.lanes, bool))]
+    while replay.chunks[0].calls < replay.chunks[0].calls_needed:
+      replay._record(0, to_host(replay._call(0)))
+    s = slots[trial.lane]
+    r = s.to_trial("ok", maximize)
+    params, model_state = lane_params(replay.chunks[0].state, trial.lane)
+    return Run(config=trial.config, seed=trial.seed, score=r.score, curve=r.curve, curve_steps=r.curve_steps,
+               train_curve=r.train_curve, status=r.status, diverged_at=r.diverged_at, steps=r.steps,
+               params=params, model_state=model_state, adapter=program.spec.adapter, metric_name=metric,
+               maximize=maximize)

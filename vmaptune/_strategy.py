@@ -1,0 +1,199 @@
+"""The interface every search strategy implements, and the registry of them.
+
+A strategy makes host-only decisions; it never touches device arrays. The one
+driver (``_loop``) runs a population (``_population``) and, between segments
+of training, asks the strategy two questions:
+
+1. :meth:`Strategy.stop`: which lanes' trials end now, and with which status
+   (``"ok"``, ``"stopped"``, ``"diverged"``) and extra fields;
+2. :meth:`Strategy.next`: what the population does next: refill lanes with new
+   trials, copy lanes into others (PBT's exploit), start a new generation
+   (a zoom round), or nothing (done).
+
+A strategy's state is a ``NamedTuple`` of plain values (numbers, strings,
+tuples, lists, dicts, configs), so a checkpoint is that state serialised, the
+same for every strategy. Adding a strategy is one new module with a frozen
+dataclass implementing :class:`Strategy`, and one line in the registry
+(``_options.STRATEGIES``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Protocol, Sequence
+
+from ._region import Region
+from ._sampling import Drawer
+from ._trial import AllDivergedError, Trial, rank_trials
+
+__all__ = ["NewTrial", "LaneView", "Cadence", "Decision", "Context", "Strategy", "top_trials"]
+
+
+class NewTrial(NamedTuple):
+  """A trial to start in a lane.
+
+  Attributes:
+    id: unique within the search, in order of creation.
+    config: the whole config (every key of the space).
+    seed: the trial seed: init, data order and dropout derive from it alone.
+    round: the round (zoom) or the round of population time it started in.
+    parent: the trial it was drawn near (zoom, halving) or copied (PBT).
+  """
+
+  id: int
+  config: dict
+  seed: int
+  round: int
+  parent: int | None = None
+
+
+class LaneView(NamedTuple):
+  """What a strategy sees of one lane after a segment.
+
+  Attributes:
+    slot: the lane's index in the population (stable for its lifetime).
+    chunk, lane: the program chunk it runs in and its position there.
+    trial: the trial it runs.
+    signature: the static part of the config (its program).
+    steps: steps the trial has taken.
+    score: its latest validation score (NaN before any evaluation).
+    diverged: whether its loss, parameters or score went non-finite.
+  """
+
+  slot: int
+  chunk: int
+  lane: int
+  trial: NewTrial
+  signature: tuple
+  steps: int
+  score: float
+  diverged: bool
+
+
+class Cadence(NamedTuple):
+  """How a bucket's lanes train: steps between evaluations, evaluations per
+  compiled call (a segment), and a trial's step budget."""
+
+  eval_every: int
+  evals_per_call: int
+  budget: int
+
+
+class Decision(NamedTuple):
+  """What the population does after a segment.
+
+  Attributes:
+    refill: ``{slot: NewTrial}``: a fresh trial in that lane (the lane's
+      program: the config keeps the lane's signature).
+    exploit: ``{slot: (source_slot, config)}``: the lane takes the source
+      lane's parameters and optimizer state (same chunk) and trains on with
+      ``config``'s hyperparameters (PBT).
+    generation: a new population replacing every lane (a zoom round).
+    report: call the callbacks with the trials finished so far.
+    done: the search is over.
+  """
+
+  refill: Mapping[int, NewTrial] = {}
+  exploit: Mapping[int, tuple[int, dict]] = {}
+  generation: Sequence[NewTrial] | None = None
+  report: bool = False
+  done: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What a strategy knows of the search: its options and how to draw configs.
+
+  Attributes:
+    space: the validated space.
+    num_configs, rounds, num_steps, seed, sampler, keep, shrink: as given to
+      :func:`vmaptune.search` (``num_steps`` is None with an ``epochs`` budget).
+    eval_every: the user's ``eval_every`` or None.
+    checkpoint_every: the user's ``checkpoint_every`` or None.
+    maximize: the metric's direction.
+    enqueue: configs to train first.
+    drawer: draws batches and refills with the search's sampler.
+    signature: ``config -> signature`` (the static part deciding its program).
+    steps_for: ``signature -> steps`` of a trial's budget (``num_steps`` or
+      ``epochs`` worth of its batch size).
+    eval_every_for: ``steps -> eval_every`` (default: 10 evaluations a trial).
+  """
+
+  space: Mapping[str, Any]
+  num_configs: int
+  rounds: int
+  num_steps: int | None
+  seed: int
+  sampler: str
+  keep: float | int
+  shrink: float
+  eval_every: int | None
+  checkpoint_every: int | None
+  maximize: bool
+  enqueue: Sequence[dict]
+  drawer: Drawer
+  signature: Callable[[Mapping[str, Any]], tuple]
+  steps_for: Callable[[tuple], int]
+  eval_every_for: Callable[[int], int]
+
+  def keep_count(self) -> int:
+    """How many of the best trials a zoom region is drawn around."""
+    if isinstance(self.keep, float):
+      return max(2, int(round(self.keep * self.num_configs)))
+    return self.keep
+
+
+def top_trials(ctx: Context, history: Sequence[Trial]) -> list[Trial]:
+  """The best ``keep`` trials so far; every trial diverging is an error."""
+  ranked = rank_trials(history, ctx.maximize)
+  if not ranked:
+    raise AllDivergedError(
+        f"all {len(history)} trials diverged, so there is nothing to zoom "
+        "in on; lower the learning-rate range or check the data.",
+        history,
+    )
+  return ranked[: ctx.keep_count()]
+
+
+class Strategy(Protocol):
+  """The interface of a search strategy (see the module docstring).
+
+  Attributes:
+    name: the ``strategy=`` string that selects it.
+    sequential: True when each chunk of the population trains to the end of
+      its trials before the next starts (zoom: a chunk's state is freed when
+      it finishes, so memory chunking bounds memory); False when every chunk
+      advances one segment at a time, in lockstep (halving, PBT).
+  """
+
+  name: ClassVar[str]
+  sequential: ClassVar[bool]
+
+  def check(self, ctx: Context) -> None:
+    """Raises ValueError for options this strategy cannot run with."""
+
+  def cadence(self, ctx: Context, signature: tuple) -> Cadence:
+    """How a bucket's lanes train (same for every bucket when not sequential)."""
+
+  def total_steps(self, ctx: Context) -> int | None:
+    """Population time of the whole search, for progress (None: unknown)."""
+
+  def init(self, ctx: Context) -> tuple[list[NewTrial], Any]:
+    """The first population's trials and the strategy's state."""
+
+  def stop(self, ctx: Context, state: Any, lanes: Sequence[LaneView], elapsed: int
+           ) -> tuple[list[tuple[int, dict]], Any]:
+    """``[(slot, fields)]``: the trials that end now (``fields`` holds
+    ``status`` and any extra ``Trial`` fields), in the order they end."""
+
+  def next(self, ctx: Context, state: Any, lanes: Sequence[LaneView], ended: Sequence[int],
+           history: Sequence[Trial], elapsed: int) -> tuple[Decision, Any]:
+    """What comes next; ``ended`` are the slots :meth:`stop` just ended and
+    ``history`` every finished trial (including those)."""
+
+  def regions(self, state: Any) -> list[Region]:
+    """The regions sampled so far, one per finished round."""
+
+  def state_type(self) -> type:
+    """The NamedTuple class of the state (to rebuild it from a checkpoint)."""
+
