@@ -26,13 +26,13 @@ import jax
 import numpy as np
 import optax
 
-from vmaptune import _data, _devices, _lane, _model, _program, _routing
+from vmaptune import _data, _devices, _lane, _model, _objective, _program, _routing
 
 
 def _spec(dataset, hidden: int):
-  objective = _data.resolve_objective(dataset.task, None, "loss", None)
+  objective = _objective.resolve_objective(dataset.task, None, "loss", None)
   model_fn = _common.model_fn_for(64, 10, hidden, depth=2)
-  adapter = _model.make_adapter(model_fn, {}, None)
+  adapter = _model.make_adapter(model_fn, {}, jax.ShapeDtypeStruct((1, 64), np.float32))
   routing = _routing.route({"learning_rate": 1e-3, "b1": 0.9}, optax.adam, "inverse_time")
   return _lane.TrainSpec(
       adapter=adapter, routing=routing, static_opt=(), batch_size=64, eval_batch_size=512,

@@ -17,7 +17,7 @@ import optax
 import pytest
 
 import vmaptune as vt
-from vmaptune import _data, _lane, _model, _routing
+from vmaptune import _data, _lane, _model, _objective, _routing
 
 from _models import mlp_fn
 
@@ -97,8 +97,8 @@ def test_lanes_do_not_leak_across_neighbours(small_digits, lane_batch):
 
 def _spec(small_digits, hidden=16, batch=32):
   ds = _data.prepare_data(small_digits, val_fraction=0.2, seed=0)
-  obj = _data.resolve_objective(ds.task, None, "loss", None)
-  adapter = _model.make_adapter(mlp_fn, {"hidden": hidden}, None)
+  obj = _objective.resolve_objective(ds.task, None, "loss", None)
+  adapter = _model.make_adapter(mlp_fn, {"hidden": hidden}, jax.ShapeDtypeStruct((1, 64), np.float32))
   routing = _routing.route({"learning_rate": 1e-3}, optax.adam, "inverse_time")
   spec = _lane.TrainSpec(adapter=adapter, routing=routing, static_opt=(), batch_size=batch, eval_batch_size=512,
                          objective=obj, num_train=ds.num_train, num_val=ds.num_val)
@@ -113,8 +113,8 @@ def test_batched_gradients_match_single_lane_gradients(small_digits):
 
   def grads(state):
     state = state._replace(perm=_lane.lane_perm(spec, state))
-    xb, yb = _lane.lane_minibatch(spec, state, data)
-    return jax.grad(lambda p: _lane.lane_loss(spec, p, state, xb, yb)[0])(state.params)
+    batch = _lane.lane_minibatch(spec, state, data)
+    return jax.grad(lambda p: _lane.lane_loss(spec, p, state, batch)[0])(state.params)
 
   init = functools.partial(_lane.lane_init, spec)
   batched = jax.jit(jax.vmap(lambda i: grads(init(i))))(inputs)

@@ -99,7 +99,7 @@ def test_call_time_rngs_and_deterministic_flag(small_digits):
   # here check the switch was found and passed.
   adapter = _model.make_adapter(lambda c: DeterministicLinen(), {}, jax.ShapeDtypeStruct((1, 64), np.float32))
   assert adapter.mode_arg == "deterministic"
-  adapter = _model.make_adapter(lambda c, rngs: DropoutMLP(rngs), {}, None)
+  adapter = _model.make_adapter(lambda c, rngs: DropoutMLP(rngs), {}, jax.ShapeDtypeStruct((1, 64), np.float32))
   assert adapter.takes_rngs
 
 

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import vmaptune as vt
-from vmaptune import _data, _lane, _model, _program, _routing, _samplers, _region
+from vmaptune import _data, _lane, _model, _objective, _program, _routing, _samplers, _region
 
 from _models import mlp_fn
 
@@ -117,9 +117,9 @@ def test_pbt_schedule_replays_with_train(pbt, small_digits):
 
 def test_pbt_exploit_copies_parameters_and_optimizer_state_exactly(small_digits):
   ds = _data.prepare_data(small_digits, val_fraction=0.2, seed=0)
-  obj = _data.resolve_objective(ds.task, None, "loss", None)
+  obj = _objective.resolve_objective(ds.task, None, "loss", None)
   routing = _routing.route({"learning_rate": 1e-2}, optax.adam, "inverse_time")
-  spec = _lane.TrainSpec(adapter=_model.make_adapter(mlp_fn, {"hidden": 8}, None), routing=routing, static_opt=(),
+  spec = _lane.TrainSpec(adapter=_model.make_adapter(mlp_fn, {"hidden": 8}, jax.ShapeDtypeStruct((1, 64), np.float32)), routing=routing, static_opt=(),
                          batch_size=32, eval_batch_size=512, objective=obj, num_train=ds.num_train,
                          num_val=ds.num_val)
   from vmaptune import _devices

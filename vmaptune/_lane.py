@@ -18,8 +18,8 @@ import numpy as np
 import optax
 from jax import lax
 
-from ._data import Objective
 from ._model import ModelAdapter
+from ._objective import Objective, mean_value
 from ._routing import Routing
 
 __all__ = ["LaneInputs", "LaneState", "TrainSpec", "lane_init", "lane_step", "lane_eval", "lane_check",
@@ -209,19 +209,28 @@ def all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack(leaves))
 
 
-def lane_loss(spec: TrainSpec, params, state: LaneState, x, y):
-  """Mean training loss of one mini-batch and the updated model state."""
+def lane_loss(spec: TrainSpec, params, state: LaneState, batch):
+  """Mean training loss of one mini-batch and the updated model state.
+
+  ``batch`` is ``(x, y)`` for a loss of the outputs, the user's batch pytree
+  for a model-aware loss.
+  """
   key = jax.random.fold_in(_key(state.dropout_key), state.step)
+  obj = spec.objective
+  if obj.model_loss is not None:
+    value, model_state = spec.adapter.call(params, state.model_state, lambda m: obj.model_loss(m, batch), True, key)
+    return mean_value(value, "model_loss"), model_state
+  x, y = batch
   out, model_state = spec.adapter.apply(params, state.model_state, x, True, key)
-  return jnp.mean(spec.objective.loss_fn(out, y)), model_state
+  return jnp.mean(obj.loss_fn(out, y)), model_state
 
 
-def lane_minibatch(spec: TrainSpec, state: LaneState, data) -> tuple[jax.Array, jax.Array]:
-  """The lane's mini-batch for its current step, from its own permutation."""
-  x, y = data
+def lane_minibatch(spec: TrainSpec, state: LaneState, data) -> Any:
+  """The lane's mini-batch for its current step, from its own permutation
+  (every leaf of the data pytree, gathered the same way)."""
   i = state.step % spec.steps_per_epoch
   idx = lax.dynamic_slice_in_dim(state.perm, i * spec.batch_size, spec.batch_size)
-  return jnp.take(x, idx, axis=0), jnp.take(y, idx, axis=0)
+  return jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
 
 
 def lane_step(spec: TrainSpec, state: LaneState, data) -> tuple[LaneState, jax.Array, jax.Array]:
@@ -231,10 +240,10 @@ def lane_step(spec: TrainSpec, state: LaneState, data) -> tuple[LaneState, jax.A
     ``(state, loss, took)``: ``took`` is False where the lane was frozen or
     past its budget, and ``state`` is then the old one.
   """
-  xb, yb = lane_minibatch(spec, state, data)
+  batch = lane_minibatch(spec, state, data)
   (loss, model_state), grads = jax.value_and_grad(
       functools.partial(lane_loss, spec), has_aux=True
-  )(state.params, state, xb, yb)
+  )(state.params, state, batch)
   opt_state = state.opt_state
   if spec.schedule is not None:
     hp = dict(opt_state.hyperparams)
@@ -268,17 +277,50 @@ def lane_step(spec: TrainSpec, state: LaneState, data) -> tuple[LaneState, jax.A
   return new_state, loss.astype(jnp.float32), take
 
 
+_EVAL_STREAM = 0x5EA1  # evaluation keys: apart from the training steps'
+
+
 def lane_eval(spec: TrainSpec, state: LaneState, val) -> jax.Array:
-  """Mean validation metric of one lane, in evaluation mode, chunk by chunk."""
-  xv, yv, wv = val
+  """Mean validation metric of one lane, in evaluation mode, chunk by chunk.
 
-  def body(total, chunk):
-    xc, yc, wc = chunk
-    out, _ = spec.adapter.apply(state.params, state.model_state, xc, False, None)
-    values = spec.objective.metric_fn(out, yc).astype(jnp.float32)
-    return total + jnp.sum(values * wc), None
+  ``val`` is ``(chunks, weights, rest)``: the validation pytree cut into
+  chunks of equal size (the last padded, weight 0), and the examples of a
+  partial last chunk unpadded (None when there is none). Per-example values
+  are averaged with the weights; a metric that returns one scalar per chunk
+  is averaged over whole chunks and the rest, so padding never enters it.
+  """
+  chunks, weights, rest = val
+  obj = spec.objective
+  key = jax.random.fold_in(jax.random.fold_in(_key(state.dropout_key), state.step), _EVAL_STREAM)
 
-  total, _ = lax.scan(body, jnp.zeros((), jnp.float32), (xv, yv, wv))
+  def value(chunk, k):
+    if obj.metric_fn is not None:
+      x, y = chunk
+      out, _ = spec.adapter.apply(state.params, state.model_state, x, False, k)
+      return obj.metric_fn(out, y).astype(jnp.float32)
+    v, _ = spec.adapter.call(state.params, state.model_state, lambda m: obj.eval_fn(m, chunk), False, k)
+    if isinstance(v, tuple) and len(v) == 2:  # (loss, aux)
+      v = v[0]
+    return jnp.asarray(v).astype(jnp.float32)
+
+  num_chunks, size = weights.shape
+  first = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), chunks)
+  per_example = jax.eval_shape(value, first, key).ndim == 1
+
+  def body(total, item):
+    chunk, w, i = item
+    v = value(chunk, jax.random.fold_in(key, i))
+    return total + (jnp.sum(v * w) if per_example else v * size), None
+
+  index = jnp.arange(num_chunks, dtype=jnp.int32)
+  if per_example or rest is None:
+    total, _ = lax.scan(body, jnp.zeros((), jnp.float32), (chunks, weights, index))
+    return total / spec.num_val
+  full = num_chunks - 1  # the last chunk is the padded one: its examples are in ``rest``
+  head = jax.tree.map(lambda a: a[:full], (chunks, weights, index))
+  total, _ = lax.scan(body, jnp.zeros((), jnp.float32), head)
+  n_rest = jax.tree.leaves(rest)[0].shape[0]
+  total = total + value(rest, jax.random.fold_in(key, full)) * n_rest
   return total / spec.num_val
 
 

@@ -21,7 +21,8 @@ from typing import Any, Callable
 
 from . import _devices, _space
 from ._codec import dumps, loads, qualname
-from ._data import Dataset, Objective, prepare_data, resolve_objective
+from ._data import Dataset, prepare_data
+from ._objective import Objective, resolve_objective
 from ._halving import Halving
 from ._model import model_kind
 from ._pbt import PBT
@@ -78,7 +79,8 @@ class Common:
 
 
 def parse_common(model_fn, data, space, optimizer, metric, direction, loss_fn, val_fraction, seed,
-                 lr_schedule, eval_every, eval_batch_size, precision, empty_ok=False) -> Common:
+                 lr_schedule, eval_every, eval_batch_size, precision, empty_ok=False, model_loss=None,
+                 model_metric=None) -> Common:
   model_kind(model_fn)
   space = _space.validate_space(space) if (space or not empty_ok) else {}
   routing = route(space, optimizer, lr_schedule)
@@ -87,8 +89,12 @@ def parse_common(model_fn, data, space, optimizer, metric, direction, loss_fn, v
   eval_batch_size = int_arg("eval_batch_size", eval_batch_size, allow_none=True)
   if precision not in _PRECISIONS:
     raise ValueError(f"`precision` must be one of {_PRECISIONS}, got {precision!r}.")
-  dataset = prepare_data(data, val_fraction=val_fraction, seed=seed)
-  objective = resolve_objective(dataset.task, loss_fn, metric, direction)
+  model_aware = model_loss is not None
+  if model_loss is not None and not callable(model_loss):
+    raise TypeError(f"`model_loss` must be a callable (model, batch) -> loss, got {model_loss!r}.")
+  dataset = prepare_data(data, val_fraction=val_fraction, seed=seed, model_aware=model_aware)
+  objective = resolve_objective(dataset.task, loss_fn, metric, direction, model_loss, model_metric,
+                                paired=dataset.paired)
   top = max_batch_size(space)
   if top is not None and top > dataset.num_train:
     raise ValueError(
@@ -148,12 +154,14 @@ def _check_strategy(strategy: Any, sampler: str):
 
 
 def parse_search(model_fn, data, space, *, optimizer, num_configs, num_steps, epochs, rounds, seed, sampler,
-                 metric, direction, loss_fn, val_fraction, eval_every, keep, shrink, max_buckets, lr_schedule,
+                 metric, direction, loss_fn, model_loss, model_metric, val_fraction, eval_every, keep, shrink,
+                 max_buckets, lr_schedule,
                  devices, lane_batch, precision, eval_batch_size, enqueue, callbacks, checkpoint_dir,
                  checkpoint_every, overwrite, memory_budget, strategy, verbose) -> SearchOptions:
   """Checks every argument of ``search``; raises before anything is traced."""
   common = parse_common(model_fn, data, space, optimizer, metric, direction, loss_fn, val_fraction, seed,
-                        lr_schedule, eval_every, eval_batch_size, precision)
+                        lr_schedule, eval_every, eval_batch_size, precision, model_loss=model_loss,
+                        model_metric=model_metric)
   space = common.space
   num_configs = int_arg("num_configs", num_configs)
   rounds = int_arg("rounds", rounds)
@@ -239,11 +247,14 @@ def fingerprint(opts: SearchOptions) -> dict:
       num_devices=len(opts.devices), strategy=repr(opts.strategy),
   )
   fp["space"] = {k: _space.to_json(v) for k, v in c.space.items()}
-  fp["data"] = f"{d.fingerprint()} train{d.x_train.shape}/{d.x_train.dtype} val{d.x_val.shape} y/{d.y_train.dtype}"
+  fp["data"] = f"{d.fingerprint()} {d.describe()}"
   fp["model_fn"] = _name(c.model_fn)
   fp["model_source"] = _source_digest(c.model_fn)
   fp["optimizer"] = _name(opts.optimizer)
   fp["loss_fn"] = _name(opts.loss_fn)
   fp["metric"] = _name(opts.metric)
+  if c.objective.model_loss is not None or c.objective.model_metric is not None:
+    fp["model_loss"] = _name(c.objective.model_loss)
+    fp["model_metric"] = _name(c.objective.model_metric)
   fp["enqueue"] = [sorted(x.items()) for x in opts.enqueue]
   return loads(dumps(fp))

@@ -17,7 +17,8 @@ import numpy as np
 
 from . import _devices, _faults
 from ._check import check_spec
-from ._data import Dataset, Objective
+from ._data import Dataset
+from ._objective import Objective
 from ._lane import TrainSpec, lane_init, stack_inputs
 from ._model import make_adapter
 from ._program import Layout, Program, SingleProgram, cached
@@ -97,8 +98,10 @@ class Plan:
     #: Lanes per program of each bucket that had to be cut to fit memory.
     self.chunk_lanes: dict[tuple, int] = {}
     self._specs: dict[tuple, TrainSpec] = {}
-    x = dataset.x_train
-    self.x_example = jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype)
+    example = jax.tree.map(lambda a: jax.ShapeDtypeStruct((1,) + a.shape[1:], a.dtype), dataset.train)
+    #: What the model is called on, when vmaptune calls it (an (x, y) pair and a loss or metric of outputs).
+    self.x_example = example[0] if dataset.paired and objective.calls_model else None
+    self.batch_example = example
 
   # Budgets -------------------------------------------------------------
 
@@ -126,11 +129,9 @@ class Plan:
   # Specs and programs --------------------------------------------------
 
   def _cache_key(self, signature: tuple, *layout) -> tuple:
-    d = self.dataset
+    o = self.objective
     return (
-        self.model_fn, self.routing, self.objective.loss_fn, self.objective.metric_fn,
-        d.x_train.shape, d.x_train.dtype.str, d.y_train.shape, d.y_train.dtype.str, d.x_val.shape, d.task,
-        d.num_classes,
+        self.model_fn, self.routing, o.loss_fn, o.metric_fn, o.model_loss, o.model_metric, self.dataset.signature(),
         self.eval_batch_size, self.precision, tuple(x.id for x in self.devices), signature,
     ) + layout
 
@@ -147,7 +148,8 @@ class Plan:
   def _new_spec(self, signature: tuple) -> TrainSpec:
     config = dict(signature)
     spec = TrainSpec(
-        adapter=make_adapter(self.model_fn, self.routing.model_config(config), self.x_example),
+        adapter=make_adapter(self.model_fn, self.routing.model_config(config), self.x_example,
+                             self.objective.model_loss, self.batch_example),
         routing=self.routing,
         static_opt=self.routing.static_opt_values(config),
         batch_size=self.batch_size(signature),
@@ -211,8 +213,7 @@ class Plan:
     return sum(nbytes(a) for a in jax.tree.leaves(state))
 
   def data_bytes(self) -> int:
-    d = self.dataset
-    return int(sum(a.nbytes for a in (d.x_train, d.y_train, d.x_val, d.y_val)))
+    return self.dataset.nbytes
 
   def fit_lanes(self, signature: tuple, wanted: int) -> int:
     """The most lanes (≤ ``wanted``) a bucket's program may hold within the budget.

@@ -159,8 +159,10 @@ class DeviceData(NamedTuple):
 def place_data(dataset: Dataset, eval_batch_size: int, mesh) -> DeviceData:
   """Puts the data on every device of ``mesh`` (replicated), once.
 
-  The validation set is cut into chunks of ``eval_batch_size`` examples; the
-  last chunk is padded, and a weight of 0 keeps the padding out of the score.
+  The validation pytree is cut into chunks of ``eval_batch_size`` examples;
+  the last chunk is padded, and a weight of 0 keeps the padding out of a
+  per-example score. The examples of a partial last chunk are also kept
+  unpadded (``rest``), for metrics that return one scalar per chunk.
   """
   n_val = dataset.num_val
   e = min(eval_batch_size, n_val)
@@ -174,10 +176,9 @@ def place_data(dataset: Dataset, eval_batch_size: int, mesh) -> DeviceData:
 
   weights = np.concatenate([np.ones(n_val, np.float32), np.zeros(pad, np.float32)]).reshape(chunks, e)
   sharding = _devices.replicated(mesh)
-  put = lambda a: put_global(a, sharding)
-  train = (put(dataset.x_train), put(dataset.y_train))
-  val = (put(chunked(dataset.x_val)), put(chunked(dataset.y_val)), put(weights))
-  return DeviceData(train, val)
+  put = lambda tree: jax.tree.map(lambda a: put_global(a, sharding), tree)
+  rest = put(jax.tree.map(lambda a: a[(chunks - 1) * e:], dataset.val)) if pad else None
+  return DeviceData(put(dataset.train), (put(jax.tree.map(chunked, dataset.val)), put(weights), rest))
 
 
 # --------------------------------------------------------------------------

@@ -37,6 +37,8 @@ def search(
     metric: str | Callable = "loss",
     direction: str | None = None,
     loss_fn: Callable | None = None,
+    model_loss: Callable | None = None,
+    model_metric: Callable | None = None,
     val_fraction: float = 0.2,
     eval_every: int | None = None,
     keep: float | int = 0.25,
@@ -70,8 +72,13 @@ def search(
       ``model_fn(config) -> nn.Module`` (Linen). ``config`` holds the model's
       hyperparameters as plain Python values.
     data: ``(x, y)`` (split with ``val_fraction``, deterministically from
-      ``seed``) or ``{"train": (x, y), "val": (x, y)}``. Integer ``y`` means
-      classification (cross-entropy), float ``y`` regression (squared error).
+      ``seed``) or ``{"train": (x, y), "val": (x, y)}``. ``x`` and ``y`` are
+      arrays or any nested tuples, lists or dicts of arrays sharing one
+      leading example axis; the model is called as ``model(x)``,
+      ``model(*x)`` for a tuple, ``model(**x)`` for a dict. One integer
+      ``y`` means classification (cross-entropy), one float ``y`` regression
+      (squared error); other targets need ``loss_fn``. With ``model_loss``,
+      any pytree batch.
     space: name -> distribution (:func:`uniform`, :func:`loguniform`,
       :func:`reverse_loguniform`, :func:`integer`, :func:`choice`) or constant.
       Arguments of ``optimizer`` go to the optimizer, ``batch_size`` and
@@ -93,11 +100,24 @@ def search(
       comparison; zoom strategy only) or ``"tpe"`` (Optuna's TPE proposes each
       zoom round's whole batch; with ``strategy="halving"`` it proposes the
       refills, BOHB-style; needs the ``optuna`` extra).
-    metric: ``"loss"`` (default, minimized), ``"accuracy"`` (maximized) or a
-      callable ``(outputs, targets) -> per-example values``, averaged.
+    metric: ``"loss"`` (default, minimized: the validation loss),
+      ``"accuracy"`` (maximized) or a callable ``(outputs, targets) ->
+      per-example values``, averaged over the validation set.
     direction: ``"minimize"`` or ``"maximize"`` for a callable metric.
-    loss_fn: ``(outputs, targets) -> per-example loss``; default cross-entropy
-      for integer labels, squared error for float targets.
+    loss_fn: ``(outputs, targets) -> per-example loss``, where ``outputs`` is
+      whatever the model returns (any pytree) for ``x`` and ``targets`` is
+      ``y``; default cross-entropy for integer labels, squared error for
+      float targets.
+    model_loss: instead of ``loss_fn``, a loss of the model and the lane's
+      mini-batch, ``(model, batch) -> per-example values, a scalar or (loss,
+      aux)``, as Flax's NNX tutorials write it: ``model`` is the lane's NNX
+      module in training mode (a bound Linen module, its ``__call__`` given
+      the train flag), ``batch`` the mini-batch of ``data`` (then any pytree
+      with a leading example axis: a dict of arrays works, no ``y`` needed).
+      State the model writes is kept (batch statistics, rng counters);
+      variables it creates during the call are dropped after it.
+    model_metric: the same form, scored on validation batches with the model
+      in evaluation mode (default with ``model_loss``: ``model_loss`` itself).
     val_fraction: held-out share when ``data`` is ``(x, y)``.
     eval_every: steps between validation passes (default: 10 per trial).
     keep: how many of the best trials so far a zoom region is drawn around: a
@@ -169,6 +189,7 @@ def search(
   opts = _options.parse_search(
       model_fn, data, space, optimizer=optimizer, num_configs=num_configs, num_steps=num_steps, epochs=epochs,
       rounds=rounds, seed=seed, sampler=sampler, metric=metric, direction=direction, loss_fn=loss_fn,
+      model_loss=model_loss, model_metric=model_metric,
       val_fraction=val_fraction, eval_every=eval_every, keep=keep, shrink=shrink, max_buckets=max_buckets,
       lr_schedule=lr_schedule, devices=devices, lane_batch=lane_batch, precision=precision,
       eval_batch_size=eval_batch_size, enqueue=enqueue, callbacks=callbacks, checkpoint_dir=checkpoint_dir,

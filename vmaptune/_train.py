@@ -62,6 +62,8 @@ def train(
     metric: str | Callable = "loss",
     direction: str | None = None,
     loss_fn: Callable | None = None,
+    model_loss: Callable | None = None,
+    model_metric: Callable | None = None,
     val_fraction: float = 0.2,
     split_seed: int = 0,
     eval_every: int | None = None,
@@ -82,8 +84,8 @@ def train(
 
   Args:
     model_fn, data, optimizer, num_steps, epochs, metric, direction, loss_fn,
-      val_fraction, eval_every, lr_schedule, precision, eval_batch_size: as in
-      :func:`search`.
+      model_loss, model_metric, val_fraction, eval_every, lr_schedule,
+      precision, eval_batch_size: as in :func:`search`.
     config: one value per hyperparameter (no distributions), e.g.
       ``result.best_config``.
     seed: the trial seed (init, data order, dropout), e.g.
@@ -122,7 +124,8 @@ def train(
   _options.int_arg("split_seed", split_seed, low=0)
   c = _options.parse_common(
       model_fn, data, dict(config), optimizer, metric, direction, loss_fn,
-      val_fraction, split_seed, lr_schedule, eval_every, eval_batch_size, precision, empty_ok=True)
+      val_fraction, split_seed, lr_schedule, eval_every, eval_batch_size, precision, empty_ok=True,
+      model_loss=model_loss, model_metric=model_metric)
   config = dict(config)
   _options.int_arg("seed", seed, low=0)
   num_steps, epochs = _options.budget_args(num_steps, epochs)
