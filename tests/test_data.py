@@ -140,3 +140,26 @@ def test_bad_pytree_data_is_a_clear_error_before_compiling(no_compile, kwargs, e
   args.update(kwargs)
   with pytest.raises(err, match=match):
     vt.search(args.pop("model_fn"), args.pop("data"), args.pop("space"), **args)
+
+
+class PerStep(nnx.Module):
+  def __init__(self, rngs):
+    self.l = nnx.Linear(3, 5, rngs=rngs)
+
+  def __call__(self, x):
+    return self.l(x)  # (batch, time, classes)
+
+
+def test_integer_targets_per_time_step_take_a_loss_of_their_own():
+  # Per-token labels (n, T) are class indices too, but not (n,): no default loss, and no refusal either.
+  x = rng.normal(size=(120, 4, 3)).astype(np.float32)
+  y = (x.sum(-1) > 0).astype(np.int32) * 2  # (n, 4), values in {0, 2}
+  import optax
+
+  def per_token(outputs, targets):
+    return optax.softmax_cross_entropy_with_integer_labels(outputs, targets).mean(-1)
+
+  r = vt.search(lambda c, rngs: PerStep(rngs), (x, y), LR, loss_fn=per_token, **KW)
+  assert all(t.status == "ok" for t in r.trials)
+  with pytest.raises(ValueError, match="no default loss"):
+    vt.search(lambda c, rngs: PerStep(rngs), (x, y), LR, **KW)

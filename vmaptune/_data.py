@@ -244,12 +244,14 @@ def prepare_data(data: Any, *, val_fraction: float, seed: int, model_aware: bool
                        f"len(x)={num_examples(part[0])} and len(y)={num_examples(part[1])}.")
     if num_examples(part) == 0:
       raise ValueError(f"`data`: {name} is empty (0 examples).")
+  # One integer array of shape (n,) is class labels, one float array values;
+  # anything else (per-token labels (n, T), a pytree) needs a loss of its own.
   task = "custom"
   if paired and isinstance(train[1], np.ndarray):
-    task = "classification" if train[1].dtype.kind == "i" else "regression"
-  if task == "classification" and (train[1].ndim != 1 or val[1].ndim != 1):
-    raise ValueError(f"`data`: integer labels must have shape (n,), got {train[1].shape}; "
-                     "one-hot labels should be passed as class indices.")
+    if train[1].dtype.kind != "i":
+      task = "regression"
+    elif train[1].ndim == 1:
+      task = "classification"
   if task == "classification" and (train[1].min() < 0 or val[1].min() < 0):
     raise ValueError("`data`: integer class labels must be >= 0.")
   return Dataset(train, val, task, paired)

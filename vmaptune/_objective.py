@@ -149,7 +149,8 @@ def resolve_objective(task: str, loss_fn: Any, metric: Any, direction: Any, mode
     loss = None
   elif loss_fn is None:
     if task == "custom":
-      raise ValueError("the targets `y` are not one array, so there is no default loss: give "
+      raise ValueError("the targets `y` are neither class labels of shape (n,) nor one float array (they are "
+                       "integers of more dimensions, or a pytree), so there is no default loss: give "
                        "loss_fn=(outputs, targets) -> per-example loss, or model_loss=(model, batch) -> loss.")
     loss = cross_entropy if task == "classification" else squared_error
   elif callable(loss_fn):
