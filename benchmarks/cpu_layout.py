@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import optax
 
-from vmaptune import _data, _devices, _lane, _model, _objective, _program, _routing
+from vmaptune import _compiler, _data, _devices, _lane, _model, _objective, _placement, _program, _routing
 
 
 def _spec(dataset, hidden: int):
@@ -58,20 +58,22 @@ def _timed_program(spec, n, devices, lane_batch, evals, options=None):
   mesh = _devices.make_mesh(devices)
   program = _program.Program(spec, _program.Layout(n, len(devices), lane_batch), mesh, evals_per_call=evals)
   if options is not None:
-    saved = _program.compiler_options
-    _program.compiler_options = lambda platform: options
+    saved = _compiler.compiler_options
+    _compiler.compiler_options = lambda platform, tier="long": options
   try:
-    data = _program.place_data(_DATA, 512, mesh)
-    inputs = _program.place_lanes(_inputs(spec, n, _STEPS), mesh)
-    mask = _program.place_lanes(np.ones(n, bool), mesh)
+    data = _placement.place_data(_DATA, 512, mesh)
+    inputs = _placement.place_lanes(_inputs(spec, n, _STEPS), mesh)
+    mask = _placement.place_lanes(np.ones(n, bool), mesh)
     t0 = time.perf_counter()
-    program.compile(program.zeros(inputs), inputs, mask, data)
+    program.lower(inputs, data)
+    program.compile()
     compile_s = time.perf_counter() - t0
   finally:
     if options is not None:
-      _program.compiler_options = saved
+      _compiler.compiler_options = saved
   # A fresh start each time: every lane initialised, then trained.
-  run = lambda: jax.block_until_ready(program.run(program.zeros(inputs), inputs, mask, data, _STEPS // evals))
+  run = lambda: jax.block_until_ready(
+      program.run(program.start(program.zeros(inputs), inputs, mask, data), data, _STEPS // evals))
   run()
   return compile_s, _best_of(run, _REPS)
 
@@ -122,26 +124,28 @@ def question_fused_buckets(n, devices):
   specs = [_spec(_DATA, 64), _spec(_DATA, 128)]
   device = devices[:1]
   mesh = _devices.make_mesh(device)
-  data = _program.place_data(_DATA, 512, mesh)
-  inputs = [_program.place_lanes(_inputs(s, n, _STEPS), mesh) for s in specs]
-  mask = _program.place_lanes(np.ones(n, bool), mesh)
+  data = _placement.place_data(_DATA, 512, mesh)
+  inputs = [_placement.place_lanes(_inputs(s, n, _STEPS), mesh) for s in specs]
+  mask = _placement.place_lanes(np.ones(n, bool), mesh)
   programs = [_program.Program(s, _program.Layout(n, 1, 1), mesh, evals_per_call=10) for s in specs]
   eval_every = np.asarray(_STEPS // 10, np.int32)
   t0 = time.perf_counter()
   for p, i in zip(programs, inputs):
-    p.compile(p.zeros(i), i, mask, data)
+    p.lower(i, data)
+    p.compile()
   separate_compile = time.perf_counter() - t0
-  separate = lambda: jax.block_until_ready([p.run(p.zeros(i), i, mask, data, _STEPS // 10)
+  separate = lambda: jax.block_until_ready([p.run(p.start(p.zeros(i), i, mask, data), data, _STEPS // 10)
                                             for p, i in zip(programs, inputs)])
   separate()
   separate_run = _best_of(separate, _REPS)
 
   def fused(sa, a, sb, b, m, train, val, every):
-    return (programs[0]._local_run(sa, a, m, train, val, every), programs[1]._local_run(sb, b, m, train, val, every))
+    sa, sb = programs[0]._local_start(sa, a, m), programs[1]._local_start(sb, b, m)
+    return programs[0]._local_run(sa, train, val, every), programs[1]._local_run(sb, train, val, every)
 
   zeros = lambda: (programs[0].zeros(inputs[0]), programs[1].zeros(inputs[1]))
   t0 = time.perf_counter()
-  compiler = _program._Compiler(None, device[0].platform)
+  compiler = _compiler.Compiler(None, device[0].platform)
   za, zb = zeros()
   compiled = compiler.build(fused, (za, inputs[0], zb, inputs[1], mask, data.train, data.val, eval_every))
   fused_compile = time.perf_counter() - t0

@@ -22,6 +22,7 @@ from flax import nnx
 from jax import random
 
 import vmaptune as vt
+from vmaptune import _lane
 
 
 def _finite_ok(result):
@@ -698,7 +699,7 @@ def reference_run(config, data, seed, num_steps, eval_every):
   scores, losses, interval = [], [], []
   for step in range(num_steps):
     epoch = step // steps_per_epoch
-    perm = jax.random.permutation(jax.random.fold_in(k_data, epoch), n_train)
+    perm = _lane.epoch_order(jax.random.key_data(k_data), epoch, n_train)  # vmaptune's data order
     start = (step % steps_per_epoch) * batch_size
     idx = np.asarray(perm[start:start + batch_size])
     model.train()

@@ -84,10 +84,10 @@ class OneShot:
     configs = ctx.drawer.batch(0, ctx.num_configs, _region.Region.full(ctx.space))
     return [_strategy.NewTrial(i, c, 1000 + i, 0) for i, c in enumerate(configs)], _OneShotState(len(configs))
 
-  def stop(self, ctx, state, lanes, elapsed):
+  def stop(self, ctx, state, lanes, clock):
     return [(v.slot, {"status": "ok"}) for v in lanes], state
 
-  def next(self, ctx, state, lanes, ended, history, elapsed):
+  def next(self, ctx, state, lanes, ended, history, clock):
     return _strategy.Decision(done=True), state
 
 

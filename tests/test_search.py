@@ -90,6 +90,8 @@ def test_one_compile_per_signature():
   space = {**LR, "hidden": 8}
   result = vt.search(model_fn, (x, y), space, num_configs=6, num_steps=10, rounds=3, verbose=False)
   assert result.stats.programs_compiled == 1  # one program, for all three rounds
+  assert [r["compiled"] for r in result.stats.programs_by_round] == [1, 0, 0]
+  assert result.stats.programs_by_round[0]["new_signatures"] == 1
   again = vt.search(model_fn, (x, y), space, num_configs=6, num_steps=10, rounds=2, seed=1, verbose=False)
   assert again.stats.programs_compiled == 0  # same shapes: reused across searches
   vt.clear_cache()

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import vmaptune as vt
-from vmaptune import _data, _lane, _model, _objective, _program, _routing, _samplers, _region
+from vmaptune import _data, _lane, _model, _objective, _placement, _program, _routing, _samplers, _region
 
 from _models import mlp_fn
 
@@ -126,11 +126,12 @@ def test_pbt_exploit_copies_parameters_and_optimizer_state_exactly(small_digits)
 
   mesh = _devices.make_mesh(jax.devices())
   program = _program.Program(spec, _program.Layout(4, 4, 1), mesh, evals_per_call=1)
-  data = _program.place_data(ds, 512, mesh)
-  inputs = _program.place_lanes(_lane.stack_inputs(range(4), [{"learning_rate": 1e-2}] * 4, [0.0] * 4,
+  data = _placement.place_data(ds, 512, mesh)
+  inputs = _placement.place_lanes(_lane.stack_inputs(range(4), [{"learning_rate": 1e-2}] * 4, [0.0] * 4,
                                                    [10] * 4, spec), mesh)
-  mask = _program.place_lanes(np.ones(4, bool), mesh)
-  state, _ = program.run(program.zeros(inputs), inputs, mask, data, 5)
+  mask = _placement.place_lanes(np.ones(4, bool), mesh)
+  state = program.start(program.zeros(inputs), inputs, mask, data)
+  state, _ = program.run(state, data, 5)
   before = jax.device_get(state)
   source = np.array([0, 0, 2, 2], np.int32)  # lane 1 takes lane 0, lane 3 takes lane 2
   new_lr = np.array([1e-2, 5e-3, 1e-2, 2e-2], np.float32)

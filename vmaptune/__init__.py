@@ -18,7 +18,7 @@ from ._trial import AllDivergedError, Run, Stats, Trial  # noqa: E402
 from ._result import SearchResult, load  # noqa: E402
 from ._checkpoint import CheckpointError, CheckpointMismatch  # noqa: E402
 from ._plan import OutOfMemoryError  # noqa: E402
-from ._program import clear_cache  # noqa: E402
+from ._compiler import clear_cache  # noqa: E402
 from ._zoom import Zoom  # noqa: E402
 from ._halving import Halving  # noqa: E402
 from ._pbt import PBT  # noqa: E402

@@ -103,8 +103,6 @@ def example_result():
 def run_demo(args: argparse.Namespace) -> int:
   import vmaptune as vt
 
-  if not args.no_cache:
-    vt.enable_compilation_cache()
   x, y = load_digits()
   print(f"vmaptune demo: {args.configs} configs x {args.rounds} rounds x {args.steps} steps "
         f"on digits ({len(x)} images), metric: validation accuracy", flush=True)
@@ -112,7 +110,7 @@ def run_demo(args: argparse.Namespace) -> int:
   result = vt.search(
       demo_model_fn, (x, y), demo_space(), num_configs=args.configs, num_steps=args.steps,
       rounds=args.rounds, seed=args.seed, sampler=args.sampler, metric="accuracy",
-      verbose=not args.quiet,
+      compilation_cache=False if args.no_cache else None, verbose=not args.quiet,
   )
   wall = time.perf_counter() - t0
   print()
@@ -125,9 +123,10 @@ def run_demo(args: argparse.Namespace) -> int:
   s = result.stats
   print(f"Best validation accuracy: {result.best_score:.4f} (trial {result.best_trial.id}, "
         f"round {result.best_trial.round})")
-  print(f"Wall time: {wall:.1f}s  (training {s.train_seconds:.1f}s, compiling {s.compile_seconds:.1f}s "
-        f"for {s.programs_compiled} programs, {s.lane_steps_per_second:,.0f} lane-steps/s on "
-        f"{s.num_devices} device(s))")
+  print(f"Wall time: {wall:.1f}s: training {s.train_seconds:.1f}s ({s.lane_steps_per_second:,.0f} lane-steps/s "
+        f"on {s.num_devices} device(s)), compiling {s.compile_wall_seconds:.1f}s ({s.programs_compiled} "
+        f"programs, {s.compile_seconds:.1f}s of XLA time), tracing {s.trace_seconds:.1f}s, "
+        f"host {s.host_seconds:.1f}s")
   if args.report:
     path = result.report(args.report)
     print(f"Report: {path}")

@@ -136,14 +136,14 @@ def enable_compilation_cache(path: str | None = None) -> str:
   """Keeps compiled programs on disk, so a repeated search skips XLA.
 
   Sets JAX's persistent compilation cache (``jax_compilation_cache_dir``) if
-  it is not set yet, and caches programs however quickly they compiled.
-  Affects every JAX program in this process, which is why vmaptune does not
-  do it unasked (the demo does; the benchmarks do not, so their compile times
-  are cold).
+  it is not set yet (a cache the user configured in JAX is never changed),
+  and caches programs however quickly they compiled. It is process-wide:
+  other JAX programs of the process are cached there too. ``search`` and
+  ``train`` call it by default (``compilation_cache=``).
 
   Args:
-    path: the folder; default ``$VMAPTUNE_CACHE_DIR`` or
-      ``~/.cache/vmaptune/xla``.
+    path: the folder; default ``$VMAPTUNE_CACHE_DIR``, or
+      ``$XDG_CACHE_HOME/vmaptune/xla`` (``~/.cache/vmaptune/xla``).
 
   Returns:
     The folder in use.
@@ -157,12 +157,44 @@ def enable_compilation_cache(path: str | None = None) -> str:
     return current
   if path is None:
     path = os.environ.get("VMAPTUNE_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "vmaptune", "xla")
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "vmaptune", "xla")
+  path = os.fspath(path)
   os.makedirs(path, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
   return path
+
+
+_OFF = ("0", "false", "off", "no", "none", "")
+
+
+def use_compilation_cache(setting) -> str | None:
+  """What ``search(compilation_cache=)`` does: the cache folder in use, or None.
+
+  None (the default) turns the on-disk cache on, in the default folder,
+  unless ``VMAPTUNE_COMPILATION_CACHE`` is ``0`` (or ``off``, ``false``) or
+  names a folder; True turns it on in the default folder, a path in that
+  folder, False leaves JAX alone. A folder that cannot be created is warned
+  about once and the search runs without a cache.
+  """
+  if setting is None:
+    env = os.environ.get("VMAPTUNE_COMPILATION_CACHE")
+    if env is not None:
+      setting = False if env.strip().lower() in _OFF else env
+    else:
+      setting = True
+  if setting is False:
+    return None
+  try:
+    return enable_compilation_cache(None if setting is True else setting)
+  except OSError as e:
+    if not _state.get("cache_warned"):
+      _state["cache_warned"] = True
+      warnings.warn(f"vmaptune: no on-disk compilation cache ({e}); every run compiles afresh. "
+                    "Set VMAPTUNE_CACHE_DIR to a writable folder, or compilation_cache=False.",
+                    RuntimeWarning, stacklevel=3)
+    return None
 
 
 def parse_bytes(value) -> int:

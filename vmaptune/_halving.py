@@ -21,7 +21,7 @@ import numpy as np
 from ._region import Region, zoom_region
 from ._sampling import Stream, nearest_finder, trial_seed
 from ._space import searched
-from ._strategy import Cadence, Context, Decision, LaneView, NewTrial
+from ._strategy import Cadence, Clock, Context, Decision, LaneView, NewTrial
 from ._trial import Trial, rank_trials
 
 __all__ = ["Halving", "HalvingState"]
@@ -101,8 +101,15 @@ class Halving:
     eval_every = ctx.eval_every or segment
     return Cadence(eval_every, segment // eval_every, ctx.num_steps)
 
-  def total_steps(self, ctx: Context) -> int:
-    return ctx.rounds * ctx.num_steps
+  def total_steps(self, ctx: Context) -> int | None:
+    return None if ctx.timeout is not None else ctx.rounds * ctx.num_steps
+
+  def _over(self, ctx: Context, clock: Clock) -> bool:
+    """No time for another segment: the search ends at this decision."""
+    total = self.total_steps(ctx)
+    if total is not None:
+      return clock.elapsed >= total
+    return not clock.fits(self.rungs(ctx.num_steps)[0])
 
   def state_type(self) -> type:
     return HalvingState
@@ -133,7 +140,7 @@ class Halving:
     top = max(1, len(ranked) // self.eta)
     return bisect.bisect_left(ranked, key) < top
 
-  def stop(self, ctx: Context, state: HalvingState, lanes: Sequence[LaneView], elapsed: int):
+  def stop(self, ctx: Context, state: HalvingState, lanes: Sequence[LaneView], clock: Clock):
     rungs = self.rungs(ctx.num_steps)
     ended, arrived = [], []
     for v in lanes:
@@ -151,22 +158,25 @@ class Halving:
         ended.append((v.slot, {"status": "ok", "rung": k}))
       elif not self._promoted(v.score, state.rung_scores[k], ctx.maximize):
         ended.append((v.slot, {"status": "stopped", "rung": k}))
-    if elapsed >= self.total_steps(ctx):  # the budget is spent: whatever runs stops here
+    if self._over(ctx, clock):  # the budget is spent: whatever runs stops here
       gone = {slot for slot, _ in ended}
       ended += [(v.slot, {"status": "stopped", "rung": _rung_of(rungs, v.steps)}) for v in lanes
                 if v.slot not in gone]
     return ended, state
 
   def next(self, ctx: Context, state: HalvingState, lanes: Sequence[LaneView], ended: Sequence[int],
-           history: Sequence[Trial], elapsed: int):
+           history: Sequence[Trial], clock: Clock):
+    elapsed = clock.elapsed
     segment = self.rungs(ctx.num_steps)[0]
-    total = self.total_steps(ctx)
+    over = self._over(ctx, clock)
     # Callbacks follow rounds of population time (and the end, by the loop).
-    report = elapsed // ctx.num_steps > (elapsed - segment) // ctx.num_steps and elapsed < total
-    if elapsed >= total:
+    report = elapsed // ctx.num_steps > (elapsed - segment) // ctx.num_steps and not over
+    if over:
       return Decision(report=report, done=True), state
     if not ended:
       return Decision(report=report), state
+    if not clock.fits(ctx.num_steps):  # a new trial could not finish in time: its lane idles
+      return Decision(refill={slot: None for slot in ended}, report=report), state
     level = min(elapsed // ctx.num_steps, ctx.rounds - 1)
     regions = list(state.regions)
     while len(regions) <= level:  # one region per round of population time, fixed when it starts

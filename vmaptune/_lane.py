@@ -184,11 +184,71 @@ def lane_init(spec: TrainSpec, inputs: LaneInputs) -> LaneState:
   )
 
 
+_FEISTEL_ROUNDS = 8
+
+
+def _mix(x: jax.Array, k: jax.Array) -> jax.Array:
+  """A Feistel round function: the key xored in, then murmur3's finaliser."""
+  h = x ^ k
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def shuffle(seed: jax.Array, n: int) -> jax.Array:
+  """A random permutation of ``range(n)`` without a sort, from two uint32 words.
+
+  ``jax.random.permutation`` sorts random keys; on CPU that sort (once an
+  epoch) measured 24% of a digits-MLP step's time and 17% of the program's
+  compile time. Here an 8-round Feistel network, keyed from ``seed`` (shape
+  ``(2,)``, uint32) by an integer hash, is a random bijection of
+  ``[0, 2**b)`` (``2**b`` the first power of two >= ``n``): the values below
+  ``n``, in order, are a permutation of ``range(n)`` (a cumsum and a scatter
+  put them in place). Integer ops only, no PRNG: the training program carries
+  no threefry code.
+
+  >>> import numpy as np
+  >>> p = np.asarray(shuffle(np.asarray([1, 2], np.uint32), 10))
+  >>> sorted(p.tolist()) == list(range(10))
+  True
+  """
+  bits = max(2, (n - 1).bit_length())
+  left_bits, right_bits = bits // 2, bits - bits // 2
+  seed = jnp.asarray(seed, jnp.uint32)
+  rounds = jnp.arange(_FEISTEL_ROUNDS, dtype=jnp.uint32)
+  keys = _mix(_mix(seed[0] ^ (rounds * jnp.uint32(0x9E3779B9)), seed[1]), rounds + jnp.uint32(0x632BE5AB))
+  x = jnp.arange(2 ** bits, dtype=jnp.uint32)
+  mask_l, mask_r = jnp.uint32(2 ** left_bits - 1), jnp.uint32(2 ** right_bits - 1)
+
+  def two_rounds(i, lr):
+    # (L, R) -> (R, L ^ F(R)) is a bijection whatever F is; two rounds bring
+    # the (unequal) widths back, so a loop of pairs keeps the program small.
+    left, right = lr
+    left, right = right, (left ^ _mix(right, keys[2 * i])) & mask_l
+    return right, (left ^ _mix(right, keys[2 * i + 1])) & mask_r
+
+  left, right = lax.fori_loop(0, _FEISTEL_ROUNDS // 2, two_rounds, (x >> right_bits, x & mask_r))
+  values = ((left << right_bits) | right).astype(jnp.int32)
+  keep = values < n
+  where = jnp.where(keep, jnp.cumsum(keep.astype(jnp.int32)) - 1, n)
+  return jnp.zeros((n,), jnp.int32).at[where].set(values, mode="drop")
+
+
+def epoch_order(data_key: jax.Array, epoch, n: int) -> jax.Array:
+  """The order a lane visits its ``n`` training examples in ``epoch``: a
+  shuffle keyed by the lane's data key (raw uint32 key data) and the epoch,
+  hashed together. Mini-batch ``i`` of the epoch is ``order[i*B:(i+1)*B]``."""
+  epoch = jnp.asarray(epoch).astype(jnp.uint32)
+  words = jnp.asarray(data_key).reshape(-1)[-2:].astype(jnp.uint32)
+  seed = jnp.stack([_mix(words[0], epoch * jnp.uint32(0x27D4EB2F)), _mix(words[1], epoch ^ jnp.uint32(0x165667B1))])
+  return shuffle(seed, n)
+
+
 def lane_perm(spec: TrainSpec, state: LaneState) -> jax.Array:
   """The permutation of the epoch ``state.step`` falls in."""
-  epoch = state.step // spec.steps_per_epoch
-  key = jax.random.fold_in(_key(state.data_key), epoch)
-  return jax.random.permutation(key, spec.num_train).astype(jnp.int32)
+  return epoch_order(state.data_key, state.step // spec.steps_per_epoch, spec.num_train)
 
 
 def scheduled_lr(spec: TrainSpec, state: LaneState) -> jax.Array:

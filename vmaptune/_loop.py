@@ -28,11 +28,12 @@ from ._check import model_digest
 from ._checkpoint import CheckpointError, Checkpointer, CheckpointMismatch, fingerprint_diff
 from ._lane import lane_init, stack_inputs
 from ._plan import Plan
-from ._population import Population, Replay
-from ._program import host_leaf, unhost
+from ._placement import host_leaf, unhost
+from ._population import Population
+from ._replay import Replay
 from ._progress import Progress
 from ._result import SearchResult
-from ._strategy import Context, Strategy
+from ._strategy import Clock, Context, Strategy
 from ._trial import AllDivergedError, Stats, Trial, better, rank_trials
 
 __all__ = ["Ledger", "run"]
@@ -77,7 +78,8 @@ class _Run:
 
   def __init__(self, *, ctx: Context, strategy: Strategy, plan: Plan, population: Population, stats: Stats,
                checkpointer: Checkpointer | None, fingerprint: dict | None, overwrite: bool,
-               callbacks: Sequence[Callable], verbose: bool, metric: str, options: dict):
+               callbacks: Sequence[Callable], verbose: bool, metric: str, options: dict,
+               timeout: float | None = None):
     self.ctx = ctx
     self.strategy = strategy
     self.plan = plan
@@ -95,6 +97,10 @@ class _Run:
     self.elapsed = 0      # population time: steps every lane could have trained
     self.horizons = 0     # decision points passed (a zoom round each)
     self.phase = "advance"
+    self.timeout = timeout
+    self.deadline: float | None = None
+    self.wall_before = 0.0  # wall seconds earlier runs of a resumed search used
+    self._pace = _Pace()
 
   # The loop ------------------------------------------------------------------
 
@@ -103,6 +109,7 @@ class _Run:
     if self.checkpointer is not None:
       self.checkpointer.acquire()
     interrupted = False
+    self._t_start = t_start
     try:
       found = self._load() if self.checkpointer is not None else None
       if found is not None:
@@ -110,6 +117,8 @@ class _Run:
       else:
         trials, self.state = strategy.init(self.ctx)
         self.population.start(trials)
+      if self.timeout is not None:  # a resumed search gets what is left of its budget
+        self.deadline = t_start + self.timeout - self.wall_before
       self._start_progress()
       try:
         while True:
@@ -130,12 +139,22 @@ class _Run:
       if self.checkpointer is not None:
         self.checkpointer.release()
     if not rank_trials(self.ledger.trials, self.ctx.maximize):
-      raise AllDivergedError(
-          f"all {len(self.ledger.trials)} trials diverged; lower the learning-rate range or check the data.",
-          self.ledger.trials)
+      raise AllDivergedError(self._no_result_message(), self.ledger.trials)
     return self.snapshot(t_start, interrupted)
 
+  def _no_result_message(self) -> str:
+    trials = self.ledger.trials
+    diverged = sum(t.status == "diverged" for t in trials)
+    if diverged == len(trials):
+      return f"all {len(trials)} trials diverged; lower the learning-rate range or check the data."
+    text = f"no trial finished its budget ({len(trials) - diverged} stopped early, {diverged} diverged)"
+    if self.timeout is not None:
+      text += (f": the timeout of {self.timeout:g} s ran out first (compiling took "
+               f"{self.stats.compile_wall_seconds:.1f} s of it); give the search more time or shorter trials")
+    return text + "."
+
   def _advance(self) -> None:
+    self._pace.start(self)
     sequential = self.strategy.sequential
     self.population.advance(sequential, on_call=self._on_call, on_done=self._on_chunk_done)
     if sequential:
@@ -145,24 +164,35 @@ class _Run:
       self.elapsed += c.eval_every * c.evals_per_call
     self.horizons += 1
     self.stats.segments += 1
+    self._pace.stop(self)
     self.phase = "decide"
-    self.progress.advance(self.stats.lane_steps, self._best_score())
+    self.progress.advance(self._progress_done(), self._best_score())
     if self._checkpoint_due():
       self._save()
 
   def _decide(self, t_start: float) -> bool:
     """Ends trials, asks what comes next and applies it; True when done."""
+    t0 = time.perf_counter()
+    try:
+      return self._decide_now(t_start)
+    finally:
+      self._pace.decide_seconds = time.perf_counter() - t0
+
+  def _decide_now(self, t_start: float) -> bool:
     lanes = self.population.views()
-    ended, self.state = self.strategy.stop(self.ctx, self.state, lanes, self.elapsed)
+    clock = self._clock()
+    ended, self.state = self.strategy.stop(self.ctx, self.state, lanes, clock)
     for slot, fields in ended:
       trial = self.population.finish(slot, fields, self.ctx.maximize)
       if not self.strategy.sequential:  # sequential chunks offered theirs when they finished
         self.ledger.offer(trial, lambda slot=slot: self.population.lane_params(slot))
       self.ledger.add(trial)
     decision, self.state = self.strategy.next(self.ctx, self.state, lanes, [s for s, _ in ended],
-                                              self.ledger.trials, self.elapsed)
+                                              self.ledger.trials, clock)
+    if decision.generation is not None and not self._fits(decision.generation):
+      decision = decision._replace(generation=None, done=True, report=True)
     if self.strategy.sequential or decision.report or decision.done:
-      self.progress.end_round(self._best_score(), self.horizons)
+      self.progress.end_round(self._best_score(), self.horizons, last=decision.done)
     if decision.report or decision.done:
       for fn in self.callbacks:
         fn(self.snapshot(t_start))
@@ -180,7 +210,7 @@ class _Run:
   def _on_call(self, kind: str, j: int) -> None:
     """After a sequential chunk's call (``"mid"``: more follow) or after a
     chunk finished (``"chunk"``: more chunks follow): checkpoint points."""
-    self.progress.advance(self.stats.lane_steps, self._best_score())
+    self.progress.advance(self._progress_done(), self._best_score())
     if self.checkpointer is None:
       return
     self._save()
@@ -194,19 +224,73 @@ class _Run:
     for i in chunk.members:
       trial = self.population.slots[i].to_trial("ok", self.ctx.maximize)
       self.ledger.offer(trial, lambda i=i: self.population.lane_params(i))
-    self.progress.advance(self.stats.lane_steps, self._best_score())
+    self.progress.advance(self._progress_done(), self._best_score())
+
+  # Time budget ---------------------------------------------------------------
+
+  def _clock(self) -> Clock:
+    """Population time, and with a timeout the steps that fit in the time left."""
+    remaining = None
+    if self.deadline is not None and self._pace.steps_per_second:
+      left = self.deadline - time.perf_counter()
+      remaining = max(0, int(left * self._pace.steps_per_second))
+    return Clock(self.elapsed, remaining)
+
+  def _fits(self, trials) -> bool:
+    """Whether a new generation (a zoom round) would finish before the deadline,
+    by estimate: its lane-steps at the last round's rate, the programs it
+    still needs compiled, and a round's host work."""
+    if self.deadline is None or not self._pace.lane_steps_per_second:
+      return True
+    plan = self.plan
+    lane_steps, programs = 0, set()
+    for t in trials:
+      sig = plan.routing.signature(t.config)
+      lane_steps += self.ctx.steps_for(sig)
+      c = self.strategy.cadence(self.ctx, sig)
+      if not plan.program(sig, plan.fit_lanes(sig, plan.capacity(1)), c.evals_per_call).compiled:
+        programs.add(sig)
+    s = self.stats
+    per_program = s.compile_seconds / s.programs_compiled if s.programs_compiled else 2.0
+    estimate = (lane_steps / self._pace.lane_steps_per_second + len(programs) * per_program
+                + self._pace.host_seconds)
+    return time.perf_counter() + estimate <= self.deadline
 
   def _best_score(self) -> float | None:
     best = self.ledger.candidate[0] if self.ledger.candidate is not None else self.ledger.best
     return best.score if best is not None else None
 
   def _start_progress(self) -> None:
-    total = self.strategy.total_steps(self.ctx)
-    if total is not None:
-      total *= self.ctx.num_configs
-    elif self.ctx.num_steps is not None:
-      total = self.ctx.rounds * self.ctx.num_configs * self.ctx.num_steps
-    self.progress.start(self.strategy.name, total, done=self.stats.lane_steps)
+    """A bar of lane-steps, or of seconds with a timeout; compiles show in its label."""
+    if self.timeout is not None:
+      self.progress.unit = "s"
+      total = int(round(self.timeout))
+    else:
+      total = self.strategy.total_steps(self.ctx)
+      if total is not None:
+        total *= self.ctx.num_configs
+      elif self.ctx.num_steps is not None:
+        total = self.ctx.rounds * self.ctx.num_configs * self.ctx.num_steps
+    self.progress.start(self.strategy.name, total, done=self._progress_done())
+    self.population.on_compile = lambda status: self.progress.status(
+        None if status is None else f"compiling {status[0]}/{status[1]} programs")
+    self.population.steps_ahead = self._steps_ahead
+
+  def _steps_ahead(self, chunk) -> int:
+    """Steps each lane of ``chunk`` will still train with its program: a zoom
+    round's budget times the rounds left (a bucket's program serves every
+    round it recurs in); a halving or PBT lane, the whole run. With a
+    timeout: long (programs get the fast-running compile)."""
+    if self.timeout is not None:
+      return 10**9
+    if self.strategy.sequential:
+      return chunk.cadence.budget * max(1, self.ctx.rounds - self.horizons)
+    return self.strategy.total_steps(self.ctx) or chunk.cadence.budget
+
+  def _progress_done(self) -> int:
+    if self.timeout is not None:
+      return int(self.wall_before + time.perf_counter() - self._t_start)
+    return self.stats.lane_steps
 
   # Results -------------------------------------------------------------------
 
@@ -246,6 +330,7 @@ class _Run:
         "phase": self.phase,
         "elapsed": self.elapsed,
         "horizons": self.horizons,
+        "wall_used": self.wall_before + time.perf_counter() - self._t_start,
         "strategy": self.strategy.name,
         "strategy_state": self.state._asdict(),
         "trials": [t.to_dict() for t in self.ledger.trials],
@@ -315,6 +400,7 @@ class _Run:
     self.ledger.trials = [Trial.from_dict(d) for d in meta["trials"]]
     self.state = self.strategy.state_type()(**meta["strategy_state"])
     self.phase, self.elapsed, self.horizons = meta["phase"], int(meta["elapsed"]), int(meta["horizons"])
+    self.wall_before = float(meta.get("wall_used", 0.0))
     for name in ("best", "candidate"):
       saved = meta.get(name)
       if not saved:
@@ -330,6 +416,35 @@ class _Run:
         self.ledger.best, self.ledger.best_params = trial, {trial.id: params}
       else:
         self.ledger.candidate = (trial, params)
+
+
+class _Pace:
+  """How fast the search goes, from the last decision point's stretch of
+  training: population steps and lane-steps per second (compiling left out:
+  it is paid once) and the host work around it."""
+
+  def __init__(self):
+    self.steps_per_second = None
+    self.lane_steps_per_second = None
+    self.host_seconds = 0.0
+    self.decide_seconds = 0.0  # the last decision's host time (sampling, strategy)
+    self._mark = None
+
+  def start(self, run: "_Run") -> None:
+    s = run.stats
+    self._mark = (time.perf_counter(), s.compile_wall_seconds + s.trace_seconds, run.elapsed, s.lane_steps,
+                  s.train_seconds)
+
+  def stop(self, run: "_Run") -> None:
+    t0, c0, e0, l0, tr0 = self._mark
+    s = run.stats
+    seconds = time.perf_counter() - t0 - (s.compile_wall_seconds + s.trace_seconds - c0) + self.decide_seconds
+    if seconds > 0 and run.elapsed > e0:
+      self.steps_per_second = (run.elapsed - e0) / seconds
+    train = s.train_seconds - tr0
+    if train > 0 and s.lane_steps > l0:
+      self.lane_steps_per_second = (s.lane_steps - l0) / train
+    self.host_seconds = max(0.0, seconds - train)
 
 
 def run(**kwargs) -> SearchResult:

@@ -78,6 +78,13 @@ class Common:
   precision: str | None
 
 
+def check_cache_arg(compilation_cache) -> None:
+  if compilation_cache is not None and not isinstance(compilation_cache, (bool, str)) \
+      and not hasattr(compilation_cache, "__fspath__"):
+    raise TypeError(f"`compilation_cache` must be None (the default: on), True, False or a folder, "
+                    f"got {compilation_cache!r}.")
+
+
 def parse_common(model_fn, data, space, optimizer, metric, direction, loss_fn, val_fraction, seed,
                  lr_schedule, eval_every, eval_batch_size, precision, empty_ok=False, model_loss=None,
                  model_metric=None) -> Common:
@@ -134,6 +141,7 @@ class SearchOptions:
   overwrite: bool
   memory_budget: int | None
   strategy: Any
+  timeout: float | None
   verbose: bool
 
 
@@ -157,7 +165,8 @@ def parse_search(model_fn, data, space, *, optimizer, num_configs, num_steps, ep
                  metric, direction, loss_fn, model_loss, model_metric, val_fraction, eval_every, keep, shrink,
                  max_buckets, lr_schedule,
                  devices, lane_batch, precision, eval_batch_size, enqueue, callbacks, checkpoint_dir,
-                 checkpoint_every, overwrite, memory_budget, strategy, verbose) -> SearchOptions:
+                 checkpoint_every, overwrite, memory_budget, strategy, verbose, timeout=None,
+                 compilation_cache=None) -> SearchOptions:
   """Checks every argument of ``search``; raises before anything is traced."""
   common = parse_common(model_fn, data, space, optimizer, metric, direction, loss_fn, val_fraction, seed,
                         lr_schedule, eval_every, eval_batch_size, precision, model_loss=model_loss,
@@ -202,13 +211,19 @@ def parse_search(model_fn, data, space, *, optimizer, num_configs, num_steps, ep
   if memory_budget is not None:
     _devices.parse_bytes(memory_budget)
   strategy = _check_strategy(strategy, sampler)
+  check_cache_arg(compilation_cache)
+  if timeout is not None:
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not math.isfinite(timeout) \
+        or timeout <= 0:
+      raise ValueError(f"`timeout` must be a positive number of seconds or None, got {timeout!r}.")
+    timeout = float(timeout)
   return SearchOptions(
       common=common, optimizer=optimizer, num_configs=num_configs, num_steps=num_steps, epochs=epochs,
       rounds=rounds, seed=seed, sampler=sampler, metric=metric, direction=direction, loss_fn=loss_fn,
       val_fraction=val_fraction, keep=keep, shrink=float(shrink), max_buckets=max_buckets,
       lr_schedule=lr_schedule, devices=_devices.lane_devices(devices), lane_batch=lane_batch, enqueue=enqueue,
       callbacks=tuple(callbacks), checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-      overwrite=overwrite, memory_budget=memory_budget, strategy=strategy, verbose=verbose)
+      overwrite=overwrite, memory_budget=memory_budget, strategy=strategy, timeout=timeout, verbose=verbose)
 
 
 # --------------------------------------------------------------------------
@@ -244,7 +259,7 @@ def fingerprint(opts: SearchOptions) -> dict:
       eval_every=c.eval_every, keep=opts.keep, shrink=opts.shrink, max_buckets=opts.max_buckets,
       lr_schedule=opts.lr_schedule, lane_batch=opts.lane_batch, precision=c.precision,
       eval_batch_size=c.eval_batch_size, checkpoint_every=opts.checkpoint_every,
-      num_devices=len(opts.devices), strategy=repr(opts.strategy),
+      num_devices=len(opts.devices), strategy=repr(opts.strategy), timeout=opts.timeout,
   )
   fp["space"] = {k: _space.to_json(v) for k, v in c.space.items()}
   fp["data"] = f"{d.fingerprint()} {d.describe()}"

@@ -19,7 +19,7 @@ import numpy as np
 from ._region import Region, sample_values
 from ._sampling import Stream, trial_seed
 from ._space import Choice, Integer, searched
-from ._strategy import Cadence, Context, Decision, LaneView, NewTrial
+from ._strategy import Cadence, Clock, Context, Decision, LaneView, NewTrial
 from ._trial import Trial
 
 __all__ = ["PBT", "PBTState"]
@@ -91,25 +91,32 @@ class PBT:
       raise ValueError(f"PBT: `resample_probability` must lie in [0, 1], got {self.resample_probability!r}.")
 
   def _ready(self, ctx: Context) -> int:
-    return self.ready or default_ready(self.total_steps(ctx), ctx.num_steps, ctx.eval_every)
+    return self.ready or default_ready(ctx.rounds * ctx.num_steps, ctx.num_steps, ctx.eval_every)
+
+  def _over(self, ctx: Context, clock: Clock) -> bool:
+    total = self.total_steps(ctx)
+    if total is not None:
+      return clock.elapsed >= total
+    return not clock.fits(self._ready(ctx))
 
   def check(self, ctx: Context) -> None:
     if ctx.num_steps is None:
       raise ValueError(f"strategy={self.name!r} needs a `num_steps` budget, not `epochs`.")
     ready = self._ready(ctx)
     eval_every = ctx.eval_every or ready
-    if ready % eval_every or self.total_steps(ctx) % ready:
+    if ready % eval_every or (ctx.rounds * ctx.num_steps) % ready:
       raise ValueError(
           f"strategy='pbt': `ready`={ready} must be a multiple of eval_every={eval_every} "
-          f"and divide the run of rounds*num_steps={self.total_steps(ctx)} steps.")
+          f"and divide the run of rounds*num_steps={ctx.rounds * ctx.num_steps} steps.")
 
   def cadence(self, ctx: Context, signature: tuple) -> Cadence:
     ready = self._ready(ctx)
     eval_every = ctx.eval_every or ready
-    return Cadence(eval_every, ready // eval_every, self.total_steps(ctx))
+    # With a timeout the lanes train until the search ends.
+    return Cadence(eval_every, ready // eval_every, self.total_steps(ctx) or 2**31 - 1)
 
-  def total_steps(self, ctx: Context) -> int:
-    return ctx.rounds * ctx.num_steps
+  def total_steps(self, ctx: Context) -> int | None:
+    return None if ctx.timeout is not None else ctx.rounds * ctx.num_steps
 
   def state_type(self) -> type:
     return PBTState
@@ -125,16 +132,17 @@ class PBT:
     state = PBTState({i: dict(c) for i, c in enumerate(configs)}, {i: [(0, dict(c))] for i, c in enumerate(configs)}, [])
     return trials, state
 
-  def stop(self, ctx: Context, state: PBTState, lanes: Sequence[LaneView], elapsed: int):
-    if elapsed < self.total_steps(ctx):
+  def stop(self, ctx: Context, state: PBTState, lanes: Sequence[LaneView], clock: Clock):
+    if not self._over(ctx, clock):
       return [], state
     # Every lane finishes at the end; its schedule says how it got there.
     return [(v.slot, {"status": "diverged" if v.diverged else "ok", "config": state.current[v.slot],
                       "schedule": state.schedules[v.slot]}) for v in lanes], state
 
   def next(self, ctx: Context, state: PBTState, lanes: Sequence[LaneView], ended, history: Sequence[Trial],
-           elapsed: int):
-    if elapsed >= self.total_steps(ctx):
+           clock: Clock):
+    elapsed = clock.elapsed
+    if self._over(ctx, clock):
       return Decision(done=True), state
     rng = np.random.default_rng([ctx.seed, Stream.PBT, elapsed])
     mutable = {k: d for k, d in searched(ctx.space).items() if k in ctx.drawer.rest}

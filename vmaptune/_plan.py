@@ -21,7 +21,8 @@ from ._data import Dataset
 from ._objective import Objective
 from ._lane import TrainSpec, lane_init, stack_inputs
 from ._model import make_adapter
-from ._program import Layout, Program, SingleProgram, cached
+from ._compiler import cached
+from ._program import Layout, Program, SingleProgram
 from ._routing import DEFAULT_BATCH_SIZE, Routing
 
 __all__ = ["Plan", "OutOfMemoryError", "DEFAULT_NUM_EVALS", "DEFAULT_EVAL_BATCH"]

@@ -26,20 +26,23 @@ import numpy as np
 from . import _faults
 from ._lane import LaneInputs, stack_inputs
 from ._plan import Plan
-from ._program import DeviceData, Program, host_leaf, place_data, place_lanes, to_host, unhost
+from ._compiler import CPU_FLOPS_PER_CORE, compile_pool, tier_for
+from ._placement import DeviceData, host_leaf, lane_params, place_data, place_lanes, to_host, unhost
+from ._program import Program
 from ._strategy import Cadence, LaneView, NewTrial
-from ._trial import Run, Stats, Trial
+from ._trial import Stats, Trial
 
-__all__ = ["Population", "Slot", "Chunk", "ProgramRef", "Replay"]
-
+__all__ = ["Population", "Slot", "Chunk", "ProgramRef"]
 
 class ProgramRef(NamedTuple):
-  """Which program a trial ran in, so it can be replayed exactly."""
+  """Which program a trial ran in (and at which compile tier), so it can be
+  replayed exactly."""
 
   signature: tuple
   lanes: int
   evals_per_call: int
   eval_every: int
+  tier: str = "long"
 
 
 @dataclasses.dataclass
@@ -53,6 +56,7 @@ class Slot:
     budget: the trial's step budget; ``evals`` its evaluations in all.
     curve, curve_steps, train_curve: evaluations so far.
     diverged_at: the step its loss or parameters went non-finite, -1 if not.
+    idle: the lane runs no trial (re-initialised with a budget of 0 steps).
   """
 
   trial: NewTrial
@@ -65,13 +69,17 @@ class Slot:
   curve_steps: list = dataclasses.field(default_factory=list)
   train_curve: list = dataclasses.field(default_factory=list)
   diverged_at: int = -1
+  idle: bool = False
 
   @property
   def steps(self) -> int:
     return int(self.curve_steps[-1]) if self.curve_steps else 0
 
-  def restart(self, trial: NewTrial) -> None:
-    self.trial = trial
+  def restart(self, trial: NewTrial | None) -> None:
+    """A new trial in this lane, or none (``idle``: it keeps the old one's config)."""
+    self.idle = trial is None
+    if trial is not None:
+      self.trial = trial
     self.curve, self.curve_steps, self.train_curve = [], [], []
     self.diverged_at = -1
 
@@ -117,6 +125,7 @@ class Chunk:
   fresh: np.ndarray | None = None
   state: Any = None
   done: bool = False
+  tier: str | None = None
 
   @property
   def calls_needed(self) -> int:
@@ -129,11 +138,13 @@ def _inputs(chunk: Chunk, slots: Sequence[Slot]) -> LaneInputs:
   spec = chunk.program.spec
   trials = [slots[i].trial for i in chunk.members]
   trials += [trials[0]] * (chunk.lanes - len(trials))
+  budgets = [0 if slots[i].idle else slots[i].budget for i in chunk.members]
+  budgets += [budgets[0]] * (chunk.lanes - len(budgets))
   return stack_inputs(
       [t.seed for t in trials],
       [{k: t.config[k] for k in spec.injected} for t in trials],
       [float(t.config.get("lr_decay", 0.0)) for t in trials],
-      [slots[chunk.members[0]].budget] * chunk.lanes,
+      budgets,
       spec,
   )
 
@@ -159,6 +170,15 @@ class Population:
     self.refs: dict[int, ProgramRef] = {}
     self._data: DeviceData | None = None
     self._spare: dict[int, Any] = {}  # id(program) -> a finished chunk's state, reused as buffers
+    self._building: dict[int, tuple] = {}  # id(program) -> (program, its compile counters before)
+    self._signatures_seen: set = set()
+    self._round = 0
+    self._logged = True  # the current generation's programs are in stats.programs_by_round
+    #: Called with ``(compiled, total)`` while programs compile, None when all are done.
+    self.on_compile: Callable[[tuple | None], None] | None = None
+    #: ``chunk -> steps`` each of its lanes will still train with the chunk's
+    #: program (this and later generations): the loop's estimate, for tiers.
+    self.steps_ahead: Callable[[Chunk], int] = lambda chunk: chunk.cadence.budget
 
   @property
   def data(self) -> DeviceData:
@@ -179,6 +199,7 @@ class Population:
       self.plan.spec(sig)
     wanted = self.capacity(max(len(v) for v in buckets.values()))
     self.slots, self.chunks = [None] * len(trials), []  # type: ignore[list-item]
+    self._logged = False
     for bucket, (sig, members) in enumerate(buckets.items()):
       cadence = self.cadence(sig)
       lanes = self.plan.fit_lanes(sig, wanted)
@@ -210,11 +231,91 @@ class Population:
     for j, chunk in enumerate(self.chunks):
       for lane, i in enumerate(chunk.members):
         s = self.slots[i]
+        if s.idle:
+          continue
         score = float(s.curve[-1]) if s.curve else math.nan
         out.append(LaneView(i, j, lane, s.trial, chunk.signature, s.steps, score, s.diverged_at >= 0))
     return out
 
   # Training ----------------------------------------------------------------
+
+  def prepare(self) -> None:
+    """Lowers every chunk's program that is not built yet (on this thread: the
+    model, loss and optimizer of every bucket are validated before anything
+    compiles), then starts compiling them in the background (see
+    :func:`compile_pool`), so training the first chunk overlaps compiling the
+    others."""
+    t0 = time.perf_counter()
+    todo = []
+    for chunk in self.chunks:
+      program = chunk.program
+      if not program.compiled and id(program) not in self._building:
+        program.lower(_inputs(chunk, self.slots), self.data)
+        if chunk.tier is not None:  # a replay, or a resumed chunk: the tier it ran at
+          program.tier = chunk.tier
+        elif not any(k.startswith("run:") for k in program._compiled):  # a program built before keeps its tier
+          program.tier = tier_for(self._predicted_seconds(program))
+        self._building[id(program)] = (program, program.compiler.compile_seconds, program.compiler.programs_compiled)
+        todo.append(program)
+    self.stats.trace_seconds += time.perf_counter() - t0
+    if not self._logged:
+      self._logged = True
+      signature_of = {id(c.program): c.signature for c in self.chunks}
+      fresh = sum(signature_of[id(p)] not in self._signatures_seen for p in todo)
+      self.stats.programs_by_round.append({
+          "round": len(self.stats.programs_by_round), "programs": len(signature_of), "compiled": len(todo),
+          "new_signatures": fresh, "new_layouts": len(todo) - fresh})
+      self._signatures_seen |= {c.signature for c in self.chunks}
+    pool = compile_pool(self.plan.devices[0].platform)
+    if pool is not None:
+      for program in todo:
+        program.compile_on(pool)
+    if todo and self.on_compile is not None:
+      self.on_compile(self._compile_status())
+
+  def _predicted_seconds(self, program: Program) -> float:
+    """How long ``program`` will train in this search (at the fast tier), by
+    estimate: its lanes' steps to come (``steps_ahead``) at ~6 FLOPs per
+    parameter and example, at a CPU core's measured rate."""
+    if self.plan.devices[0].platform != "cpu":
+      return float("inf")
+    abstract = program.spec.abstract_state
+    params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract.params)) if abstract is not None else 0
+    seconds_per_step = 6.0 * params * program.spec.batch_size / CPU_FLOPS_PER_CORE / len(self.plan.devices)
+    steps = sum(c.lanes * self.steps_ahead(c) for c in self.chunks if c.program is program)
+    return steps * seconds_per_step
+
+  def _compile_status(self) -> tuple[int, int]:
+    done = sum(p.compiled for p, _, _ in self._building.values())
+    return done, len(self._building)
+
+  def _ready(self, chunk: Chunk) -> None:
+    """Waits for (or runs) a chunk's program's compile; the wait is compile wall time."""
+    program = chunk.program
+    tier = chunk.tier or program.tier
+    if "start" in program._compiled and f"run:{tier}" in program._compiled:
+      return
+    if not program.lowered or id(program) not in self._building:
+      self.prepare()
+    t0 = time.perf_counter()
+    if self.on_compile is not None:
+      self.on_compile(self._compile_status())
+    program.wait()
+    program.tier = chunk.tier or program.tier
+    if not program.compiled:
+      program.compile()
+    self.stats.compile_wall_seconds += time.perf_counter() - t0
+    self._book_compiles()
+
+  def _book_compiles(self) -> None:
+    """Adds finished compiles (summed XLA time) to the stats."""
+    for key, (program, seconds, count) in list(self._building.items()):
+      if program.compiled:
+        self.stats.compile_seconds += program.compiler.compile_seconds - seconds
+        self.stats.programs_compiled += program.compiler.programs_compiled - count
+        del self._building[key]
+    if self.on_compile is not None:
+      self.on_compile(self._compile_status() if self._building else None)
 
   def advance(self, sequential: bool, on_call: Callable[[str, int], None] | None = None,
               on_done: Callable[[int], None] | None = None) -> None:
@@ -226,13 +327,14 @@ class Population:
     call but a chunk's last, ``on_call("chunk", j)`` every chunk but the last
     (checkpoint points). Lockstep: every chunk runs one call.
     """
+    self.prepare()
     if not sequential:
       t0 = time.perf_counter()
-      before = self._compile_marks()
+      waited = self.stats.compile_wall_seconds
       pending = [(j, self._call(j)) for j in range(len(self.chunks))]
       for j, metrics in pending:
         self._record(j, to_host(metrics))  # waits for the devices: inside the clock
-      self._book(t0, before)
+      self.stats.train_seconds += time.perf_counter() - t0 - (self.stats.compile_wall_seconds - waited)
       return
     j = 0
     while j < len(self.chunks):
@@ -243,16 +345,16 @@ class Population:
       try:
         while chunk.calls < chunk.calls_needed:
           t0 = time.perf_counter()
-          before = self._compile_marks()
-          metrics = to_host(self._call(j))
-          self._record(j, metrics)
-          self._book(t0, before)
+          waited = self.stats.compile_wall_seconds
+          self._record(j, to_host(self._call(j)))
+          self.stats.train_seconds += time.perf_counter() - t0 - (self.stats.compile_wall_seconds - waited)
           if chunk.calls < chunk.calls_needed and on_call is not None:
             on_call("mid", j)
       except Exception as e:  # noqa: BLE001 - only running out of memory is handled here
         if not _faults.is_out_of_memory(e):
           raise
         self._split(j, str(e).splitlines()[0][:200])
+        self.prepare()
         continue
       chunk.done = True
       if on_done is not None:
@@ -264,9 +366,10 @@ class Population:
       j += 1
 
   def _call(self, j: int):
-    """One compiled call of chunk ``j`` (compiling it first if needed)."""
+    """One compiled call of chunk ``j`` (waiting for its program first)."""
     chunk = self.chunks[j]
     program = chunk.program
+    self._ready(chunk)
     inputs = place_lanes(_inputs(chunk, self.slots), self.plan.mesh)
     if chunk.state is None:
       # A finished chunk's state is the buffers of its program's next chunk;
@@ -274,17 +377,18 @@ class Population:
       spare = self._spare.pop(id(program), None)
       self._spare.clear()
       chunk.state = spare if spare is not None else program.zeros(inputs)
-    mask = place_lanes(chunk.fresh, self.plan.mesh)
-    if not program.compiled:
-      program.compile(chunk.state, inputs, mask, self.data)
     self.plan.check_budget(program)
     _faults.failpoint("execute")
+    if chunk.tier is None:
+      chunk.tier = program.tier
     for lane, i in enumerate(chunk.members):
-      if chunk.fresh[lane]:
+      if chunk.fresh[lane] and not self.slots[i].idle:
         s = self.slots[i]
         self.refs[s.trial.id] = ProgramRef(chunk.signature, chunk.lanes, chunk.cadence.evals_per_call,
-                                           chunk.cadence.eval_every)
-    chunk.state, metrics = program.run(chunk.state, inputs, mask, self.data, chunk.cadence.eval_every)
+                                           chunk.cadence.eval_every, chunk.tier)
+    if chunk.fresh.any():
+      chunk.state = program.start(chunk.state, inputs, place_lanes(chunk.fresh, self.plan.mesh), self.data)
+    chunk.state, metrics = program.run(chunk.state, self.data, chunk.cadence.eval_every, chunk.tier)
     chunk.fresh = np.zeros(chunk.lanes, bool)
     chunk.calls += 1
     return metrics
@@ -296,6 +400,8 @@ class Population:
     diverged = to_host(chunk.state.diverged_at)
     for lane, i in enumerate(chunk.members):
       s = self.slots[i]
+      if s.idle:
+        continue
       before = s.steps
       room = s.evals - len(s.curve)  # a last call may run past the trial's evaluations
       s.curve.extend(scores[lane, :room].tolist())
@@ -303,22 +409,6 @@ class Population:
       s.curve_steps.extend(int(v) for v in steps[lane, :room])
       s.diverged_at = int(diverged[lane])
       self.stats.lane_steps += s.steps - before
-
-  def _compile_marks(self):
-    return {id(c.program): (c.program, c.program.compiler.trace_seconds, c.program.compiler.compile_seconds,
-                            c.program.compiler.programs_compiled) for c in self.chunks}
-
-  def _book(self, t0: float, before) -> None:
-    """Books a stretch of calls: compiling (first use of a program) apart from training."""
-    elapsed = time.perf_counter() - t0
-    for program, trace_s, compile_s, n in before.values():
-      c = program.compiler
-      self.stats.programs_compiled += c.programs_compiled - n
-      self.stats.compile_seconds += c.compile_seconds - compile_s
-      self.stats.compile_wall_seconds += c.compile_seconds - compile_s  # one at a time, here
-      self.stats.trace_seconds += c.trace_seconds - trace_s
-      elapsed -= (c.compile_seconds - compile_s) + (c.trace_seconds - trace_s)
-    self.stats.train_seconds += max(0.0, elapsed)
 
   def _split(self, j: int, why: str) -> None:
     """Chunk ``j`` ran out of memory: it restarts as chunks of half the lanes."""
@@ -344,8 +434,9 @@ class Population:
     fields = dict(fields)
     return self.slots[slot].to_trial(fields.pop("status"), maximize, **fields)
 
-  def refill(self, refills: Mapping[int, NewTrial]) -> None:
-    """Fresh trials in those lanes, initialised at their chunk's next call."""
+  def refill(self, refills: Mapping[int, NewTrial | None]) -> None:
+    """Fresh trials in those lanes, initialised at their chunk's next call
+    (None: the lane idles, re-initialised with a budget of 0 steps)."""
     for slot, trial in refills.items():
       s = self.slots[slot]
       s.restart(trial)
@@ -374,10 +465,16 @@ class Population:
       decay = np.asarray([float(c.get("lr_decay", 0.0)) for c in configs], np.float32)
       if spec.schedule is not None and lr_key is None:
         lr0 = to_host(chunk.state.lr0)  # the schedule decays the optimizer's default learning rate
+      c = chunk.program.compiler
+      before = (c.trace_seconds, c.compile_seconds, c.programs_compiled)
       t0 = time.perf_counter()
-      before = self._compile_marks()
       chunk.state = chunk.program.exploit(chunk.state, source, hparams, lr0, decay)
-      self._book(t0, before)
+      traced, compiled = c.trace_seconds - before[0], c.compile_seconds - before[1]
+      self.stats.trace_seconds += traced
+      self.stats.compile_seconds += compiled
+      self.stats.compile_wall_seconds += compiled
+      self.stats.programs_compiled += c.programs_compiled - before[2]
+      self.stats.train_seconds += max(0.0, time.perf_counter() - t0 - traced - compiled)
 
   def lane_params(self, slot: int):
     """``(params, model_state)`` of a lane, as host arrays (every process)."""
@@ -395,23 +492,24 @@ class Population:
         arrays[f"pop/{j}/{k}"] = host_leaf(leaf)
       chunks.append({"signature": c.signature, "lanes": c.lanes, "members": list(c.members),
                      "cadence": tuple(c.cadence), "calls": c.calls, "fresh": c.fresh.tolist(), "done": c.done,
-                     "leaves": len(leaves)})
+                     "leaves": len(leaves), "tier": c.tier})
     slots = [{"trial": tuple(s.trial), "bucket": s.bucket, "budget": s.budget, "evals": s.evals,
               "curve": s.curve, "curve_steps": s.curve_steps, "train_curve": s.train_curve,
-              "diverged_at": s.diverged_at} for s in self.slots]
+              "diverged_at": s.diverged_at, "idle": s.idle} for s in self.slots]
     return {"chunks": chunks, "slots": slots, "refs": [[tid, tuple(r)] for tid, r in self.refs.items()]}
 
   def restore(self, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
     """Rebuilds the population :meth:`save` described, states on the devices."""
     self.refs = {int(tid): ProgramRef(*r) for tid, r in meta["refs"]}
     self.slots = [Slot(NewTrial(*d["trial"]), 0, 0, d["bucket"], d["budget"], d["evals"], list(d["curve"]),
-                       list(d["curve_steps"]), list(d["train_curve"]), d["diverged_at"]) for d in meta["slots"]]
+                       list(d["curve_steps"]), list(d["train_curve"]), d["diverged_at"], d["idle"])
+                  for d in meta["slots"]]
     self.chunks = []
     for j, d in enumerate(meta["chunks"]):
       cadence = Cadence(*d["cadence"])
       program = self.plan.program(d["signature"], d["lanes"], cadence.evals_per_call)
       chunk = Chunk(d["signature"], program, d["lanes"], list(d["members"]), cadence, d["calls"],
-                    np.asarray(d["fresh"], bool), None, d["done"])
+                    np.asarray(d["fresh"], bool), None, d["done"], d["tier"])
       if d["leaves"]:
         abstract = program.abstract_state(_inputs(chunk, self.slots))
         leaves, treedef = jax.tree.flatten(abstract)
@@ -425,50 +523,3 @@ class Population:
         chunk.state = place_lanes(jax.tree.unflatten(treedef, host), self.plan.mesh)
       self.chunks.append(chunk)
     self._renumber()
-
-
-def lane_params(state, lane: int):
-  """``(params, model_state)`` of one lane of a population state, on the host."""
-  take = lambda a: a[lane]
-  if jax.process_count() > 1:  # gather the lane to every process, as host arrays
-    params, model_state = jax.tree.map(take, (state.params, state.model_state))
-    rehost = lambda tree: jax.tree.map(lambda h, a: unhost(h, a) if jax.dtypes.issubdtype(
-        a.dtype, jax.dtypes.prng_key) else h, jax.tree.map(host_leaf, tree), tree)
-    return rehost(params), rehost(model_state)
-  return jax.device_get(jax.tree.map(take, state.params)), jax.tree.map(take, state.model_state)
-
-
-class Replay:
-  """What a result needs to rebuild a model and replay a trial exactly."""
-
-  def __init__(self, plan: Plan, population: Population):
-    self.plan = plan
-    self.population = population
-
-  def model(self, trial: Trial, params, model_state):
-    ref = self.population.refs[trial.id]
-    return self.plan.spec(ref.signature).adapter.build(params, model_state)
-
-  def run(self, trial: Trial, metric: str, maximize: bool) -> Run:
-    """Trains ``trial`` again in its own program, at its own lane, every other
-    lane a copy of it: the same numbers bit for bit."""
-    ref = self.population.refs[trial.id]
-    cadence = Cadence(ref.eval_every, ref.evals_per_call, trial.steps)
-    replay = Population(self.plan, lambda sig: cadence, Stats(), lambda wanted: ref.lanes)
-    replay._data = self.population.data
-    program = self.plan.program(ref.signature, ref.lanes, ref.evals_per_call)
-    evals = -(-trial.steps // ref.eval_every)
-    slots = [Slot(NewTrial(trial.id, trial.config, trial.seed, trial.round), 0, lane, 0, trial.steps, evals)
-             for lane in range(ref.lanes)]
-    replay.slots = slots
-    replay.chunks = [Chunk(ref.signature, program, ref.lanes, list(range(ref.lanes)), cadence,
-                           fresh=np.ones(ref.lanes, bool))]
-    while replay.chunks[0].calls < replay.chunks[0].calls_needed:
-      replay._record(0, to_host(replay._call(0)))
-    s = slots[trial.lane]
-    r = s.to_trial("ok", maximize)
-    params, model_state = lane_params(replay.chunks[0].state, trial.lane)
-    return Run(config=trial.config, seed=trial.seed, score=r.score, curve=r.curve, curve_steps=r.curve_steps,
-               train_curve=r.train_curve, status=r.status, diverged_at=r.diverged_at, steps=r.steps,
-               params=params, model_state=model_state, adapter=program.spec.adapter, metric_name=metric,
-               maximize=maximize)

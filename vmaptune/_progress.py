@@ -8,7 +8,10 @@ one line per round says how far the search is and the best score so far.
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
+
+_LINE_SECONDS = 2.0  # without a bar: at most one progress line this often
 
 
 class Progress:
@@ -30,19 +33,8 @@ class Progress:
     self._label = ""
     self._best: float | None = None
     self._done = 0
-    if self.tty:
-      try:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn
-        from rich.progress import TimeElapsedColumn
-      except ImportError:  # pragma: no cover - rich comes with flax
-        self.tty = False
-      else:
-        self._bar = RichProgress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
-            TextColumn("{task.fields[best]}"), TimeElapsedColumn(),
-            console=Console(file=sys.stderr), transient=False)
-        self._bar.start()
+    self._compiling = False
+    self._printed = None  # when the last line was printed (no bar)
 
   def _best_text(self) -> str:
     if self._best is None:
@@ -53,13 +45,30 @@ class Progress:
   def start(self, label: str, total: int | None, done: int = 0) -> None:
     """A bar of ``total`` units (None: open-ended), ``done`` of them already."""
     self._label, self._done = label, done
+    if self.tty and self._bar is None:
+      try:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn
+        from rich.progress import TimeElapsedColumn
+      except ImportError:  # pragma: no cover - rich comes with flax
+        self.tty = False
+      else:
+        self._bar = RichProgress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(self.unit),
+            TextColumn("{task.fields[best]}"), TimeElapsedColumn(),
+            console=Console(file=sys.stderr), transient=False)
+        self._bar.start()
     if self._bar is not None:
       self._task = self._bar.add_task(label, total=total, completed=done, best=self._best_text())
 
   def status(self, text: str | None) -> None:
-    """What the search does right now (e.g. ``"compiling 2/6 programs"``)."""
+    """What the search does right now (e.g. ``"compiling 2/6 programs"``); a
+    line when there is no bar and a batch of compiles begins."""
     if self._bar is not None and self._task is not None:
       self._bar.update(self._task, description=f"{self._label}: {text}" if text else self._label)
+    elif self.enabled and not self.tty and text and not self._compiling:
+      print(f"vmaptune: {self._label}: {text}", file=sys.stderr, flush=True)
+    self._compiling = bool(text)
 
   def advance(self, done: int, best: float | None = None) -> None:
     """``done`` units so far (absolute), and the best score so far."""
@@ -69,8 +78,9 @@ class Progress:
     if self._bar is not None and self._task is not None:
       self._bar.update(self._task, completed=done, best=self._best_text())
 
-  def end_round(self, best: float | None, rounds_done: int) -> None:
-    """A round (of population time) finished: a line when there is no bar."""
+  def end_round(self, best: float | None, rounds_done: int, last: bool = False) -> None:
+    """A round (of population time) finished: a line when there is no bar,
+    at most one every few seconds (and the last)."""
     if best is not None:
       self._best = best
     if not self.enabled:
@@ -79,6 +89,10 @@ class Progress:
       if self._task is not None:
         self._bar.update(self._task, best=self._best_text())
       return
+    now = time.monotonic()
+    if not last and self._printed is not None and now - self._printed < _LINE_SECONDS:
+      return
+    self._printed = now
     print(f"vmaptune: {self._label} round {rounds_done} done, {self._done:,} {self.unit}, {self._best_text()}",
           file=sys.stderr, flush=True)
 

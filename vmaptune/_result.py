@@ -76,7 +76,7 @@ class SearchResult:
     self.stats: Stats = stats
     self.options = dict(options or {})
     # What best_model() and retrain() need: the search's programs and data
-    # (None for a loaded result); see _population.Replay.
+    # (None for a loaded result); see _replay.Replay.
     self._replay = replay
     self._best_params = best_params
     #: True when Ctrl-C stopped the search: the result holds the finished rounds.

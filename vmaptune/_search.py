@@ -8,7 +8,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import optax
 
-from . import _loop, _options
+from . import _devices, _loop, _options
 from ._checkpoint import Checkpointer
 from ._codec import space_objects
 from ._plan import Plan
@@ -56,6 +56,8 @@ def search(
     overwrite: bool = False,
     memory_budget: int | str | None = None,
     strategy: Any = "zoom",
+    timeout: float | None = None,
+    compilation_cache: bool | str | None = None,
     verbose: bool = True,
 ) -> SearchResult:
   """Trains ``num_configs`` sampled configs at once, then zooms in, ``rounds`` times.
@@ -168,6 +170,21 @@ def search(
       available memory on CPU. Buckets that do not fit run in chunks; if XLA
       still runs out of memory the chunk is halved and retried, down to one
       lane per device.
+    timeout: seconds for the whole search, as Optuna's
+      ``study.optimize(timeout=)`` and Ray Tune's ``time_budget_s``: the search
+      goes on (more zoom rounds, halving refills, PBT generations) until the
+      time is spent, never starting a round or a trial it cannot finish by its
+      own estimate, and returns the best found. ``num_configs`` and ``rounds``
+      then size each round (a zoom round's depth stops growing at ``rounds -
+      1``), not the whole search. A resumed search gets what is left of its
+      budget. How many rounds fit depends on the machine; every trial still
+      replays exactly.
+    compilation_cache: keep compiled programs on disk so that running the
+      same script again compiles nothing: None (default) turns JAX's
+      persistent cache on in ``$VMAPTUNE_CACHE_DIR`` or
+      ``~/.cache/vmaptune/xla`` unless ``VMAPTUNE_COMPILATION_CACHE=0``; a
+      path puts it there; False leaves JAX alone. A cache configured in JAX
+      is never overridden (see :func:`enable_compilation_cache`).
     verbose: show a progress bar on a terminal (a line per round otherwise).
 
   Returns:
@@ -194,7 +211,8 @@ def search(
       lr_schedule=lr_schedule, devices=devices, lane_batch=lane_batch, precision=precision,
       eval_batch_size=eval_batch_size, enqueue=enqueue, callbacks=callbacks, checkpoint_dir=checkpoint_dir,
       checkpoint_every=checkpoint_every, overwrite=overwrite, memory_budget=memory_budget, strategy=strategy,
-      verbose=verbose)
+      timeout=timeout, compilation_cache=compilation_cache, verbose=verbose)
+  _devices.use_compilation_cache(compilation_cache)
   c = opts.common
   stats = Stats(num_devices=len(opts.devices))
   plan = Plan(model_fn=c.model_fn, routing=c.routing, dataset=c.dataset, objective=c.objective,
@@ -203,7 +221,8 @@ def search(
               lane_batch=opts.lane_batch, memory_budget=opts.memory_budget)
   drawer = Drawer(c.space, sampler=opts.sampler, seed=opts.seed, maximize=c.objective.maximize,
                   signature_keys=c.routing.signature_keys, max_buckets=opts.max_buckets, capacity=plan.capacity)
-  ctx = Context(space=c.space, num_configs=opts.num_configs, rounds=opts.rounds, num_steps=opts.num_steps,
+  ctx = Context(space=c.space, num_configs=opts.num_configs, rounds=opts.rounds, timeout=opts.timeout,
+                num_steps=opts.num_steps,
                 seed=opts.seed, sampler=opts.sampler, keep=opts.keep, shrink=opts.shrink, eval_every=c.eval_every,
                 checkpoint_every=opts.checkpoint_every, maximize=c.objective.maximize, enqueue=opts.enqueue,
                 drawer=drawer, signature=c.routing.signature,
@@ -218,9 +237,10 @@ def search(
       t_start=t_start, ctx=ctx, strategy=strategy, plan=plan, population=population, stats=stats,
       checkpointer=checkpointer, fingerprint=_options.fingerprint(opts) if checkpointer else None,
       overwrite=opts.overwrite, callbacks=opts.callbacks, verbose=opts.verbose,
-      metric=c.objective.metric_name,
+      metric=c.objective.metric_name, timeout=opts.timeout,
       options=dict(num_configs=opts.num_configs, rounds=opts.rounds, seed=opts.seed, sampler=opts.sampler,
-                   keep=opts.keep, shrink=opts.shrink, max_buckets=opts.max_buckets, strategy=strategy.name))
+                   keep=opts.keep, shrink=opts.shrink, max_buckets=opts.max_buckets, strategy=strategy.name,
+                   timeout=opts.timeout))
 
 
 def _space_values(space):

@@ -26,7 +26,7 @@ from ._region import Region
 from ._sampling import Drawer
 from ._trial import AllDivergedError, Trial, rank_trials
 
-__all__ = ["NewTrial", "LaneView", "Cadence", "Decision", "Context", "Strategy", "top_trials"]
+__all__ = ["NewTrial", "LaneView", "Cadence", "Clock", "Decision", "Context", "Strategy", "top_trials"]
 
 
 class NewTrial(NamedTuple):
@@ -79,12 +79,31 @@ class Cadence(NamedTuple):
   budget: int
 
 
+class Clock(NamedTuple):
+  """Population time at a decision point.
+
+  Attributes:
+    elapsed: steps every lane could have trained so far.
+    remaining: with a ``timeout``, the population steps that still fit before
+      the deadline by the loop's estimate (None: no timeout, or no estimate
+      yet). A strategy never starts work it cannot finish by this estimate.
+  """
+
+  elapsed: int
+  remaining: int | None = None
+
+  def fits(self, steps: int) -> bool:
+    """Whether ``steps`` more population steps fit in the time left."""
+    return self.remaining is None or self.remaining >= steps
+
+
 class Decision(NamedTuple):
   """What the population does after a segment.
 
   Attributes:
     refill: ``{slot: NewTrial}``: a fresh trial in that lane (the lane's
-      program: the config keeps the lane's signature).
+      program: the config keeps the lane's signature), or None: the lane
+      idles (no time left for a whole trial).
     exploit: ``{slot: (source_slot, config)}``: the lane takes the source
       lane's parameters and optimizer state (same chunk) and trains on with
       ``config``'s hyperparameters (PBT).
@@ -108,6 +127,9 @@ class Context:
     space: the validated space.
     num_configs, rounds, num_steps, seed, sampler, keep, shrink: as given to
       :func:`vmaptune.search` (``num_steps`` is None with an ``epochs`` budget).
+    timeout: the search's time budget in seconds, or None. With one,
+      ``rounds`` sizes a round (a zoom round's depth, a halving round of
+      population time) and the search goes on until the time is spent.
     eval_every: the user's ``eval_every`` or None.
     checkpoint_every: the user's ``checkpoint_every`` or None.
     maximize: the metric's direction.
@@ -122,6 +144,7 @@ class Context:
   space: Mapping[str, Any]
   num_configs: int
   rounds: int
+  timeout: float | None
   num_steps: int | None
   seed: int
   sampler: str
@@ -176,18 +199,18 @@ class Strategy(Protocol):
     """How a bucket's lanes train (same for every bucket when not sequential)."""
 
   def total_steps(self, ctx: Context) -> int | None:
-    """Population time of the whole search, for progress (None: unknown)."""
+    """Population time of the whole search (None: unknown, or a timeout)."""
 
   def init(self, ctx: Context) -> tuple[list[NewTrial], Any]:
     """The first population's trials and the strategy's state."""
 
-  def stop(self, ctx: Context, state: Any, lanes: Sequence[LaneView], elapsed: int
+  def stop(self, ctx: Context, state: Any, lanes: Sequence[LaneView], clock: Clock
            ) -> tuple[list[tuple[int, dict]], Any]:
     """``[(slot, fields)]``: the trials that end now (``fields`` holds
     ``status`` and any extra ``Trial`` fields), in the order they end."""
 
   def next(self, ctx: Context, state: Any, lanes: Sequence[LaneView], ended: Sequence[int],
-           history: Sequence[Trial], elapsed: int) -> tuple[Decision, Any]:
+           history: Sequence[Trial], clock: Clock) -> tuple[Decision, Any]:
     """What comes next; ``ended`` are the slots :meth:`stop` just ended and
     ``history`` every finished trial (including those)."""
 

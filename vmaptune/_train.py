@@ -8,11 +8,11 @@ import jax
 import numpy as np
 import optax
 
-from . import _options
+from . import _devices, _options
 from ._lane import TrainSpec, stack_inputs
 from ._plan import Plan
-from ._population import Slot, lane_params
-from ._program import place_data
+from ._placement import lane_params, place_data
+from ._population import Slot
 from ._progress import Progress
 from ._space import Distribution
 from ._strategy import NewTrial
@@ -73,6 +73,7 @@ def train(
     callback: Callable[[TrainState], Mapping[str, Any] | None] | None = None,
     schedule: Sequence[tuple[int, Mapping[str, Any]]] | None = None,
     device: Any = None,
+    compilation_cache: bool | str | None = None,
     verbose: bool = True,
 ) -> Run:
   """Trains one config alone, no population: babysitting one model.
@@ -101,6 +102,7 @@ def train(
       (e.g. a PBT trial's ``trial.schedule``): from ``step`` on, the values
       apply. Steps must be multiples of ``eval_every``.
     device: the device to train on (default: the first).
+    compilation_cache: as in :func:`search` (default: on).
     verbose: progress bar with the latest validation score.
 
   Returns:
@@ -134,6 +136,8 @@ def train(
   if not isinstance(verbose, bool):
     raise TypeError(f"`verbose` must be a bool, got {verbose!r}.")
   planned = _check_schedule(schedule, config)
+  _options.check_cache_arg(compilation_cache)
+  _devices.use_compilation_cache(compilation_cache)
   plan = Plan(model_fn=model_fn, routing=c.routing, dataset=c.dataset, objective=c.objective,
               custom_loss=c.custom_loss, num_steps=num_steps, epochs=epochs, eval_every=c.eval_every,
               eval_batch_size=c.eval_batch_size, precision=c.precision,

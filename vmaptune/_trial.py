@@ -125,6 +125,11 @@ class Stats:
     checkpoint_seconds: writing checkpoints (part of the host time).
     programs_compiled: XLA programs compiled (a bucket's training program per
       signature and lane layout; PBT's copy program).
+    programs_by_round: for each population started (round 0, each zoom
+      round), ``{"round", "programs", "compiled", "new_signatures",
+      "new_layouts"}``: how many programs it ran, how many had to be compiled
+      and why (a signature not seen before in the search, or a seen one at a
+      new lane layout); the rest came from the cache.
     segments: times the search stopped training to decide (zoom: rounds;
       halving and PBT: segments of population time).
     lane_steps: optimisation steps over all real lanes (no padding).
@@ -144,6 +149,7 @@ class Stats:
   compile_wall_seconds: float = 0.0
   checkpoint_seconds: float = 0.0
   programs_compiled: int = 0
+  programs_by_round: list = dataclasses.field(default_factory=list)
   segments: int = 0
   lane_steps: int = 0
   padded_lanes: int = 0

@@ -7,7 +7,7 @@ from typing import ClassVar, NamedTuple, Sequence
 
 from ._region import Region, zoom_region
 from ._sampling import nearest_finder, trial_seed
-from ._strategy import Cadence, Context, Decision, LaneView, NewTrial, top_trials
+from ._strategy import Cadence, Clock, Context, Decision, LaneView, NewTrial, top_trials
 from ._trial import Trial
 
 __all__ = ["Zoom", "ZoomState"]
@@ -35,7 +35,10 @@ class Zoom:
   round samples as many in a region around the best ``keep`` trials so far,
   in sampling coordinates, no wider than ``shrink ** round`` of each range
   (``keep`` and ``shrink`` are arguments of :func:`vmaptune.search`). Every
-  trial trains its whole budget.
+  trial trains its whole budget. With a ``timeout`` rounds go on until the
+  time is spent; from round ``rounds - 1`` on they sample at that depth,
+  around the best so far (the loop starts a round only if its estimate says
+  it will finish in time).
 
   >>> import vmaptune as vt
   >>> vt.Zoom()
@@ -82,20 +85,22 @@ class Zoom:
     trials = self._round(ctx, 0, region, (), 0)
     return trials, ZoomState(0, 0, (region.to_json(),), len(trials))
 
-  def stop(self, ctx: Context, state: ZoomState, lanes: Sequence[LaneView], elapsed: int):
+  def stop(self, ctx: Context, state: ZoomState, lanes: Sequence[LaneView], clock: Clock):
     # A round ends when every lane has trained its whole budget.
     return [(v.slot, {"status": "ok"}) for v in lanes], state
 
-  def next(self, ctx: Context, state: ZoomState, lanes, ended, history: Sequence[Trial], elapsed: int):
+  def next(self, ctx: Context, state: ZoomState, lanes, ended, history: Sequence[Trial], clock: Clock):
     r = state.round + 1
     state = state._replace(finished=r)
-    if r >= ctx.rounds:
+    if r >= ctx.rounds and ctx.timeout is None:
       return Decision(report=True, done=True), state
-    # TPE models the whole space itself; the others zoom in.
+    # TPE models the whole space itself; the others zoom in (no deeper than
+    # round ``rounds - 1`` when a timeout keeps rounds coming).
     if ctx.sampler == "tpe":
       region = Region.full(ctx.space)
     else:
-      region = zoom_region(ctx.space, [t.config for t in top_trials(ctx, history)], r, ctx.shrink)
+      depth = min(r, ctx.rounds - 1) if ctx.rounds > 1 else r
+      region = zoom_region(ctx.space, [t.config for t in top_trials(ctx, history)], depth, ctx.shrink)
     trials = self._round(ctx, r, region, history, state.next_id)
     state = state._replace(round=r, regions=state.regions + (region.to_json(),), next_id=state.next_id + len(trials))
     return Decision(generation=trials, report=True), state

@@ -1,0 +1,181 @@
+"""How programs compile: one path, its options, a thread pool, and the registry.
+
+Every program vmaptune builds goes through :class:`Compiler`: tracing and
+lowering on the calling thread, XLA compilation (which releases the GIL) on
+any thread, one precision and timing wrapper. XLA options follow what a
+program is for (:data:`TIERS`). Built programs are kept between searches in
+one registry (:func:`cached`), emptied by :func:`clear_cache`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import threading
+import time
+import warnings
+from typing import Any, Callable
+
+import jax
+
+__all__ = ["Compiler", "TIERS", "tier_for", "compiler_options", "compile_pool", "cached", "clear_cache",
+           "CPU_FLOPS_PER_CORE", "quiet_donation"]
+
+
+_CACHE_SIZE = 64
+_CACHE: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
+
+
+def cached(key: tuple, build: Callable[[], Any]) -> Any:
+  """The registry's entry for ``key``, built (and kept) on first use.
+
+  A key holding an unhashable static value is not cached across searches.
+  """
+  try:
+    found = _CACHE.get(key)
+  except TypeError:
+    return build()
+  if found is not None:
+    _CACHE.move_to_end(key)
+    return found
+  found = build()
+  _CACHE[key] = found
+  while len(_CACHE) > _CACHE_SIZE:
+    _CACHE.popitem(last=False)
+  return found
+
+
+def clear_cache() -> None:
+  """Forgets every compiled program kept between searches in this process.
+
+  Programs are cached by the identity of ``model_fn``, the optimizer, loss and
+  metric, and by the shapes of the data, so a second search with the same
+  setup compiles nothing. Clear the cache if a closure those functions read
+  has changed.
+
+  >>> import vmaptune as vt
+  >>> vt.clear_cache()
+  """
+  _CACHE.clear()
+
+
+#: XLA options on CPU, by what a program is for. Measured on the 2-core
+#: development CPU (benchmarks/RESULTS.md, "Compile time"), a bucket's
+#: training program: level 1 compiles in 1.2 s (level 3, XLA's default, 1.7 s)
+#: and runs as fast as level 3; without the MLIR fusion emitters it compiles
+#: 30% faster but trains 45% slower; level 0 on top compiles in 0.5 s and
+#: trains 4x slower. So a program's tier follows its predicted training time
+#: (see :func:`tier_for`); a lane's initialisation runs once and gets the
+#: cheapest.
+TIERS = {
+    "init": {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False},
+    "quick": {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False},
+    "short": {"xla_backend_optimization_level": 1, "xla_cpu_use_fusion_emitters": False},
+    "long": {"xla_backend_optimization_level": 1},
+}
+#: Predicted training seconds (at tier "long") below which a cheaper tier wins.
+TIER_SECONDS = (("quick", 0.15), ("short", 0.8))
+#: A CPU core's rate on these programs (measured 55-67 GFLOP/s a core), for predictions.
+CPU_FLOPS_PER_CORE = 60e9
+
+
+def tier_for(seconds: float) -> str:
+  """The compile tier of a program predicted to train ``seconds`` in all."""
+  for tier, limit in TIER_SECONDS:
+    if seconds < limit:
+      return tier
+  return "long"
+
+
+def compiler_options(platform: str, tier: str = "long") -> dict:
+  """XLA options per platform and tier (accelerators: XLA's own)."""
+  if platform == "cpu":
+    return dict(TIERS[tier])
+  return {}
+
+
+def _precision(precision: str | None):
+  if precision is None:
+    return contextlib.nullcontext()
+  return jax.default_matmul_precision(precision)
+
+
+def quiet_donation(fn, *args):
+  with warnings.catch_warnings():
+    # CPU backends may decline donation; it is an optimisation only.
+    warnings.filterwarnings("ignore", message=".*donated buffers.*")
+    return fn(*args)
+
+
+class Compiler:
+  """One compile path for every program kind: one precision and timing wrapper.
+
+  :meth:`lower` traces and lowers (the host, holding the GIL; errors in the
+  user's model and loss surface here, before anything compiles);
+  :meth:`compile` runs XLA, which releases the GIL, so several programs may
+  compile on threads at once. Counters add up over the programs a
+  :class:`Program` builds; the caller books them into the search's stats.
+  """
+
+  def __init__(self, precision: str | None, platform: str):
+    self.precision = precision
+    self.platform = platform
+    self.trace_seconds = 0.0
+    self.compile_seconds = 0.0
+    self.programs_compiled = 0
+    self._lock = threading.Lock()
+
+  def lower(self, fn, args, *, donate=(), out_shardings=None):
+    kw = {"donate_argnums": donate} if donate else {}
+    if out_shardings is not None:
+      kw["out_shardings"] = out_shardings
+    t0 = time.perf_counter()
+    with _precision(self.precision):
+      lowered = jax.jit(fn, **kw).lower(*args)
+    self.trace_seconds += time.perf_counter() - t0
+    return lowered
+
+  def compile(self, lowered, tier: str = "long"):
+    t0 = time.perf_counter()
+    opts = compiler_options(self.platform, tier)
+    try:
+      compiled = lowered.compile(compiler_options=opts) if opts else lowered.compile()
+    except Exception as e:  # an XLA build that does not know an option
+      if not (opts and "compile option" in str(e)):
+        raise
+      compiled = lowered.compile()
+    with self._lock:
+      self.compile_seconds += time.perf_counter() - t0
+      # A bucket's start program goes with its training program: one program to count.
+      self.programs_compiled += tier != "init"
+    return compiled
+
+  def build(self, fn, args, tier: str = "long", **kw):
+    return self.compile(self.lower(fn, args, **kw), tier)
+
+
+_POOLS: dict[int, Any] = {}
+
+
+def compile_threads(platform: str) -> int:
+  """Programs compiled at once in the background (0: on first use, in line).
+
+  ``VMAPTUNE_COMPILE_THREADS`` overrides the platform's default.
+  """
+  value = os.environ.get("VMAPTUNE_COMPILE_THREADS")
+  if value is not None:
+    return max(0, int(value))
+  return 1 if platform == "cpu" else 4
+
+
+def compile_pool(platform: str):
+  """The shared thread pool programs compile on (None: compile in line)."""
+  n = compile_threads(platform)
+  if n == 0:
+    return None
+  if n not in _POOLS:
+    import concurrent.futures  # noqa: PLC0415  (only when a pool is used)
+
+    _POOLS[n] = concurrent.futures.ThreadPoolExecutor(max_workers=n, thread_name_prefix="vmaptune-compile")
+  return _POOLS[n]

@@ -1,0 +1,49 @@
+"""Replaying a trial exactly, and a lane's parameters on the host."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._placement import lane_params, to_host
+from ._plan import Plan
+from ._population import Chunk, Population, Slot
+from ._strategy import Cadence, NewTrial
+from ._trial import Run, Stats, Trial
+
+__all__ = ["Replay"]
+
+
+class Replay:
+  """What a result needs to rebuild a model and replay a trial exactly."""
+
+  def __init__(self, plan: Plan, population: Population):
+    self.plan = plan
+    self.population = population
+
+  def model(self, trial: Trial, params, model_state):
+    ref = self.population.refs[trial.id]
+    return self.plan.spec(ref.signature).adapter.build(params, model_state)
+
+  def run(self, trial: Trial, metric: str, maximize: bool) -> Run:
+    """Trains ``trial`` again in its own program, at its own lane, every other
+    lane a copy of it: the same numbers bit for bit."""
+    ref = self.population.refs[trial.id]
+    cadence = Cadence(ref.eval_every, ref.evals_per_call, trial.steps)
+    replay = Population(self.plan, lambda sig: cadence, Stats(), lambda wanted: ref.lanes)
+    replay._data = self.population.data
+    program = self.plan.program(ref.signature, ref.lanes, ref.evals_per_call)
+    evals = -(-trial.steps // ref.eval_every)
+    slots = [Slot(NewTrial(trial.id, trial.config, trial.seed, trial.round), 0, lane, 0, trial.steps, evals)
+             for lane in range(ref.lanes)]
+    replay.slots = slots
+    replay.chunks = [Chunk(ref.signature, program, ref.lanes, list(range(ref.lanes)), cadence,
+                           fresh=np.ones(ref.lanes, bool), tier=ref.tier)]
+    while replay.chunks[0].calls < replay.chunks[0].calls_needed:
+      replay._record(0, to_host(replay._call(0)))
+    s = slots[trial.lane]
+    r = s.to_trial("ok", maximize)
+    params, model_state = lane_params(replay.chunks[0].state, trial.lane)
+    return Run(config=trial.config, seed=trial.seed, score=r.score, curve=r.curve, curve_steps=r.curve_steps,
+               train_curve=r.train_curve, status=r.status, diverged_at=r.diverged_at, steps=r.steps,
+               params=params, model_state=model_state, adapter=program.spec.adapter, metric_name=metric,
+               maximize=maximize)
