@@ -19,7 +19,7 @@ import optax
 from jax import lax
 
 from ._model import ModelAdapter
-from ._objective import Objective, mean_value
+from ._objective import Objective, check_default_outputs, check_per_example, check_value, mean_value
 from ._routing import Routing
 
 __all__ = ["LaneInputs", "LaneState", "TrainSpec", "lane_init", "lane_step", "lane_eval", "lane_check",
@@ -88,6 +88,8 @@ class TrainSpec:
     objective: loss and metric.
     num_train, num_val: dataset sizes.
     precision: matmul precision for ``jax.default_matmul_precision``.
+    num_classes: classes in the labels (classification), for the default
+      loss's check of the logits; else None.
     abstract_state: one lane's state as shapes and dtypes, once checked
       (``_check.check_spec`` fills it; memory estimates read it).
   """
@@ -101,6 +103,7 @@ class TrainSpec:
   num_train: int
   num_val: int
   precision: str | None = None
+  num_classes: int | None = None
   abstract_state: Any = dataclasses.field(default=None, compare=False)
 
   @property
@@ -279,10 +282,15 @@ def lane_loss(spec: TrainSpec, params, state: LaneState, batch):
   obj = spec.objective
   if obj.model_loss is not None:
     value, model_state = spec.adapter.call(params, state.model_state, lambda m: obj.model_loss(m, batch), True, key)
+    check_value(value, "model_loss", spec.batch_size, spec.adapter.config)  # trace time: shapes are static
     return mean_value(value, "model_loss"), model_state
   x, y = batch
   out, model_state = spec.adapter.apply(params, state.model_state, x, True, key)
-  return jnp.mean(obj.loss_fn(out, y)), model_state
+  if obj.default_loss:
+    check_default_outputs(out, y, spec.num_classes, spec.adapter.config)
+  values = obj.loss_fn(out, y)
+  check_per_example(values, "loss_fn", spec.batch_size)
+  return jnp.mean(values), model_state
 
 
 def lane_minibatch(spec: TrainSpec, state: LaneState, data) -> Any:
@@ -357,8 +365,12 @@ def lane_eval(spec: TrainSpec, state: LaneState, val) -> jax.Array:
     if obj.metric_fn is not None:
       x, y = chunk
       out, _ = spec.adapter.apply(state.params, state.model_state, x, False, k)
-      return obj.metric_fn(out, y).astype(jnp.float32)
+      values = obj.metric_fn(out, y)
+      check_per_example(values, "metric", jax.tree.leaves(chunk)[0].shape[0])
+      return values.astype(jnp.float32)
     v, _ = spec.adapter.call(state.params, state.model_state, lambda m: obj.eval_fn(m, chunk), False, k)
+    check_value(v, "model_metric" if obj.model_metric is not None else "model_loss",
+                jax.tree.leaves(chunk)[0].shape[0], spec.adapter.config)
     if isinstance(v, tuple) and len(v) == 2:  # (loss, aux)
       v = v[0]
     return jnp.asarray(v).astype(jnp.float32)

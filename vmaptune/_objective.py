@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["Objective", "resolve_objective", "cross_entropy", "squared_error", "accuracy", "mean_value"]
+__all__ = ["Objective", "resolve_objective", "cross_entropy", "squared_error", "accuracy", "mean_value",
+           "check_value", "check_per_example", "check_default_outputs"]
 
 _MODEL_NAMES = ("model", "module", "net", "network", "mdl")
 _OUTPUT_NAMES = ("outputs", "output", "out", "logits", "preds", "pred", "predictions", "prediction", "y_pred",
@@ -55,6 +56,47 @@ def squared_error(out: jax.Array, y: jax.Array) -> jax.Array:
 def accuracy(out: jax.Array, y: jax.Array) -> jax.Array:
   """Per-example 1.0 where ``argmax(out) == y``."""
   return (jnp.argmax(out, axis=-1) == y).astype(jnp.float32)
+
+
+def check_value(v: Any, what: str, b: int, config: Any = None) -> None:
+  """A model-aware loss or metric's value: ``(b,)``, a scalar, or ``(loss, aux)``
+  with one of those first. Checked at trace time (shapes are static)."""
+  if isinstance(v, tuple) and len(v) == 2:
+    v = v[0]
+  shape = getattr(v, "shape", None)
+  if shape not in ((), (b,)):
+    raise TypeError(f"`{what}` must return one value per example, shape ({b},), a scalar, or (loss, aux) with "
+                    f"one of those first; got {shape if shape is not None else type(v).__name__} for a batch of "
+                    f"{b}" + (f" (config {config!r})." if config is not None else "."))
+
+
+def check_per_example(v: Any, what: str, b: int) -> None:
+  """An ``(outputs, targets)`` loss or metric's value: exactly ``(b,)``."""
+  if getattr(v, "shape", None) != (b,):
+    raise TypeError(f"`{what}` must return one value per example, shape ({b},), got "
+                    f"{getattr(v, 'shape', type(v).__name__)}; vmaptune takes the mean itself.")
+
+
+def check_default_outputs(out: Any, y: Any, num_classes: int | None, config: Any = None) -> None:
+  """The model's outputs against the default loss (cross-entropy with integer
+  labels, squared error with float targets): shapes that would silently
+  broadcast or miss classes are refused."""
+  where = f" (config {config!r})" if config is not None else ""
+  if not hasattr(out, "shape"):
+    raise TypeError(f"the model returns {type(out).__name__}, not one array, so the default loss does not apply"
+                    f"{where}: give loss_fn=(outputs, targets) -> per-example loss, or model_loss=.")
+  b = y.shape[0]
+  if num_classes is not None or jnp.issubdtype(y.dtype, jnp.integer):
+    if out.ndim != 2 or out.shape[0] != b:
+      raise ValueError(f"with integer labels the model must output logits of shape (batch, num_classes); "
+                       f"it output {out.shape} for a batch of {b}{where}.")
+    if num_classes is not None and out.shape[1] < num_classes:
+      raise ValueError(f"the model outputs {out.shape[1]} classes but the labels go up to {num_classes - 1}{where}.")
+  else:
+    squeezed = out.shape[:-1] if out.ndim == y.ndim + 1 and out.shape[-1] == 1 else out.shape
+    if tuple(squeezed) != tuple(y.shape):
+      raise ValueError(f"the model outputs shape {out.shape} but the targets have shape {y.shape}: "
+                       "they would broadcast. Make the output (batch,) or (batch, 1) for scalar targets.")
 
 
 def mean_value(value: Any, what: str) -> jax.Array:
@@ -95,6 +137,7 @@ class Objective:
   maximize: bool
   model_loss: Callable | None = None
   model_metric: Callable | None = None
+  default_loss: bool = False
 
   @property
   def eval_fn(self) -> Callable | None:
@@ -195,4 +238,4 @@ def resolve_objective(task: str, loss_fn: Any, metric: Any, direction: Any, mode
   if fn is not None and not paired:
     raise ValueError("a metric of (outputs, targets) needs `data` as an (x, y) pair; with a batch pytree, "
                      "score with model_metric=(model, batch) -> values (or the default: the model_loss).")
-  return Objective(loss, fn, name, maximize, model_loss, None)
+  return Objective(loss, fn, name, maximize, model_loss, None, default_loss=loss_fn is None and model_loss is None)

@@ -16,10 +16,10 @@ import jax
 import numpy as np
 
 from . import _devices, _faults
-from ._check import check_spec
+from ._check import diagnose
 from ._data import Dataset
 from ._objective import Objective
-from ._lane import TrainSpec, lane_init, stack_inputs
+from ._lane import LaneInputs, TrainSpec, lane_init, stack_inputs
 from ._model import make_adapter
 from ._compiler import cached
 from ._program import Layout, Program, SingleProgram
@@ -159,9 +159,26 @@ class Plan:
         num_train=self.dataset.num_train,
         num_val=self.dataset.num_val,
         precision=self.precision,
+        num_classes=self.dataset.num_classes,
     )
-    check_spec(spec, self.dataset, self.custom_loss)
+    # One lane's state as shapes (memory estimates, the programs' arguments);
+    # every other check happens as the programs are traced.
+    inputs = LaneInputs(
+        seed=jax.ShapeDtypeStruct((), np.uint32),
+        hparams={k: jax.ShapeDtypeStruct((), np.int32 if k in spec.int_injected else np.float32)
+                 for k in spec.injected},
+        lr_decay=jax.ShapeDtypeStruct((), np.float32), budget=jax.ShapeDtypeStruct((), np.int32))
+    try:
+      state = jax.eval_shape(lambda i: lane_init(spec, i), inputs)
+    except Exception as e:  # noqa: BLE001 - diagnosed stage by stage
+      self.diagnose(spec, e)
+    object.__setattr__(spec, "abstract_state", state)
     return spec
+
+  def diagnose(self, spec: TrainSpec, error: BaseException) -> None:
+    """Re-raises ``error`` (raised tracing ``spec``) as the clearest error:
+    stage by stage, naming the config."""
+    diagnose(spec, self.dataset, self.custom_loss, error)
 
   def layout(self, num_lanes: int) -> Layout:
     d = len(self.devices)

@@ -250,7 +250,10 @@ class Population:
     for chunk in self.chunks:
       program = chunk.program
       if not program.compiled and id(program) not in self._building:
-        program.lower(_inputs(chunk, self.slots), self.data)
+        try:
+          program.lower(_inputs(chunk, self.slots), self.data)
+        except Exception as e:  # noqa: BLE001 - diagnosed stage by stage
+          self.plan.diagnose(program.spec, e)
         if chunk.tier is not None:  # a replay, or a resumed chunk: the tier it ran at
           program.tier = chunk.tier
         elif not any(k.startswith("run:") for k in program._compiled):  # a program built before keeps its tier
@@ -328,6 +331,12 @@ class Population:
     (checkpoint points). Lockstep: every chunk runs one call.
     """
     self.prepare()
+    try:
+      self._advance(sequential, on_call, on_done)
+    finally:
+      self._book_compiles()  # programs compiled in the background, never waited for
+
+  def _advance(self, sequential, on_call, on_done) -> None:
     if not sequential:
       t0 = time.perf_counter()
       waited = self.stats.compile_wall_seconds

@@ -224,8 +224,13 @@ class Program:
   # Build -------------------------------------------------------------------
 
   def abstract_state(self, inputs: LaneInputs) -> LaneState:
-    """Shapes and dtypes of the population's state (no compute)."""
-    return jax.eval_shape(jax.vmap(functools.partial(lane_init, self.spec)), inputs)
+    """Shapes and dtypes of the population's state (no compute): the spec's
+    one-lane state with a lane axis in front."""
+    one = self.spec.abstract_state
+    if one is None:
+      return jax.eval_shape(jax.vmap(functools.partial(lane_init, self.spec)), inputs)
+    n = jax.tree.leaves(inputs)[0].shape[0]
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct((n,) + a.shape, a.dtype), one)
 
   def zeros(self, inputs: LaneInputs) -> LaneState:
     """An all-zero population state on the devices: what a first :meth:`start`

@@ -150,7 +150,10 @@ def train(
       raise ValueError(f"`schedule` step {at} is not a multiple of eval_every={eval_every}.")
   inputs = stack_inputs([seed], [{k: config[k] for k in spec.injected}], [float(config.get("lr_decay", 0.0))],
                         [steps], spec)
-  state = program.init(jax.tree.map(lambda a: a[0], inputs))
+  try:
+    state = program.init(jax.tree.map(lambda a: a[0], inputs))
+  except Exception as e:  # noqa: BLE001 - diagnosed stage by stage
+    plan.diagnose(spec, e)
   data = place_data(c.dataset, plan.eval_batch_size, plan.mesh)
   slot = Slot(NewTrial(0, config, seed, 0), 0, 0, 0, steps, evals)
   progress = Progress(c.objective.metric_name, verbose, unit="steps")
@@ -158,7 +161,12 @@ def train(
   scores, losses, at = slot.curve, slot.train_curve, slot.curve_steps
   try:
     for e in range(evals):
-      state, (score, loss, step) = program.advance(state, data, eval_every)
+      try:
+        state, (score, loss, step) = program.advance(state, data, eval_every)
+      except Exception as err:  # noqa: BLE001 - a tracing error, diagnosed stage by stage
+        if e == 0:
+          plan.diagnose(spec, err)
+        raise
       scores.append(float(score)); losses.append(float(loss)); at.append(int(step))
       progress.advance(at[-1], scores[-1])
       if at[-1] in planned:
