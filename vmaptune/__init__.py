@@ -22,6 +22,8 @@ from ._compiler import clear_cache  # noqa: E402
 from ._zoom import Zoom  # noqa: E402
 from ._halving import Halving  # noqa: E402
 from ._pbt import PBT  # noqa: E402
+from ._adaptive import Adaptive  # noqa: E402
+from ._tpe import TPEModel  # noqa: E402
 from ._search import search  # noqa: E402
 from ._train import TrainState, train  # noqa: E402
 from . import plot  # noqa: E402  (matplotlib is imported lazily, on first use)
@@ -44,6 +46,8 @@ __all__ = [
     "Zoom",
     "Halving",
     "PBT",
+    "Adaptive",
+    "TPEModel",
     "uniform",
     "loguniform",
     "reverse_loguniform",

@@ -15,7 +15,11 @@ def build_parser() -> argparse.ArgumentParser:
   sub = p.add_subparsers(dest="command", required=True)
   d = sub.add_parser("demo", help="search an MLP on the digits dataset (about a minute on 2 CPU cores)")
   d.add_argument("--configs", type=int, default=64, help="configs per round (default 64)")
-  d.add_argument("--rounds", type=int, default=3, help="1 coarse round + zoom rounds (default 3)")
+  d.add_argument("--rounds", type=int, default=3,
+                 help="rounds of the budget, configs x rounds x steps lane-steps (default 3)")
+  d.add_argument("--strategy", choices=["auto", "adaptive", "zoom", "halving", "pbt"], default="auto",
+                 help="how the budget is spent (default auto: adaptive at this size)")
+  d.add_argument("--timeout", type=float, default=None, help="seconds for the search (default: the budget)")
   d.add_argument("--steps", type=int, default=500, help="training steps per config (default 500)")
   d.add_argument("--seed", type=int, default=0, help="search seed (default 0)")
   d.add_argument("--sampler", choices=["random", "grid"], default="random")
@@ -104,13 +108,15 @@ def run_demo(args: argparse.Namespace) -> int:
   import vmaptune as vt
 
   x, y = load_digits()
-  print(f"vmaptune demo: {args.configs} configs x {args.rounds} rounds x {args.steps} steps "
-        f"on digits ({len(x)} images), metric: validation accuracy", flush=True)
+  budget = (f"{args.timeout:g} s" if args.timeout else
+            f"{args.configs} configs x {args.rounds} rounds x {args.steps} steps of budget")
+  print(f"vmaptune demo: {budget}, strategy {args.strategy!r}, on digits ({len(x)} images), "
+        f"metric: validation accuracy", flush=True)
   t0 = time.perf_counter()
   result = vt.search(
       demo_model_fn, (x, y), demo_space(), num_configs=args.configs, num_steps=args.steps,
-      rounds=args.rounds, seed=args.seed, sampler=args.sampler, metric="accuracy",
-      compilation_cache=False if args.no_cache else None, verbose=not args.quiet,
+      rounds=args.rounds, seed=args.seed, sampler=args.sampler, metric="accuracy", strategy=args.strategy,
+      timeout=args.timeout, compilation_cache=False if args.no_cache else None, verbose=not args.quiet,
   )
   wall = time.perf_counter() - t0
   print()
@@ -121,8 +127,9 @@ def run_demo(args: argparse.Namespace) -> int:
   for k, v in result.best_config.items():
     print(f"  {k} = {v:.4g}" if isinstance(v, float) else f"  {k} = {v}")
   s = result.stats
-  print(f"Best validation accuracy: {result.best_score:.4f} (trial {result.best_trial.id}, "
-        f"round {result.best_trial.round})")
+  ok = sum(t.status == "ok" for t in result.trials)
+  print(f"Best validation accuracy: {result.best_score:.4f} (trial {result.best_trial.id} of {len(result.trials)}, "
+        f"{ok} trained to the end; strategy {result.options['strategy']!r})")
   print(f"Wall time: {wall:.1f}s: training {s.train_seconds:.1f}s ({s.lane_steps_per_second:,.0f} lane-steps/s "
         f"on {s.num_devices} device(s)), compiling {s.compile_wall_seconds:.1f}s ({s.programs_compiled} "
         f"programs, {s.compile_seconds:.1f}s of XLA time), tracing {s.trace_seconds:.1f}s, "

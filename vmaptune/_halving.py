@@ -69,6 +69,7 @@ class Halving:
 
   name: ClassVar[str] = "halving"
   sequential: ClassVar[bool] = False
+  asynchronous: ClassVar[bool] = True
 
   def __post_init__(self):
     if isinstance(self.eta, bool) or not isinstance(self.eta, int) or self.eta < 2:

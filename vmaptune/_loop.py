@@ -119,6 +119,8 @@ class _Run:
         self.population.start(trials)
       if self.timeout is not None:  # a resumed search gets what is left of its budget
         self.deadline = t_start + self.timeout - self.wall_before
+        # Trials that go at their own pace can start as their programs compile.
+        self.population.staggered = getattr(strategy, "asynchronous", False)
       self._start_progress()
       try:
         while True:
@@ -192,7 +194,9 @@ class _Run:
     if decision.generation is not None and not self._fits(decision.generation):
       decision = decision._replace(generation=None, done=True, report=True)
     if self.strategy.sequential or decision.report or decision.done:
-      self.progress.end_round(self._best_score(), self.horizons, last=decision.done)
+      # Rounds: zoom's, or trial-lengths of population time.
+      rounds = self.horizons if self.strategy.sequential else self.elapsed // (self.ctx.num_steps or self.elapsed or 1)
+      self.progress.end_round(self._best_score(), rounds, last=decision.done)
     if decision.report or decision.done:
       for fn in self.callbacks:
         fn(self.snapshot(t_start))

@@ -23,6 +23,7 @@ from . import _devices, _space
 from ._codec import dumps, loads, qualname
 from ._data import Dataset, prepare_data
 from ._objective import Objective, resolve_objective
+from ._adaptive import Adaptive
 from ._halving import Halving
 from ._model import model_kind
 from ._pbt import PBT
@@ -34,7 +35,7 @@ __all__ = ["SearchOptions", "parse_search", "parse_common", "STRATEGIES", "int_a
            "fingerprint", "SAMPLERS"]
 
 #: ``strategy="name"`` -> its class. A new strategy is one module and one line here.
-STRATEGIES = {cls.name: cls for cls in (Zoom, Halving, PBT)}
+STRATEGIES = {cls.name: cls for cls in (Zoom, Halving, PBT, Adaptive)}
 SAMPLERS = ("random", "grid", "sobol", "halton", "tpe")
 DEFAULT_NUM_STEPS = 1000
 _PRECISIONS = (None, "default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
@@ -145,9 +146,30 @@ class SearchOptions:
   verbose: bool
 
 
-def _check_strategy(strategy: Any, sampler: str):
-  names = ", ".join(repr(n) for n in STRATEGIES)
+#: ``strategy="auto"`` picks the adaptive strategy from this many trial-lengths
+#: of budget (``num_configs * rounds``) on: below it a model has too few
+#: trials to learn from and zoom's coarse-to-fine rounds do as well.
+AUTO_MIN_TRIALS = 80
+
+
+def auto_strategy(sampler: str, num_configs: int, rounds: int, num_steps: int | None, timeout: float | None):
+  """What ``strategy="auto"`` runs: :class:`Adaptive` (TPE refills and median
+  pruning) with a ``timeout`` or a budget of ``AUTO_MIN_TRIALS`` trial-lengths
+  or more, given a ``num_steps`` budget of at least 20 steps and a sampler other than
+  ``"grid"``; :class:`Zoom` otherwise."""
+  if sampler == "grid" or num_steps is None or num_steps < 20:
+    return Zoom()
+  if timeout is not None or num_configs * rounds >= AUTO_MIN_TRIALS:
+    return Adaptive()
+  return Zoom()
+
+
+def _check_strategy(strategy: Any, sampler: str, num_configs: int = 64, rounds: int = 3,
+                    num_steps: int | None = 1000, timeout: float | None = None):
+  names = ", ".join(repr(n) for n in ("auto",) + tuple(STRATEGIES))
   classes = ", ".join(f"vt.{cls.__name__}(...)" for cls in STRATEGIES.values())
+  if strategy == "auto":
+    strategy = auto_strategy(sampler, num_configs, rounds, num_steps, timeout)
   if isinstance(strategy, str):
     if strategy not in STRATEGIES:
       raise ValueError(f"`strategy` must be one of {names} or {classes}, got {strategy!r}.")
@@ -156,7 +178,7 @@ def _check_strategy(strategy: Any, sampler: str):
     raise TypeError(f"`strategy` must be one of {names} or {classes}, got {strategy!r}.")
   if sampler == "grid" and not isinstance(strategy, Zoom) or (sampler == "tpe" and isinstance(strategy, PBT)):
     raise ValueError(f"sampler={sampler!r} does not work with strategy={strategy!r}: grid needs "
-                     "strategy='zoom' (its rounds are batches); 'tpe' works with 'zoom' and 'halving'. "
+                     "strategy='zoom' (its rounds are batches); 'tpe' works with 'zoom', 'halving' and 'adaptive'. "
                      "PBT draws its population with 'random', 'sobol' or 'halton'.")
   return strategy
 
@@ -210,13 +232,13 @@ def parse_search(model_fn, data, space, *, optimizer, num_configs, num_steps, ep
     raise TypeError(f"`overwrite` must be a bool, got {overwrite!r}.")
   if memory_budget is not None:
     _devices.parse_bytes(memory_budget)
-  strategy = _check_strategy(strategy, sampler)
   check_cache_arg(compilation_cache)
   if timeout is not None:
     if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not math.isfinite(timeout) \
         or timeout <= 0:
       raise ValueError(f"`timeout` must be a positive number of seconds or None, got {timeout!r}.")
     timeout = float(timeout)
+  strategy = _check_strategy(strategy, sampler, num_configs, rounds, num_steps, timeout)
   return SearchOptions(
       common=common, optimizer=optimizer, num_configs=num_configs, num_steps=num_steps, epochs=epochs,
       rounds=rounds, seed=seed, sampler=sampler, metric=metric, direction=direction, loss_fn=loss_fn,

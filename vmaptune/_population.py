@@ -14,140 +14,24 @@ strategy does, through the loop.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import math
 import time
 import warnings
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 
 from . import _faults
-from ._lane import LaneInputs, stack_inputs
 from ._plan import Plan
 from ._compiler import CPU_FLOPS_PER_CORE, compile_pool, tier_for
 from ._placement import DeviceData, host_leaf, lane_params, place_data, place_lanes, to_host, unhost
 from ._program import Program
+from ._slots import Chunk, ProgramRef, Slot, lane_inputs
 from ._strategy import Cadence, LaneView, NewTrial
 from ._trial import Stats, Trial
 
 __all__ = ["Population", "Slot", "Chunk", "ProgramRef"]
-
-class ProgramRef(NamedTuple):
-  """Which program a trial ran in (and at which compile tier), so it can be
-  replayed exactly."""
-
-  signature: tuple
-  lanes: int
-  evals_per_call: int
-  eval_every: int
-  tier: str = "long"
-
-
-@dataclasses.dataclass
-class Slot:
-  """A lane and the trial it runs.
-
-  Attributes:
-    trial: the trial (its config changes when PBT perturbs it).
-    chunk, lane: where it runs.
-    bucket: index of its signature in its generation.
-    budget: the trial's step budget; ``evals`` its evaluations in all.
-    curve, curve_steps, train_curve: evaluations so far.
-    diverged_at: the step its loss or parameters went non-finite, -1 if not.
-    idle: the lane runs no trial (re-initialised with a budget of 0 steps).
-  """
-
-  trial: NewTrial
-  chunk: int
-  lane: int
-  bucket: int
-  budget: int
-  evals: int
-  curve: list = dataclasses.field(default_factory=list)
-  curve_steps: list = dataclasses.field(default_factory=list)
-  train_curve: list = dataclasses.field(default_factory=list)
-  diverged_at: int = -1
-  idle: bool = False
-
-  @property
-  def steps(self) -> int:
-    return int(self.curve_steps[-1]) if self.curve_steps else 0
-
-  def restart(self, trial: NewTrial | None) -> None:
-    """A new trial in this lane, or none (``idle``: it keeps the old one's config)."""
-    self.idle = trial is None
-    if trial is not None:
-      self.trial = trial
-    self.curve, self.curve_steps, self.train_curve = [], [], []
-    self.diverged_at = -1
-
-  def to_trial(self, status: str, maximize: bool, **extra) -> Trial:
-    """The lane's trial as it stands: the one lane -> trial builder."""
-    t = self.trial
-    curve = np.asarray(self.curve, np.float32)
-    score = float(curve[-1]) if len(curve) else math.nan
-    diverged_at = self.diverged_at if self.diverged_at >= 0 else None
-    if status != "diverged" and (diverged_at is not None or not math.isfinite(score)):
-      status = "diverged"
-    if status == "diverged":
-      score = -math.inf if maximize else math.inf
-      if diverged_at is None:
-        diverged_at = self.steps
-    config = extra.pop("config", t.config)
-    return Trial(id=t.id, config=dict(config), score=score, round=t.round, lane=self.lane, status=status,
-                 seed=t.seed, curve=curve, curve_steps=np.asarray(self.curve_steps, np.int32),
-                 train_curve=np.asarray(self.train_curve, np.float32),
-                 diverged_at=diverged_at if status == "diverged" else None, parent=t.parent,
-                 steps=self.steps, bucket=self.bucket, **extra)
-
-
-@dataclasses.dataclass
-class Chunk:
-  """``lanes`` lanes of one program and the slots they run (``members``, in
-  lane order; lanes past them are padding, never reported).
-
-  Attributes:
-    calls: compiled calls run since its trials started (sequential) .
-    fresh: lanes to (re)initialise at the next call.
-    state: the lanes' device state, or None before the first call and after
-      the chunk's trials are done (sequential).
-    done: its trials are finished (sequential).
-  """
-
-  signature: tuple
-  program: Program
-  lanes: int
-  members: list
-  cadence: Cadence
-  calls: int = 0
-  fresh: np.ndarray | None = None
-  state: Any = None
-  done: bool = False
-  tier: str | None = None
-
-  @property
-  def calls_needed(self) -> int:
-    evals = -(-self.cadence.budget // self.cadence.eval_every)
-    return -(-evals // self.cadence.evals_per_call)
-
-
-def _inputs(chunk: Chunk, slots: Sequence[Slot]) -> LaneInputs:
-  """Host inputs of a chunk's lanes (padding lanes copy the first)."""
-  spec = chunk.program.spec
-  trials = [slots[i].trial for i in chunk.members]
-  trials += [trials[0]] * (chunk.lanes - len(trials))
-  budgets = [0 if slots[i].idle else slots[i].budget for i in chunk.members]
-  budgets += [budgets[0]] * (chunk.lanes - len(budgets))
-  return stack_inputs(
-      [t.seed for t in trials],
-      [{k: t.config[k] for k in spec.injected} for t in trials],
-      [float(t.config.get("lr_decay", 0.0)) for t in trials],
-      budgets,
-      spec,
-  )
-
 
 class Population:
   """Device state per chunk, and each lane's trial.
@@ -174,8 +58,14 @@ class Population:
     self._signatures_seen: set = set()
     self._round = 0
     self._logged = True  # the current generation's programs are in stats.programs_by_round
+    self._lowered_now: list = []  # programs lowered for the current generation so far
     #: Called with ``(compiled, total)`` while programs compile, None when all are done.
     self.on_compile: Callable[[tuple | None], None] | None = None
+    #: Lockstep chunks start as their programs become ready instead of all
+    #: waiting for the last compile (asynchronous strategies with a timeout:
+    #: training starts after one compile, the others go on in the background).
+    self.staggered = False
+    self._advanced: set | None = None  # chunks the last advance ran (None: all)
     #: ``chunk -> steps`` each of its lanes will still train with the chunk's
     #: program (this and later generations): the loop's estimate, for tiers.
     self.steps_ahead: Callable[[Chunk], int] = lambda chunk: chunk.cadence.budget
@@ -199,7 +89,7 @@ class Population:
       self.plan.spec(sig)
     wanted = self.capacity(max(len(v) for v in buckets.values()))
     self.slots, self.chunks = [None] * len(trials), []  # type: ignore[list-item]
-    self._logged = False
+    self._logged, self._lowered_now = False, []
     for bucket, (sig, members) in enumerate(buckets.items()):
       cadence = self.cadence(sig)
       lanes = self.plan.fit_lanes(sig, wanted)
@@ -226,9 +116,12 @@ class Population:
         self.slots[i].chunk, self.slots[i].lane = j, lane
 
   def views(self) -> list[LaneView]:
-    """Every lane as the strategy sees it, chunk by chunk, in lane order."""
+    """Every lane as the strategy sees it, chunk by chunk, in lane order
+    (staggered: the lanes of chunks that have started training)."""
     out = []
     for j, chunk in enumerate(self.chunks):
+      if self._advanced is not None and j not in self._advanced:
+        continue
       for lane, i in enumerate(chunk.members):
         s = self.slots[i]
         if s.idle:
@@ -239,19 +132,22 @@ class Population:
 
   # Training ----------------------------------------------------------------
 
-  def prepare(self) -> None:
+  def prepare(self, limit: int | None = None) -> None:
     """Lowers every chunk's program that is not built yet (on this thread: the
     model, loss and optimizer of every bucket are validated before anything
     compiles), then starts compiling them in the background (see
     :func:`compile_pool`), so training the first chunk overlaps compiling the
-    others."""
+    others. ``limit``: lower at most that many now (staggered: one per
+    segment, so the first chunk trains before every program is traced)."""
     t0 = time.perf_counter()
     todo = []
     for chunk in self.chunks:
       program = chunk.program
+      if limit is not None and len(todo) >= limit:
+        break
       if not program.compiled and id(program) not in self._building:
         try:
-          program.lower(_inputs(chunk, self.slots), self.data)
+          program.lower(lane_inputs(chunk, self.slots), self.data)
         except Exception as e:  # noqa: BLE001 - diagnosed stage by stage
           self.plan.diagnose(program.spec, e)
         if chunk.tier is not None:  # a replay, or a resumed chunk: the tier it ran at
@@ -261,14 +157,18 @@ class Population:
         self._building[id(program)] = (program, program.compiler.compile_seconds, program.compiler.programs_compiled)
         todo.append(program)
     self.stats.trace_seconds += time.perf_counter() - t0
-    if not self._logged:
+    self._lowered_now += todo
+    unbuilt = any(not (c.program.compiled or c.program.lowered) for c in self.chunks)
+    if not self._logged and not unbuilt:
       self._logged = True
       signature_of = {id(c.program): c.signature for c in self.chunks}
-      fresh = sum(signature_of[id(p)] not in self._signatures_seen for p in todo)
+      built = self._lowered_now
+      fresh = sum(signature_of.get(id(p)) not in self._signatures_seen for p in built)
       self.stats.programs_by_round.append({
-          "round": len(self.stats.programs_by_round), "programs": len(signature_of), "compiled": len(todo),
-          "new_signatures": fresh, "new_layouts": len(todo) - fresh})
+          "round": len(self.stats.programs_by_round), "programs": len(signature_of), "compiled": len(built),
+          "new_signatures": fresh, "new_layouts": len(built) - fresh})
       self._signatures_seen |= {c.signature for c in self.chunks}
+      self._lowered_now = []
     pool = compile_pool(self.plan.devices[0].platform)
     if pool is not None:
       for program in todo:
@@ -291,6 +191,14 @@ class Population:
   def _compile_status(self) -> tuple[int, int]:
     done = sum(p.compiled for p, _, _ in self._building.values())
     return done, len(self._building)
+
+  def _started(self, chunk: Chunk) -> bool:
+    """Staggered: the chunk has trained before, or its program is compiled."""
+    if chunk.state is not None:
+      return True
+    program = chunk.program
+    future = program._future
+    return program.compiled or (future is not None and future.done())
 
   def _ready(self, chunk: Chunk) -> None:
     """Waits for (or runs) a chunk's program's compile; the wait is compile wall time."""
@@ -330,7 +238,7 @@ class Population:
     call but a chunk's last, ``on_call("chunk", j)`` every chunk but the last
     (checkpoint points). Lockstep: every chunk runs one call.
     """
-    self.prepare()
+    self.prepare(limit=1 if self.staggered else None)
     try:
       self._advance(sequential, on_call, on_done)
     finally:
@@ -340,10 +248,18 @@ class Population:
     if not sequential:
       t0 = time.perf_counter()
       waited = self.stats.compile_wall_seconds
-      pending = [(j, self._call(j)) for j in range(len(self.chunks))]
+      # Chunks whose lanes all idle have nothing to train: skipped.
+      run = [j for j, c in enumerate(self.chunks) if any(not self.slots[i].idle for i in c.members)]
+      if self.staggered:
+        started = [j for j in run if self._started(self.chunks[j])]
+        run = started or run[:1]  # nothing ready yet: wait for the first
+        self._advanced = set(run) if len(run) < len(self.chunks) else None
+      pending = [(j, self._call(j)) for j in run]
       for j, metrics in pending:
         self._record(j, to_host(metrics))  # waits for the devices: inside the clock
-      self.stats.train_seconds += time.perf_counter() - t0 - (self.stats.compile_wall_seconds - waited)
+      seconds = time.perf_counter() - t0 - (self.stats.compile_wall_seconds - waited)
+      self.stats.train_seconds += seconds
+      self._charge(list(run), seconds)
       return
     j = 0
     while j < len(self.chunks):
@@ -356,7 +272,9 @@ class Population:
           t0 = time.perf_counter()
           waited = self.stats.compile_wall_seconds
           self._record(j, to_host(self._call(j)))
-          self.stats.train_seconds += time.perf_counter() - t0 - (self.stats.compile_wall_seconds - waited)
+          seconds = time.perf_counter() - t0 - (self.stats.compile_wall_seconds - waited)
+          self.stats.train_seconds += seconds
+          self._charge([j], seconds)
           if chunk.calls < chunk.calls_needed and on_call is not None:
             on_call("mid", j)
       except Exception as e:  # noqa: BLE001 - only running out of memory is handled here
@@ -374,12 +292,24 @@ class Population:
         on_call("chunk", j)
       j += 1
 
+  def _charge(self, chunks: Sequence[int], seconds: float) -> None:
+    """Splits a stretch of training time evenly over the lanes of the chunks
+    it ran (every lane of a program costs the same, busy or not)."""
+    lanes = sum(self.chunks[j].lanes for j in chunks)
+    if lanes == 0 or seconds <= 0:
+      return
+    share = seconds / lanes
+    for j in chunks:
+      for i in self.chunks[j].members:
+        if not self.slots[i].idle:
+          self.slots[i].seconds += share
+
   def _call(self, j: int):
     """One compiled call of chunk ``j`` (waiting for its program first)."""
     chunk = self.chunks[j]
     program = chunk.program
     self._ready(chunk)
-    inputs = place_lanes(_inputs(chunk, self.slots), self.plan.mesh)
+    inputs = place_lanes(lane_inputs(chunk, self.slots), self.plan.mesh)
     if chunk.state is None:
       # A finished chunk's state is the buffers of its program's next chunk;
       # another program's is dropped first, so at most one is ever kept.
@@ -407,9 +337,12 @@ class Population:
     chunk = self.chunks[j]
     scores, losses, steps = metrics
     diverged = to_host(chunk.state.diverged_at)
+    ran = chunk.cadence.eval_every * chunk.cadence.evals_per_call  # every lane runs the whole call
+    self.stats.idle_lane_steps += ran * (chunk.lanes - len(chunk.members))
     for lane, i in enumerate(chunk.members):
       s = self.slots[i]
       if s.idle:
+        self.stats.idle_lane_steps += ran
         continue
       before = s.steps
       room = s.evals - len(s.curve)  # a last call may run past the trial's evaluations
@@ -520,7 +453,7 @@ class Population:
       chunk = Chunk(d["signature"], program, d["lanes"], list(d["members"]), cadence, d["calls"],
                     np.asarray(d["fresh"], bool), None, d["done"], d["tier"])
       if d["leaves"]:
-        abstract = program.abstract_state(_inputs(chunk, self.slots))
+        abstract = program.abstract_state(lane_inputs(chunk, self.slots))
         leaves, treedef = jax.tree.flatten(abstract)
         missing = [f"pop/{j}/{k}" for k in range(len(leaves)) if f"pop/{j}/{k}" not in arrays]
         if missing or len(leaves) != d["leaves"]:

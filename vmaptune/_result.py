@@ -190,7 +190,7 @@ class SearchResult:
     for t in self.trials:
       row = {"trial": t.id, "round": t.round}
       row.update({k: t.config.get(k) for k in names})
-      row.update(score=t.score, status=t.status, seed=t.seed, steps=t.steps,
+      row.update(score=t.score, status=t.status, seed=t.seed, steps=t.steps, seconds=t.seconds,
                  diverged_at=t.diverged_at, parent=t.parent, lane=t.lane)
       rows.append(row)
     return rows

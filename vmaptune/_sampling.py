@@ -34,6 +34,7 @@ class Stream(enum.IntEnum):
   TPE_ROUND = 0x7E      # TPE's seed for a zoom round's batch
   TPE_REFILL = 0xB0B    # TPE's seed for a halving segment's refills
   PBT = 0x9B7           # PBT: sources, perturbations, redraws
+  ADAPTIVE = 0xADA      # adaptive: a decision's refills
 
 
 def trial_seed(seed: int, round_index: int, position: int) -> int:
@@ -222,13 +223,16 @@ class Drawer:
     self.structural = {k: d for k, d in dists.items() if k in keys}
     self.rest = {k: d for k, d in dists.items() if k not in keys}
 
-  def batch(self, r: int, n: int, region: Region, history: Sequence[Trial] = ()) -> list[dict]:
-    """Round ``r``'s ``n`` configs inside ``region`` (TPE: from ``history``)."""
+  def batch(self, r: int, n: int, region: Region, history: Sequence[Trial] = (), sampler: str | None = None
+            ) -> list[dict]:
+    """Round ``r``'s ``n`` configs inside ``region`` (TPE: from ``history``),
+    drawn by the search's sampler or by ``sampler``."""
     rng = np.random.default_rng([self.seed, r, 0])
-    if self.sampler == "grid":
+    sampler = sampler or self.sampler
+    if sampler == "grid":
       return [_space.complete(self.space, c) for c in grid_values(_space.searched(self.space), n, region)]
     cap = min(self.max_buckets, n)
-    if self.sampler == "tpe":
+    if sampler == "tpe":
       from ._samplers import TPEProposer
 
       # A fresh sampler seeded by (seed, round) and rebuilt from the history:
@@ -243,10 +247,10 @@ class Drawer:
     per_program = self.capacity(-(-n // len(sigs)))
     counts = lane_counts(len(sigs), n, per_program)
     lane_sigs = [s for s, c in zip(sigs, counts) for _ in range(c)]
-    if self.sampler in ("sobol", "halton"):
+    if sampler in ("sobol", "halton"):
       from ._samplers import qmc_values
 
-      values = qmc_values(self.rest, n, region, self.sampler, (self.seed, r))
+      values = qmc_values(self.rest, n, region, sampler, (self.seed, r))
     else:
       values = sample_values(self.rest, rng, n, region)
     return [_space.complete(self.space, lane_sigs[i], values[i]) for i in range(n)]

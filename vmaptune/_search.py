@@ -55,19 +55,24 @@ def search(
     checkpoint_every: int | None = None,
     overwrite: bool = False,
     memory_budget: int | str | None = None,
-    strategy: Any = "zoom",
+    strategy: Any = "auto",
     timeout: float | None = None,
     compilation_cache: bool | str | None = None,
     verbose: bool = True,
 ) -> SearchResult:
-  """Trains ``num_configs`` sampled configs at once, then zooms in, ``rounds`` times.
+  """Searches ``space`` by training many configs at once in compiled programs.
 
-  Every config of a round trains in the same compiled program: the lanes of a
-  bucket (configs that share their static hyperparameters) are stacked along a
-  lane axis, sharded over the devices, and stepped by a ``lax.scan`` with no
-  host round trip per step. Round 0 samples the whole space; each later round
-  samples ``num_configs`` new configs in a region around the best trials so
-  far, in sampling coordinates, shrinking by ``shrink`` per round.
+  Configs train side by side as *lanes*: the lanes of a bucket (configs that
+  share their static hyperparameters) are stacked along a lane axis, sharded
+  over the devices, and stepped by a ``lax.scan`` with no host round trip per
+  step. How the budget is spent is the ``strategy``'s: for small searches
+  (the default below 80 trial-lengths) ``num_configs`` sampled configs train
+  at once, then ``rounds - 1`` more rounds sample in a region around the best
+  so far, in sampling coordinates, shrinking by ``shrink`` per round (coarse
+  to fine); for larger searches, and with a ``timeout``, the adaptive
+  strategy runs many more, mostly shorter, trials on a few lanes: a Sobol
+  design first, then configs proposed by TPE from every trial so far, and
+  trials behind the finished ones stop early.
 
   Args:
     model_fn: ``model_fn(config, rngs) -> nnx.Module`` (Flax NNX) or
@@ -156,9 +161,16 @@ def search(
     checkpoint_every: steps between checkpoints inside a round (rounded to
       whole evaluation intervals). Default: only at round ends.
     overwrite: start afresh even if ``checkpoint_dir`` holds another search.
-    strategy: how rounds are spent (all at equal total lane-steps,
-      ``rounds * num_configs * num_steps``): ``"zoom"`` or :class:`Zoom`
-      (default: rounds of ``num_configs`` fresh configs, each zooming in),
+    strategy: how the budget is spent (all at equal total lane-steps,
+      ``rounds * num_configs * num_steps``): ``"auto"`` (the default) picks
+      ``"adaptive"`` with a ``timeout`` or a budget of 80 trial-lengths or
+      more (``num_configs * rounds >= 80``, a ``num_steps`` budget of at
+      least 20 steps, any sampler but grid) and ``"zoom"`` otherwise;
+      ``"adaptive"`` or :class:`Adaptive` (TPE refills and median pruning:
+      a few lanes run many trials one after another, those behind the
+      finished ones at the same step stop, each freed lane takes a config
+      proposed from every trial so far); ``"zoom"`` or :class:`Zoom`
+      (rounds of ``num_configs`` fresh configs, each zooming in),
       ``"halving"`` or
       :class:`Halving` (successive halving with refill: lanes that fall
       behind at a rung are stopped and refilled with new configs from the
@@ -226,7 +238,8 @@ def search(
                 seed=opts.seed, sampler=opts.sampler, keep=opts.keep, shrink=opts.shrink, eval_every=c.eval_every,
                 checkpoint_every=opts.checkpoint_every, maximize=c.objective.maximize, enqueue=opts.enqueue,
                 drawer=drawer, signature=c.routing.signature,
-                steps_for=lambda sig: plan.steps_for(plan.batch_size(sig)), eval_every_for=plan.eval_every_for)
+                steps_for=lambda sig: plan.steps_for(plan.batch_size(sig)), eval_every_for=plan.eval_every_for,
+                accelerator=opts.devices[0].platform != "cpu")
   strategy = opts.strategy
   strategy.check(ctx)
   population = Population(plan, lambda sig: strategy.cadence(ctx, sig), stats, plan.capacity)

@@ -139,6 +139,8 @@ class Context:
     steps_for: ``signature -> steps`` of a trial's budget (``num_steps`` or
       ``epochs`` worth of its batch size).
     eval_every_for: ``steps -> eval_every`` (default: 10 evaluations a trial).
+    accelerator: the search runs on GPUs or TPUs (where more lanes cost
+      little more wall time), not on CPUs.
   """
 
   space: Mapping[str, Any]
@@ -158,6 +160,7 @@ class Context:
   signature: Callable[[Mapping[str, Any]], tuple]
   steps_for: Callable[[tuple], int]
   eval_every_for: Callable[[int], int]
+  accelerator: bool = False
 
   def keep_count(self) -> int:
     """How many of the best trials a zoom region is drawn around."""
@@ -187,6 +190,10 @@ class Strategy(Protocol):
       its trials before the next starts (zoom: a chunk's state is freed when
       it finishes, so memory chunking bounds memory); False when every chunk
       advances one segment at a time, in lockstep (halving, PBT).
+    asynchronous: (optional, default False) each trial goes at its own pace
+      (adaptive, halving): with a timeout, chunks start training as soon as
+      their programs are compiled, and the strategy sees only the lanes of
+      chunks that have started.
   """
 
   name: ClassVar[str]

@@ -45,6 +45,10 @@ class Trial:
     schedule: with ``strategy="pbt"``, the lane's hyperparameters over time:
       a list of ``(step, config)``, the first at step 0. Replay it with
       ``vt.train(..., schedule=trial.schedule)``.
+    seconds: the training wall time charged to the trial: each compiled
+      call's time split evenly over the lanes it ran (a lane costs the same
+      whatever its trial). With ``steps`` (its lane-steps) it is what the
+      strategy spent on it; ``result.stats.idle_lane_steps`` is the rest.
   """
 
   id: int
@@ -63,6 +67,7 @@ class Trial:
   bucket: int = 0
   rung: int | None = None
   schedule: list | None = None
+  seconds: float = 0.0
 
   CURVES = ("curve", "curve_steps", "train_curve")
 
@@ -133,6 +138,9 @@ class Stats:
     segments: times the search stopped training to decide (zoom: rounds;
       halving and PBT: segments of population time).
     lane_steps: optimisation steps over all real lanes (no padding).
+    idle_lane_steps: steps the programs ran on lanes with no trial: padding
+      lanes and lanes left idle near the end of a budget (a vmapped lane costs
+      the same busy or not).
     lane_steps_per_second: ``lane_steps / train_seconds``.
     host_seconds: the rest of the wall time: validation, sampling, decisions,
       bookkeeping, checkpoints, results.
@@ -152,6 +160,7 @@ class Stats:
   programs_by_round: list = dataclasses.field(default_factory=list)
   segments: int = 0
   lane_steps: int = 0
+  idle_lane_steps: int = 0
   padded_lanes: int = 0
   num_devices: int = 1
   lane_batch: int = 1

@@ -1,0 +1,240 @@
+"""The adaptive strategy (TPE refills + median pruning), its TPE, and strategy="auto"."""
+
+import math
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import vmaptune as vt
+from vmaptune import _options, _tpe
+from vmaptune._adaptive import Adaptive, AdaptiveState
+from vmaptune._strategy import Clock, LaneView, NewTrial
+
+from _models import mlp_fn
+
+SPACE = {"learning_rate": vt.loguniform(1e-3, 3e-2), "b1": vt.reverse_loguniform(0.8, 0.99), "hidden": 16}
+KW = dict(num_configs=8, num_steps=40, rounds=3, seed=0, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def adaptive(small_digits):
+  return vt.search(mlp_fn, small_digits, SPACE, strategy="adaptive", **KW)
+
+
+def _same_trials(a, b):
+  assert len(a.trials) == len(b.trials)
+  for s, t in zip(a.trials, b.trials):
+    assert (s.id, s.config, s.status, s.steps, s.seed) == (t.id, t.config, t.status, t.steps, t.seed)
+    assert s.score == t.score or (math.isnan(s.score) and math.isnan(t.score))
+    np.testing.assert_array_equal(s.curve, t.curve)
+
+
+def test_adaptive_spends_the_zoom_budget_on_more_trials_and_stops_the_worse(adaptive):
+  # 8 configs x 3 rounds x 40 steps, as zoom would train, spread over 8 lanes.
+  st = adaptive.stats
+  assert 0.7 * 8 * 3 * 40 <= st.lane_steps <= 8 * 3 * 40  # lanes idle only in the last trial-length
+  assert st.lane_steps + st.idle_lane_steps <= 8 * 3 * 40
+  assert sum(t.steps for t in adaptive.trials) == st.lane_steps  # every lane-step is on some trial's bill
+  assert sum(t.seconds for t in adaptive.trials) <= st.train_seconds + 1e-6
+  assert all(t.seconds > 0 for t in adaptive.trials)
+  assert adaptive.to_pandas()["seconds"].sum() == pytest.approx(sum(t.seconds for t in adaptive.trials))
+  assert len(adaptive.trials) > 3 * 8  # more, shorter trials than zoom's 24
+  statuses = {t.status for t in adaptive.trials}
+  assert {"ok", "stopped"} <= statuses
+  assert all(t.steps == 40 for t in adaptive.trials if t.status == "ok")
+  stopped = [t for t in adaptive.trials if t.status == "stopped"]
+  assert all(t.steps < 40 and t.steps % 8 == 0 for t in stopped)  # at check steps (a fifth of a trial)
+  assert adaptive.best_trial.status == "ok"
+  assert adaptive.options["strategy"] == "adaptive"
+  assert all(t.lane < 8 for t in adaptive.trials)
+
+
+def test_adaptive_stops_only_trials_behind_the_finished_ones(adaptive):
+  ok = [t for t in adaptive.trials if t.status == "ok"]
+  for t in [t for t in adaptive.trials if t.status == "stopped"][:10]:
+    before = [f for f in ok if f.id < t.id]  # roughly: finished earlier
+    if len(before) < 5:
+      continue
+    at = int(t.steps)
+    ref = [float(f.curve[: list(f.curve_steps).index(at) + 1].min()) for f in before]
+    assert float(np.min(t.curve)) > np.percentile(ref, 50) - 1e-6 or len(before) < 10
+
+
+def test_adaptive_is_deterministic_and_its_lanes_match_single_runs(adaptive, small_digits):
+  again = vt.search(mlp_fn, small_digits, SPACE, strategy="adaptive", **KW)
+  _same_trials(again, adaptive)
+  t = adaptive.best_trial
+  assert adaptive.retrain(t).score == t.score  # replays bit for bit in its own program
+  alone = vt.train(mlp_fn, small_digits, t.config, seed=t.seed, num_steps=40, verbose=False)
+  assert alone.score == pytest.approx(t.score, rel=2e-3)
+
+
+def test_adaptive_refills_keep_their_lanes_bucket_and_concentrate(small_digits):
+  space = {"learning_rate": vt.loguniform(1e-4, 1e-1), "hidden": vt.choice([8, 16])}
+  r = vt.search(mlp_fn, small_digits, space, strategy=vt.Adaptive(lanes=4), num_configs=8, num_steps=20,
+                rounds=6, verbose=False)
+  by_lane = {}
+  for t in sorted(r.trials, key=lambda t: t.id):
+    by_lane.setdefault((t.bucket, t.lane), set()).add(t.config["hidden"])
+  assert all(len(widths) == 1 for widths in by_lane.values())
+  assert r.stats.programs_compiled <= 2  # one per bucket, whatever the refills
+  first = [math.log(t.config["learning_rate"]) for t in r.trials if t.id < 4]
+  late = [math.log(t.config["learning_rate"]) for t in r.trials if t.id >= len(r.trials) // 2]
+  best = math.log(r.best_trial.config["learning_rate"])
+  # Model-based refills sit closer to the best learning rate than the first design does.
+  assert np.median(np.abs(np.asarray(late) - best)) < np.median(np.abs(np.asarray(first) - best))
+
+
+def test_adaptive_enqueued_configs_start_first(small_digits):
+  enq = [{"learning_rate": 3e-3, "b1": 0.9}, {"learning_rate": 1e-2, "b1": 0.95}]
+  r = vt.search(mlp_fn, small_digits, SPACE, strategy="adaptive", enqueue=enq, **KW)
+  first = {t.id: t for t in r.trials if t.id < 2}
+  assert first[0].config["learning_rate"] == 3e-3 and first[1].config["learning_rate"] == 1e-2
+
+
+def test_adaptive_survives_diverging_configs(small_digits):
+  space = {"learning_rate": vt.loguniform(1e-3, 1e30), "hidden": 16}
+  r = vt.search(mlp_fn, small_digits, space, optimizer=optax.sgd, strategy="adaptive", num_configs=8,
+                num_steps=20, rounds=3, verbose=False)
+  assert any(t.status == "diverged" for t in r.trials)
+  assert r.best_trial.status == "ok" and math.isfinite(r.best_score)
+
+
+@pytest.mark.parametrize("at", [3, 9])
+def test_adaptive_crashed_mid_run_resumes_to_the_uninterrupted_result(at, adaptive, small_digits, tmp_path,
+                                                                      monkeypatch):
+  from vmaptune import _faults
+
+  kw = dict(KW, strategy="adaptive", checkpoint_dir=tmp_path / "ckpt", checkpoint_every=8)
+  monkeypatch.setenv("VMAPTUNE_FAILPOINT", f"adaptive:saved@{at}=crash")
+  _faults.reset()
+  with pytest.raises(_faults.SimulatedCrash):
+    vt.search(mlp_fn, small_digits, SPACE, **kw)
+  monkeypatch.delenv("VMAPTUNE_FAILPOINT")
+  resumed = vt.search(mlp_fn, small_digits, SPACE, **kw)
+  assert resumed.stats.resumed_from
+  assert 0 < resumed.stats.lane_steps < adaptive.stats.lane_steps
+  _same_trials(resumed, adaptive)
+  for u, v in zip(jax.tree.leaves(resumed.best_params), jax.tree.leaves(adaptive.best_params)):
+    np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+def test_adaptive_with_a_timeout_trains_until_the_deadline(small_digits):
+  r = vt.search(mlp_fn, small_digits, SPACE, strategy="adaptive", num_configs=8, num_steps=40, timeout=6.0,
+                verbose=False)
+  assert r.stats.wall_seconds < 6.0 + 3.0
+  assert len(r.trials) > 8 and r.best_trial.status == "ok"
+  assert r.stats.lane_steps > 8 * 40
+
+
+# --------------------------------------------------------------------------
+# The pruner and the TPE on their own (host only)
+# --------------------------------------------------------------------------
+
+
+def _ctx(**kw):
+  from vmaptune._strategy import Context
+
+  base = dict(space=SPACE, num_configs=8, rounds=3, timeout=None, num_steps=100, seed=0, sampler="random",
+              keep=0.25, shrink=0.5, eval_every=None, checkpoint_every=None, maximize=False, enqueue=(),
+              drawer=None, signature=lambda c: (), steps_for=lambda s: 100, eval_every_for=lambda s: 10)
+  base.update(kw)
+  return Context(**base)
+
+
+def test_pruner_compares_with_finished_trials_at_the_same_step():
+  import dataclasses
+
+  strat = Adaptive(min_finished=3)
+  ctx = _ctx()
+  enc = _tpe.Encoder(SPACE)
+  cfg = {"learning_rate": 1e-2, "b1": 0.9, "hidden": 16}
+  record = lambda: [list(enc.encode(cfg)[0]), [], 0, math.inf, math.inf, "running", {}]
+  state = AdaptiveState({i: record() for i in range(6)}, {20: [1.0, 2.0, 3.0]}, {}, 6, 6,
+                        vt.Region.full(SPACE).to_json())
+  view = lambda i, steps, score: LaneView(i, 0, i, NewTrial(i, cfg, i, 0), (), steps, score, False)
+  # At step 20 (a check step: a fifth of 100), 2.5 is worse than the finished trials' median 2; 1.5 is not.
+  ended, state = strat.stop(ctx, state, [view(3, 20, 2.5), view(4, 20, 1.5)], Clock(20))
+  assert ended == [(3, {"status": "stopped"})]
+  # A trial compares its best so far: trial 4 was at 1.5, so 9.0 at step 40 is judged as 1.5.
+  state.finished_at[40] = [1.0, 2.0, 3.0]
+  ended, state = strat.stop(ctx, state, [view(4, 40, 9.0)], Clock(40))
+  assert ended == []
+  # No check between check steps, and no stop when no new trial could finish before the deadline.
+  ended, state = strat.stop(ctx, state, [view(5, 30, 9.0)], Clock(30))
+  assert ended == []
+  timed = dataclasses.replace(ctx, timeout=60.0)
+  state.finished_at[60] = [1.0, 2.0, 3.0]
+  ended, state = strat.stop(timed, state, [view(5, 60, 9.0)], Clock(60, remaining=50))
+  assert ended == []
+  # A finished trial's best-so-far at each check step joins the reference.
+  state = AdaptiveState({0: record()}, {}, {}, 1, 1, state.region)
+  for steps in range(10, 101, 10):
+    ended, state = strat.stop(ctx, state, [view(0, steps, 10.0 - steps / 20)], Clock(steps))
+  assert ended == [(0, {"status": "ok"})]
+  assert state.finished_at[20] == [9.0] and state.finished_at[100] == [5.0]
+  assert state.trials[0][5] == "ok"
+
+
+def test_tpe_proposals_concentrate_on_the_good_region_and_keep_pins():
+  space = {"x": vt.uniform(0.0, 1.0), "y": vt.loguniform(1e-4, 1.0), "w": vt.choice([8, 16, 32])}
+  enc = _tpe.Encoder(space)
+  rng = np.random.default_rng(0)
+  U, C = enc.random(rng, 300)
+  loss = (U[:, 0] - 0.3) ** 2 + 0.01 * U[:, 1] + 0.5 * (C[:, 0] != 2)  # y barely matters
+  order = np.argsort(loss)
+  model = _tpe.TPEModel()
+  good, bad = model.fit(enc, U[order], C[order])
+  free_u, free_c = np.full(2, np.nan), np.full(1, -1)
+  props = [model.propose(rng, good, bad, free_u, free_c) for _ in range(60)]
+  pu = np.asarray([p[0] for p in props])
+  assert abs(np.median(pu[:, 0]) - 0.3) < 0.05  # no pull towards the edges of the range
+  assert np.mean(np.abs(pu[:, 0] - 0.3) < 0.1) > 0.7
+  assert np.mean([p[1][0] == 2 for p in props]) > 0.8
+  pin_u, pin_c = enc.pins({"x": 0.9, "y": 1e-2, "w": 8}, {"w"})
+  for _ in range(10):
+    u, c = model.propose(rng, good, bad, pin_u, pin_c)
+    assert c[0] == 0 and 0.0 <= u.min() and u.max() <= 1.0
+  config = enc.decode(*model.propose(rng, good, bad, free_u, free_c))
+  assert set(config) == {"x", "y", "w"} and 1e-4 <= config["y"] <= 1.0
+
+
+def test_tpe_densities_are_normalised_on_the_unit_cube():
+  space = {"x": vt.uniform(0.0, 1.0)}
+  enc = _tpe.Encoder(space)
+  U = np.asarray([[0.0], [0.02], [0.5]])
+  kde = _tpe._KDE(U, np.zeros((3, 0), np.int64), [], 0.03, 0.2)
+  grid = np.linspace(0, 1, 20001)[:, None]
+  mass = np.exp(kde.logpdf(grid, np.zeros((len(grid), 0), np.int64))).mean()
+  assert mass == pytest.approx(1.0, abs=1e-3)  # kernels at the edge keep their mass inside
+  assert enc.numeric == ["x"]
+
+
+def test_auto_picks_adaptive_for_big_or_timed_searches_and_zoom_otherwise():
+  auto = _options.auto_strategy
+  assert isinstance(auto("random", 64, 3, 500, None), vt.Adaptive)
+  assert isinstance(auto("random", 8, 2, 500, None), vt.Zoom)
+  assert isinstance(auto("random", 8, 2, 500, 30.0), vt.Adaptive)
+  assert isinstance(auto("grid", 64, 3, 500, None), vt.Zoom)
+  assert isinstance(auto("random", 64, 3, None, None), vt.Zoom)  # an epochs budget
+  assert isinstance(auto("random", 64, 3, 10, None), vt.Zoom)  # too short to stop early
+
+
+def test_auto_is_the_default_and_small_searches_stay_zoom(small_digits):
+  r = vt.search(mlp_fn, small_digits, SPACE, num_configs=4, num_steps=20, rounds=2, verbose=False)
+  assert r.options["strategy"] == "zoom" and len(r.trials) == 8
+
+
+def test_adaptive_validation(small_digits):
+  with pytest.raises(ValueError, match="lanes"):
+    vt.Adaptive(lanes=0)
+  with pytest.raises(ValueError, match="percentile"):
+    vt.Adaptive(percentile=100)
+  with pytest.raises(TypeError, match="TPEModel"):
+    vt.Adaptive(tpe={"gamma": 0.1})
+  with pytest.raises(ValueError, match="epochs"):
+    vt.search(mlp_fn, small_digits, SPACE, strategy="adaptive", **dict(KW, num_steps=None, epochs=1))
+  with pytest.raises(ValueError, match="grid"):
+    vt.search(mlp_fn, small_digits, SPACE, strategy="adaptive", sampler="grid", **KW)

@@ -1,0 +1,357 @@
+"""Asynchronous model-based search with early stopping: TPE refills and a
+median pruner, every lane busy.
+
+A population of lanes trains trials side by side. Between segments (a tenth
+of a trial), a trial whose best score so far is worse than the median of the
+*finished* trials' scores at the same step stops (Optuna's ``MedianPruner``;
+checked every fifth of a trial); a finished, stopped or diverged trial's lane
+is refilled at once with a config proposed by a Tree-structured Parzen
+Estimator fitted on every trial observed so far (``_tpe``). Refills are
+asynchronous, so only a few are proposed per decision whatever the number of
+lanes, and each draws its own candidates (no constant liar).
+
+The classic advice stays visible: the first lanes are a quasi-random (Sobol)
+design over the whole space with each structural value balanced across lanes
+(random before model-based, coarse before fine); TPE works in each
+hyperparameter's sampling coordinate (log for ``loguniform``, ``log(1 - x)``
+for ``reverse_loguniform``); a tenth of the refills stay uniformly random.
+A lane keeps its program: a refill's structural values (those that change the
+compiled program, such as layer widths) are pinned to the lane's and TPE
+proposes the rest conditioned on them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import math
+from typing import ClassVar, NamedTuple, Sequence
+
+import numpy as np
+
+from . import _space
+from ._region import Region
+from ._sampling import Stream, trial_seed
+from ._strategy import Cadence, Clock, Context, Decision, LaneView, NewTrial
+from ._tpe import Encoder, TPEModel
+from ._trial import Trial
+
+__all__ = ["Adaptive", "AdaptiveState"]
+
+#: With a timeout, the population narrows (whole chunks at a time) until each
+#: lane can still train this many trial-lengths.
+MIN_TRIALS = 3
+
+# A trial's record in the state: its searched values in unit coordinates (u
+# for numeric, c for choices), steps reached, score there, best score so far
+# (both negated when maximizing: smaller is better), status, and its scores at
+# the pruner's check steps while it runs.
+_U, _C, _STEP, _SCORE, _BEST, _STATUS, _CHECKS = range(7)
+
+
+class AdaptiveState(NamedTuple):
+  """Attributes:
+    trials: ``{trial id: [u, c, steps, score, best, status, checks]}`` (see
+      the module's ``_U``... indices; scores negated when maximizing).
+    finished_at: ``{step: sorted scores}`` of finished trials at each check step.
+    reached_at: ``{step: sorted scores}`` of every trial that reached it.
+    next_id: the id of the next trial.
+    lanes: the population size.
+    region: the whole space, as JSON (the strategy draws no regions).
+    retired: with a timeout, the chunks (programs' lane groups) given up so
+      that the rest can finish trials in the time (None: not decided yet).
+  """
+
+  trials: dict
+  finished_at: dict
+  reached_at: dict
+  next_id: int
+  lanes: int
+  region: dict
+  retired: list | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Adaptive:
+  """TPE refills and median pruning over a population of lanes
+  (``search(..., strategy="adaptive")``; what ``strategy="auto"`` picks for
+  searches of 80 trial-lengths or more, or with a ``timeout``).
+
+  Without a ``timeout`` the search trains ``num_configs * rounds * num_steps``
+  lane-steps, as zoom would, but spends them on many more, mostly shorter,
+  trials: ``lanes`` lanes (default: enough for about ten trial-lengths each,
+  between 8 and ``num_configs``; 16 with a ``timeout`` on CPU) each run trial
+  after trial. With a ``timeout`` it goes on until the time is spent.
+
+  Args:
+    lanes: the population size, or None (see above).
+    segment: steps between decisions as a fraction of a trial's ``num_steps``.
+    check_every: a trial is compared with the finished ones every this
+      fraction of ``num_steps`` (a multiple of ``segment``).
+    percentile: a trial stops if its best score so far is worse than this
+      percentile of the finished trials' scores at that step (50: the median).
+    min_finished: the pruner compares with finished trials once this many
+      finished; before, with every trial that reached the step (as many).
+    random_fraction: the share of refills drawn uniformly at random.
+    n_startup: refills are random until this many trials have a score
+      (None: the number of lanes, at least 8).
+    tpe: the TPE settings (:class:`vmaptune.TPEModel`).
+
+  >>> import vmaptune as vt
+  >>> vt.Adaptive(lanes=16).lanes
+  16
+  """
+
+  lanes: int | None = None
+  segment: float = 0.1
+  check_every: float = 0.2
+  percentile: float = 50.0
+  min_finished: int = 5
+  random_fraction: float = 0.1
+  n_startup: int | None = None
+  tpe: TPEModel = TPEModel()
+
+  name: ClassVar[str] = "adaptive"
+  sequential: ClassVar[bool] = False
+  asynchronous: ClassVar[bool] = True
+
+  def __post_init__(self):
+    if self.lanes is not None and (isinstance(self.lanes, bool) or not isinstance(self.lanes, int) or self.lanes < 1):
+      raise ValueError(f"Adaptive: `lanes` must be a positive int or None, got {self.lanes!r}.")
+    for name in ("segment", "check_every", "random_fraction"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1 or (name != "random_fraction"
+                                                                                       and v == 0):
+        raise ValueError(f"Adaptive: `{name}` must be a fraction in (0, 1], got {v!r}.")
+    if not 0 < self.percentile < 100:
+      raise ValueError(f"Adaptive: `percentile` must lie in (0, 100), got {self.percentile!r}.")
+    if isinstance(self.min_finished, bool) or not isinstance(self.min_finished, int) or self.min_finished < 1:
+      raise ValueError(f"Adaptive: `min_finished` must be a positive int, got {self.min_finished!r}.")
+    if not isinstance(self.tpe, TPEModel):
+      raise TypeError(f"Adaptive: `tpe` must be a vmaptune.TPEModel, got {self.tpe!r}.")
+
+  # Setup -------------------------------------------------------------------
+
+  def check(self, ctx: Context) -> None:
+    if ctx.num_steps is None:
+      raise ValueError(f"strategy={self.name!r} needs a `num_steps` budget, not `epochs`.")
+    if ctx.sampler == "grid":
+      raise ValueError("strategy='adaptive' proposes its own configs; sampler='grid' needs strategy='zoom'.")
+
+  def segment_steps(self, ctx: Context) -> int:
+    """Steps between decisions: a multiple of ``eval_every``."""
+    want = max(1, int(round(self.segment * ctx.num_steps)))
+    every = ctx.eval_every or want
+    return every * max(1, int(round(want / every)))
+
+  def check_steps(self, ctx: Context) -> int:
+    seg = self.segment_steps(ctx)
+    return seg * max(1, int(round(self.check_every * ctx.num_steps / seg)))
+
+  def cadence(self, ctx: Context, signature: tuple) -> Cadence:
+    seg = self.segment_steps(ctx)
+    every = ctx.eval_every or seg
+    return Cadence(every, seg // every, ctx.num_steps)
+
+  def num_lanes(self, ctx: Context) -> int:
+    """The population size (see the class docstring)."""
+    if self.lanes is not None:
+      n = self.lanes
+    elif ctx.timeout is not None:
+      n = ctx.num_configs if ctx.accelerator else min(16, ctx.num_configs)
+    else:
+      n = int(min(ctx.num_configs, max(8, round(ctx.num_configs * ctx.rounds / 10))))
+    return max(n, len(ctx.enqueue))  # every enqueued config starts at once
+
+  def total_steps(self, ctx: Context) -> int | None:
+    """Population steps: ``num_configs * rounds`` trial-lengths spread over the lanes."""
+    if ctx.timeout is not None:
+      return None
+    seg = self.segment_steps(ctx)
+    lanes = self.num_lanes(ctx)
+    per_lane = ctx.num_configs * ctx.rounds * ctx.num_steps / lanes
+    return max(ctx.num_steps, seg * int(round(per_lane / seg)))
+
+  def state_type(self) -> type:
+    return AdaptiveState
+
+  def regions(self, state: AdaptiveState) -> list[Region]:
+    return [Region.from_json(state.region)]
+
+  def init(self, ctx: Context) -> tuple[list[NewTrial], AdaptiveState]:
+    region = Region.full(ctx.space)
+    n = self.num_lanes(ctx)
+    # A Sobol design over the numeric values, each structural value balanced
+    # across lanes (Halton if asked for; the quasi-random design covers the
+    # space better than independent draws at a few dozen points).
+    sampler = "halton" if ctx.sampler == "halton" else "sobol"
+    configs = ctx.drawer.batch(0, n, region, sampler=sampler)
+    if ctx.enqueue:
+      configs[: len(ctx.enqueue)] = [dict(c) for c in ctx.enqueue[: len(configs)]]
+    trials = [NewTrial(i, c, trial_seed(ctx.seed, 0, i), 0) for i, c in enumerate(configs)]
+    enc = Encoder(ctx.space)
+    records = {t.id: _record(enc, t.config) for t in trials}
+    return trials, AdaptiveState(records, {}, {}, len(trials), len(trials), region.to_json())
+
+  # Decisions ---------------------------------------------------------------
+
+  def _can_start(self, ctx: Context, clock: Clock) -> bool:
+    """A new trial fits in the time (or budget) left."""
+    total = self.total_steps(ctx)
+    if total is not None and clock.elapsed + ctx.num_steps > total:
+      return False
+    return clock.fits(ctx.num_steps)
+
+  def _over(self, ctx: Context, clock: Clock) -> bool:
+    total = self.total_steps(ctx)
+    if total is not None:
+      return clock.elapsed >= total
+    return not clock.fits(self.segment_steps(ctx))
+
+  def stop(self, ctx: Context, state: AdaptiveState, lanes: Sequence[LaneView], clock: Clock):
+    sign = -1.0 if ctx.maximize else 1.0
+    check = self.check_steps(ctx)
+    ended, running = [], []
+    for v in lanes:
+      rec = state.trials[v.trial.id]
+      if v.diverged or not math.isfinite(v.score):
+        rec[_STEP], rec[_SCORE], rec[_BEST], rec[_STATUS], rec[_CHECKS] = v.steps, math.inf, math.inf, "diverged", {}
+        ended.append((v.slot, {"status": "diverged"}))
+        continue
+      score = sign * float(v.score)
+      rec[_STEP], rec[_SCORE], rec[_BEST] = v.steps, score, min(rec[_BEST], score)
+      if v.steps % check == 0 or v.steps >= ctx.num_steps:
+        rec[_CHECKS][v.steps] = rec[_BEST]
+        bisect.insort(state.reached_at.setdefault(v.steps, []), rec[_BEST])
+      if v.steps >= ctx.num_steps:
+        rec[_STATUS] = "ok"
+        for step, best in rec[_CHECKS].items():
+          bisect.insort(state.finished_at.setdefault(step, []), best)
+        rec[_CHECKS] = {}
+        ended.append((v.slot, {"status": "ok"}))
+      else:
+        running.append((v, rec))
+    state = self._narrow(ctx, state, lanes, clock, ended, running)
+    # Stop only while a refill could still finish: a stop would otherwise
+    # only idle the lane.
+    if self._can_start(ctx, clock):
+      for v, rec in running:
+        if v.steps % check == 0 and self._prune(state, v.steps, rec[_BEST]):
+          rec[_STATUS], rec[_CHECKS] = "stopped", {}
+          ended.append((v.slot, {"status": "stopped"}))
+    elif self._over(ctx, clock):  # the budget is spent: whatever runs stops here
+      gone = {slot for slot, _ in ended}
+      for v, rec in running:
+        if v.slot not in gone:
+          rec[_STATUS], rec[_CHECKS] = "stopped", {}
+          ended.append((v.slot, {"status": "stopped"}))
+    return ended, state
+
+  def _narrow(self, ctx: Context, state: AdaptiveState, lanes: Sequence[LaneView], clock: Clock,
+              ended: list, running: list) -> AdaptiveState:
+    """With a timeout too short for the population (a slow model), gives up
+    whole chunks, worst first, so that each remaining lane can still train
+    ``MIN_TRIALS`` trial-lengths: a chunk whose lanes all idle is not run, so
+    the others go faster. Decided once, when every lane has trained a
+    segment (the pace is then the whole population's)."""
+    if ctx.timeout is None or state.retired is not None or clock.remaining is None or len(lanes) < state.lanes:
+      return state
+    fits = clock.remaining / ctx.num_steps  # trial-lengths each lane can still train
+    chunks: dict[int, list] = {}
+    for v in lanes:
+      chunks.setdefault(v.chunk, []).append(v)
+    if fits >= MIN_TRIALS or len(chunks) < 2:
+      return state._replace(retired=[])
+    # The population steps per second grow as lanes are given up (CPU: a
+    # lane's cost does not depend on the others), so keep as many lanes as
+    # leave each ``MIN_TRIALS`` trial-lengths.
+    afford = max(1, int(len(lanes) * fits / MIN_TRIALS))
+    best = lambda vs: min(state.trials[v.trial.id][_BEST] for v in vs)
+    order = sorted(chunks, key=lambda j: (best(chunks[j]), j))
+    kept, n = [], 0
+    for j in order:
+      if n >= afford:
+        break
+      kept.append(j)
+      n += len(chunks[j])
+    retired = sorted(j for j in chunks if j not in kept)
+    gone = {slot for slot, _ in ended}
+    for v, rec in list(running):
+      if v.chunk in retired and v.slot not in gone:
+        rec[_STATUS], rec[_CHECKS] = "stopped", {}
+        ended.append((v.slot, {"status": "stopped"}))
+        running.remove((v, rec))
+    return state._replace(retired=retired)
+
+  def _prune(self, state: AdaptiveState, step: int, best: float) -> bool:
+    """Optuna's percentile rule: worse than the percentile of the finished
+    trials' best scores at this step (of every trial that reached it until
+    ``min_finished`` have finished)."""
+    ref = state.finished_at.get(step, [])
+    if len(ref) < self.min_finished:
+      ref = state.reached_at.get(step, [])
+      if len(ref) < self.min_finished:
+        return False
+    return best > float(np.percentile(ref, self.percentile))
+
+  def next(self, ctx: Context, state: AdaptiveState, lanes: Sequence[LaneView], ended: Sequence[int],
+           history: Sequence[Trial], clock: Clock):
+    elapsed = clock.elapsed
+    seg = self.segment_steps(ctx)
+    report = elapsed // ctx.num_steps > (elapsed - seg) // ctx.num_steps
+    busy = len(lanes) - len(ended)
+    if self._over(ctx, clock):
+      return Decision(report=report, done=True), state
+    if not ended:
+      return Decision(report=report, done=busy == 0), state
+    by_slot = {v.slot: v for v in lanes}
+    retired = set(state.retired or ())
+    idle = {s: None for s in ended if by_slot[s].chunk in retired}
+    if not self._can_start(ctx, clock):  # a new trial could not finish: the lane idles
+      idle = {slot: None for slot in ended}
+    if len(idle) == len(ended):
+      done = busy == 0
+      return Decision(refill=idle, report=report and not done, done=done), state
+    slots = sorted((s for s in ended if s not in idle), key=lambda s: (by_slot[s].chunk, by_slot[s].lane))
+    rng = np.random.default_rng([ctx.seed, Stream.ADAPTIVE, elapsed])
+    configs = self._propose(ctx, state, [by_slot[s].signature for s in slots], rng)
+    enc = Encoder(ctx.space)
+    refill, next_id = dict(idle), state.next_id
+    for slot, config in zip(slots, configs):
+      refill[slot] = NewTrial(next_id, config, trial_seed(ctx.seed, Stream.REFILL, next_id), elapsed // ctx.num_steps)
+      state.trials[next_id] = _record(enc, config)
+      next_id += 1
+    return Decision(refill=refill, report=report), state._replace(next_id=next_id)
+
+  def _propose(self, ctx: Context, state: AdaptiveState, signatures: Sequence[tuple],
+               rng: np.random.Generator) -> list[dict]:
+    """One config per freed lane, keeping the lane's structural values."""
+    enc = Encoder(ctx.space)
+    observed = [rec for rec in state.trials.values() if rec[_STEP] > 0]
+    n_startup = self.n_startup if self.n_startup is not None else max(8, state.lanes)
+    fitted = None
+    if len(observed) >= n_startup and enc.numeric + enc.cats:
+      # Best first: deeper trials before shallower ones (a trial that
+      # survived longer beats any stopped earlier), then by score there;
+      # diverged trials last.
+      ranked = sorted(observed, key=lambda r: (r[_STATUS] == "diverged", -r[_STEP], r[_SCORE]))
+      U = np.asarray([r[_U] for r in ranked], np.float64).reshape(len(ranked), len(enc.numeric))
+      C = np.asarray([r[_C] for r in ranked], np.int64).reshape(len(ranked), len(enc.cats))
+      fitted = self.tpe.fit(enc, U, C)
+    out = []
+    region = Region.full(ctx.space)
+    for sig in signatures:
+      fixed = {k: v for k, v in sig if k in ctx.space}
+      if fitted is None or rng.random() < self.random_fraction:
+        out.append(ctx.drawer.refill(sig, region, rng))
+        continue
+      pin_u, pin_c = enc.pins({**_space.complete(ctx.space, ctx.drawer.refill(sig, region, rng)), **fixed}, fixed)
+      u, c = self.tpe.propose(rng, *fitted, pin_u, pin_c)
+      out.append(_space.complete(ctx.space, enc.decode(u, c), fixed))
+    return out
+
+
+def _record(enc: Encoder, config: dict) -> list:
+  u, c = enc.encode(config)
+  return [u.tolist(), c.tolist(), 0, math.inf, math.inf, "running", {}]
+

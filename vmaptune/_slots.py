@@ -1,0 +1,137 @@
+"""The records of a population: a slot (a lane and the trial it runs), a
+chunk (lanes of one compiled program) and the program a trial ran in.
+
+Plain host records; :mod:`~vmaptune._population` moves their device state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+
+from ._lane import LaneInputs, stack_inputs
+from ._program import Program
+from ._strategy import Cadence, NewTrial
+from ._trial import Trial
+
+__all__ = ["ProgramRef", "Slot", "Chunk", "lane_inputs"]
+
+
+class ProgramRef(NamedTuple):
+  """Which program a trial ran in (and at which compile tier), so it can be
+  replayed exactly."""
+
+  signature: tuple
+  lanes: int
+  evals_per_call: int
+  eval_every: int
+  tier: str = "long"
+
+
+@dataclasses.dataclass
+class Slot:
+  """A lane and the trial it runs.
+
+  Attributes:
+    trial: the trial (its config changes when PBT perturbs it).
+    chunk, lane: where it runs.
+    bucket: index of its signature in its generation.
+    budget: the trial's step budget; ``evals`` its evaluations in all.
+    curve, curve_steps, train_curve: evaluations so far.
+    diverged_at: the step its loss or parameters went non-finite, -1 if not.
+    idle: the lane runs no trial (re-initialised with a budget of 0 steps).
+  """
+
+  trial: NewTrial
+  chunk: int
+  lane: int
+  bucket: int
+  budget: int
+  evals: int
+  curve: list = dataclasses.field(default_factory=list)
+  curve_steps: list = dataclasses.field(default_factory=list)
+  train_curve: list = dataclasses.field(default_factory=list)
+  diverged_at: int = -1
+  idle: bool = False
+  seconds: float = 0.0
+
+  @property
+  def steps(self) -> int:
+    return int(self.curve_steps[-1]) if self.curve_steps else 0
+
+  def restart(self, trial: NewTrial | None) -> None:
+    """A new trial in this lane, or none (``idle``: it keeps the old one's config)."""
+    self.idle = trial is None
+    if trial is not None:
+      self.trial = trial
+    self.curve, self.curve_steps, self.train_curve = [], [], []
+    self.diverged_at = -1
+    self.seconds = 0.0
+
+  def to_trial(self, status: str, maximize: bool, **extra) -> Trial:
+    """The lane's trial as it stands: the one lane -> trial builder."""
+    t = self.trial
+    curve = np.asarray(self.curve, np.float32)
+    score = float(curve[-1]) if len(curve) else math.nan
+    diverged_at = self.diverged_at if self.diverged_at >= 0 else None
+    if status != "diverged" and (diverged_at is not None or not math.isfinite(score)):
+      status = "diverged"
+    if status == "diverged":
+      score = -math.inf if maximize else math.inf
+      if diverged_at is None:
+        diverged_at = self.steps
+    config = extra.pop("config", t.config)
+    return Trial(id=t.id, config=dict(config), score=score, round=t.round, lane=self.lane, status=status,
+                 seed=t.seed, curve=curve, curve_steps=np.asarray(self.curve_steps, np.int32),
+                 train_curve=np.asarray(self.train_curve, np.float32),
+                 diverged_at=diverged_at if status == "diverged" else None, parent=t.parent,
+                 steps=self.steps, bucket=self.bucket, seconds=self.seconds, **extra)
+
+
+@dataclasses.dataclass
+class Chunk:
+  """``lanes`` lanes of one program and the slots they run (``members``, in
+  lane order; lanes past them are padding, never reported).
+
+  Attributes:
+    calls: compiled calls run since its trials started (sequential) .
+    fresh: lanes to (re)initialise at the next call.
+    state: the lanes' device state, or None before the first call and after
+      the chunk's trials are done (sequential).
+    done: its trials are finished (sequential).
+  """
+
+  signature: tuple
+  program: Program
+  lanes: int
+  members: list
+  cadence: Cadence
+  calls: int = 0
+  fresh: np.ndarray | None = None
+  state: Any = None
+  done: bool = False
+  tier: str | None = None
+
+  @property
+  def calls_needed(self) -> int:
+    evals = -(-self.cadence.budget // self.cadence.eval_every)
+    return -(-evals // self.cadence.evals_per_call)
+
+
+def lane_inputs(chunk: Chunk, slots: Sequence[Slot]) -> LaneInputs:
+  """Host inputs of a chunk's lanes (padding lanes copy the first)."""
+  spec = chunk.program.spec
+  trials = [slots[i].trial for i in chunk.members]
+  trials += [trials[0]] * (chunk.lanes - len(trials))
+  budgets = [0 if slots[i].idle else slots[i].budget for i in chunk.members]
+  budgets += [budgets[0]] * (chunk.lanes - len(budgets))
+  return stack_inputs(
+      [t.seed for t in trials],
+      [{k: t.config[k] for k in spec.injected} for t in trials],
+      [float(t.config.get("lr_decay", 0.0)) for t in trials],
+      budgets,
+      spec,
+  )
