@@ -7,7 +7,8 @@ shapes. Every contender runs in a fresh process, and its wall time is taken
 from outside, from the process's start to its scores (Python start-up and
 imports included):
 
-  * ``vmaptune``: ``vt.search(...)`` with zoom rounds, no disk cache;
+  * ``vmaptune``: ``vt.search(..., strategy="zoom")``: zoom rounds (every trial
+    trains its whole budget, so the hand loops train the same configs), no disk cache;
   * ``hand, one core``: the 144 configs vmaptune trained, each by a plain
     ``jax.jit`` of one ``lax.scan`` over its steps (per-epoch permutation,
     inverse-time lr decay, final validation loss), one after another in one
@@ -69,7 +70,7 @@ def child_vmaptune(task: dict) -> dict:
   cache = task.get("cache") or False
   r = vt.search(_demo.demo_model_fn, {"train": train, "val": val}, _demo.demo_space(),
                 num_configs=task["configs"], num_steps=task["steps"], rounds=task["rounds"], seed=task["seed"],
-                compilation_cache=cache, verbose=False)
+                strategy="zoom", compilation_cache=cache, verbose=False)
   return {"best": r.best_score, "trials": len(r.trials), "stats": r.stats.as_dict(),
           "configs": [dict(t.config, seed=t.seed) for t in r.trials]}
 

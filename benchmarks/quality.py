@@ -83,7 +83,7 @@ def parse_args(argv):
 def run_vmaptune(method, model_fn, data, steps, budget, seed):
   kw = dict(optimizer=optax.adam, num_steps=steps, seed=seed, metric="loss", verbose=False)
   if method == "zoom":
-    kw.update(rounds=3, num_configs=budget // 3)
+    kw.update(rounds=3, num_configs=budget // 3, strategy="zoom")
   elif method == "random":
     kw.update(rounds=1, num_configs=budget)
   else:

@@ -122,11 +122,58 @@ def test_adaptive_crashed_mid_run_resumes_to_the_uninterrupted_result(at, adapti
 
 
 def test_adaptive_with_a_timeout_trains_until_the_deadline(small_digits):
-  r = vt.search(mlp_fn, small_digits, SPACE, strategy="adaptive", num_configs=8, num_steps=40, timeout=6.0,
-                verbose=False)
+  # Two buckets: with a timeout each chunk starts as soon as its own program is ready.
+  space = dict(SPACE, hidden=vt.choice([8, 16]))
+  r = vt.search(mlp_fn, small_digits, space, num_configs=8, num_steps=40, timeout=6.0, verbose=False)
+  assert r.options["strategy"] == "adaptive"  # what "auto" picks with a timeout
   assert r.stats.wall_seconds < 6.0 + 3.0
   assert len(r.trials) > 8 and r.best_trial.status == "ok"
   assert r.stats.lane_steps > 8 * 40
+  assert {t.config["hidden"] for t in r.trials} == {8, 16}
+  assert all(t.steps > 0 for t in r.trials)
+
+
+@pytest.mark.parametrize("accelerator", [False, True])
+def test_a_short_timeout_gives_up_the_worst_lanes_so_the_rest_finish_trials(accelerator):
+  strat = Adaptive()
+  ctx = _ctx(timeout=10.0, num_steps=100, accelerator=accelerator)
+  enc = _tpe.Encoder(SPACE)
+  cfg = {"learning_rate": 1e-2, "b1": 0.9, "hidden": 16}
+  trials = {i: [list(enc.encode(cfg)[0]), [], 0, math.inf, math.inf, "running", {}] for i in range(8)}
+  state = AdaptiveState(trials, {}, {}, 8, 8, vt.Region.full(SPACE).to_json())
+  # 8 lanes in 4 chunks of 2. The best lanes: 4, 5, 7, 0; the best chunks: 2, then 3.
+  scores = {0: 2.0, 1: 8.0, 2: 5.0, 3: 5.0, 4: 1.0, 5: 1.5, 6: 9.0, 7: 1.8}
+  lanes = [LaneView(i, i // 2, i % 2, NewTrial(i, cfg, i, 0), (), 10, scores[i], False) for i in range(8)]
+  # 150 population steps left = 1.5 trial-lengths per lane at this pace; keeping half the lanes doubles
+  # the pace, and 4 lanes with 3 trial-lengths each is what fits. On CPU single lanes go (an idle lane
+  # costs nothing there), on accelerators whole chunks.
+  gone = [0, 1, 2, 3] if accelerator else [1, 2, 3, 6]
+  ended, state = strat.stop(ctx, state, lanes, Clock(10, remaining=150, left=9.0))
+  assert state.retired == gone and state.retired_lanes == 4
+  assert sorted(slot for slot, _ in ended) == gone
+  assert all(f["status"] == "stopped" for _, f in ended)
+  decision, state = strat.next(ctx, state, lanes, [slot for slot, _ in ended], [],
+                               Clock(10, remaining=150, left=9.0))
+  assert dict(decision.refill) == {s: None for s in gone}  # given-up lanes idle: not run
+  kept = [v for v in lanes if v.slot not in gone]
+  # The pace doubled: enough time now, nothing more given up.
+  ended, state = strat.stop(ctx, state, lanes, Clock(20, remaining=400, left=8.0))
+  assert state.retired == gone and ended == []
+  # In the second half of the time, never: running trials are left to finish.
+  ended, state = strat.stop(ctx, state, kept, Clock(30, remaining=100, left=4.0))
+  assert state.retired == gone and ended == []
+  # Chunks 2 and 3 still compiling: on accelerators nothing is judged before every chunk trains; on CPU
+  # the pace per lane counts the lanes to come (1.5 * 4 / 8 = 0.75 trial-lengths each: keep a quarter).
+  state = AdaptiveState(dict(trials), {}, {}, 8, 8, state.region)
+  ended, state = strat.stop(ctx, state, lanes[:4], Clock(10, remaining=150, left=9.0))
+  if accelerator:
+    assert state.retired is None and ended == []
+  else:
+    assert state.retired == [1, 2, 3] and sorted(slot for slot, _ in ended) == [1, 2, 3]
+  # Enough time: nothing is given up.
+  state = AdaptiveState(dict(trials), {}, {}, 8, 8, state.region)
+  ended, state = strat.stop(ctx, state, lanes, Clock(10, remaining=5000, left=9.0))
+  assert state.retired == [] and ended == []
 
 
 # --------------------------------------------------------------------------
@@ -220,6 +267,7 @@ def test_auto_picks_adaptive_for_big_or_timed_searches_and_zoom_otherwise():
   assert isinstance(auto("grid", 64, 3, 500, None), vt.Zoom)
   assert isinstance(auto("random", 64, 3, None, None), vt.Zoom)  # an epochs budget
   assert isinstance(auto("random", 64, 3, 10, None), vt.Zoom)  # too short to stop early
+  assert isinstance(auto("random", 96, 1, 500, None), vt.Zoom)  # one batch of random configs, as asked
 
 
 def test_auto_is_the_default_and_small_searches_stay_zoom(small_digits):

@@ -1,10 +1,10 @@
 """Asynchronous model-based search with early stopping: TPE refills and a
 median pruner, every lane busy.
 
-A population of lanes trains trials side by side. Between segments (a tenth
+A population of lanes trains trials side by side. Between segments (a fifth
 of a trial), a trial whose best score so far is worse than the median of the
-*finished* trials' scores at the same step stops (Optuna's ``MedianPruner``;
-checked every fifth of a trial); a finished, stopped or diverged trial's lane
+*finished* trials' scores at the same step stops (Optuna's
+``MedianPruner``); a finished, stopped or diverged trial's lane
 is refilled at once with a config proposed by a Tree-structured Parzen
 Estimator fitted on every trial observed so far (``_tpe``). Refills are
 asynchronous, so only a few are proposed per decision whatever the number of
@@ -38,7 +38,7 @@ from ._trial import Trial
 
 __all__ = ["Adaptive", "AdaptiveState"]
 
-#: With a timeout, the population narrows (whole chunks at a time) until each
+#: With a timeout, the population narrows (see ``Adaptive._narrow``) until each
 #: lane can still train this many trial-lengths.
 MIN_TRIALS = 3
 
@@ -58,8 +58,10 @@ class AdaptiveState(NamedTuple):
     next_id: the id of the next trial.
     lanes: the population size.
     region: the whole space, as JSON (the strategy draws no regions).
-    retired: with a timeout, the chunks (programs' lane groups) given up so
-      that the rest can finish trials in the time (None: not decided yet).
+    retired: with a timeout, the lanes (slots) given up so that the rest
+      can finish trials in the time (None until every chunk has trained a
+      segment).
+    retired_lanes: how many.
   """
 
   trials: dict
@@ -69,6 +71,7 @@ class AdaptiveState(NamedTuple):
   lanes: int
   region: dict
   retired: list | None = None
+  retired_lanes: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,12 +83,13 @@ class Adaptive:
   Without a ``timeout`` the search trains ``num_configs * rounds * num_steps``
   lane-steps, as zoom would, but spends them on many more, mostly shorter,
   trials: ``lanes`` lanes (default: enough for about ten trial-lengths each,
-  between 8 and ``num_configs``; 16 with a ``timeout`` on CPU) each run trial
+  between 8 and ``num_configs``; ``num_configs`` with a ``timeout``) each run trial
   after trial. With a ``timeout`` it goes on until the time is spent.
 
   Args:
     lanes: the population size, or None (see above).
-    segment: steps between decisions as a fraction of a trial's ``num_steps``.
+    segment: steps between decisions (and evaluations, unless ``eval_every``
+      is given) as a fraction of a trial's ``num_steps``.
     check_every: a trial is compared with the finished ones every this
       fraction of ``num_steps`` (a multiple of ``segment``).
     percentile: a trial stops if its best score so far is worse than this
@@ -103,7 +107,7 @@ class Adaptive:
   """
 
   lanes: int | None = None
-  segment: float = 0.1
+  segment: float = 0.2
   check_every: float = 0.2
   percentile: float = 50.0
   min_finished: int = 5
@@ -158,7 +162,7 @@ class Adaptive:
     if self.lanes is not None:
       n = self.lanes
     elif ctx.timeout is not None:
-      n = ctx.num_configs if ctx.accelerator else min(16, ctx.num_configs)
+      n = ctx.num_configs  # more lanes, more lane-steps per second; a slow model is narrowed (_narrow)
     else:
       n = int(min(ctx.num_configs, max(8, round(ctx.num_configs * ctx.rounds / 10))))
     return max(n, len(ctx.enqueue))  # every enqueued config starts at once
@@ -250,38 +254,64 @@ class Adaptive:
   def _narrow(self, ctx: Context, state: AdaptiveState, lanes: Sequence[LaneView], clock: Clock,
               ended: list, running: list) -> AdaptiveState:
     """With a timeout too short for the population (a slow model), gives up
-    whole chunks, worst first, so that each remaining lane can still train
-    ``MIN_TRIALS`` trial-lengths: a chunk whose lanes all idle is not run, so
-    the others go faster. Decided once, when every lane has trained a
-    segment (the pace is then the whole population's)."""
-    if ctx.timeout is None or state.retired is not None or clock.remaining is None or len(lanes) < state.lanes:
+    lanes, worst trial first, until each remaining lane can still train
+    ``MIN_TRIALS`` trial-lengths in the time left. Judged at each decision in
+    the first half of the time, on the pace of the last segment.
+
+    On CPU a lane's cost does not depend on the others and a lane past its
+    budget skips its intervals, so single lanes go, as soon as the first
+    chunk has trained a segment: the pace per lane, times every lane of the
+    population (chunks still compiling included), says what fits, and each
+    bucket (program) keeps that share of its lanes, so every width or depth
+    stays in the search. On accelerators a lane's cost barely depends on how
+    many train beside it: whole chunks go (a chunk whose lanes all idle is
+    not run), once every chunk trains."""
+    if ctx.timeout is None or clock.remaining is None or clock.left is None or clock.left < ctx.timeout / 2:
       return state
-    fits = clock.remaining / ctx.num_steps  # trial-lengths each lane can still train
-    chunks: dict[int, list] = {}
-    for v in lanes:
-      chunks.setdefault(v.chunk, []).append(v)
-    if fits >= MIN_TRIALS or len(chunks) < 2:
-      return state._replace(retired=[])
-    # The population steps per second grow as lanes are given up (CPU: a
-    # lane's cost does not depend on the others), so keep as many lanes as
-    # leave each ``MIN_TRIALS`` trial-lengths.
-    afford = max(1, int(len(lanes) * fits / MIN_TRIALS))
+    retired = list(state.retired or [])
+    gone_slots = set(retired)
+    live = [v for v in lanes if v.slot not in gone_slots and v.trial is not None]
+    if not live:
+      return state
+    if ctx.accelerator:
+      if state.retired is None and len(lanes) < state.lanes:  # some still compiling: not the population's pace
+        return state
+      total = len(live)
+    else:
+      # Lanes of chunks not trained yet will cost as much each.
+      total = len(live) + max(0, state.lanes - len(lanes))
+    state = state._replace(retired=retired)
+    fits = clock.remaining * len(live) / total / ctx.num_steps  # trial-lengths each lane can still train
+    if fits >= MIN_TRIALS:
+      return state
+    share = fits / MIN_TRIALS
     best = lambda vs: min(state.trials[v.trial.id][_BEST] for v in vs)
-    order = sorted(chunks, key=lambda j: (best(chunks[j]), j))
-    kept, n = [], 0
-    for j in order:
-      if n >= afford:
-        break
-      kept.append(j)
-      n += len(chunks[j])
-    retired = sorted(j for j in chunks if j not in kept)
-    gone = {slot for slot, _ in ended}
+    gone: list[int] = []
+    if ctx.accelerator:
+      chunks: dict[int, list] = {}
+      for v in live:
+        chunks.setdefault(v.chunk, []).append(v)
+      afford, n = max(1, int(len(live) * share)), 0
+      for j in sorted(chunks, key=lambda j: (best(chunks[j]), j)):
+        if n >= afford:
+          gone += [v.slot for v in chunks[j]]
+        n += len(chunks[j])
+    else:
+      buckets: dict[tuple, list] = {}
+      for v in live:
+        buckets.setdefault(v.signature, []).append(v)
+      for vs in buckets.values():
+        keep = max(1, int(len(vs) * share))
+        gone += [v.slot for v in sorted(vs, key=lambda v: (best([v]), v.slot))[keep:]]
+    if not gone:
+      return state
+    ending = {slot for slot, _ in ended}
     for v, rec in list(running):
-      if v.chunk in retired and v.slot not in gone:
+      if v.slot in gone and v.slot not in ending:
         rec[_STATUS], rec[_CHECKS] = "stopped", {}
         ended.append((v.slot, {"status": "stopped"}))
         running.remove((v, rec))
-    return state._replace(retired=retired)
+    return state._replace(retired=sorted(retired + gone), retired_lanes=state.retired_lanes + len(gone))
 
   def _prune(self, state: AdaptiveState, step: int, best: float) -> bool:
     """Optuna's percentile rule: worse than the percentile of the finished
@@ -306,7 +336,7 @@ class Adaptive:
       return Decision(report=report, done=busy == 0), state
     by_slot = {v.slot: v for v in lanes}
     retired = set(state.retired or ())
-    idle = {s: None for s in ended if by_slot[s].chunk in retired}
+    idle = {s: None for s in ended if s in retired}
     if not self._can_start(ctx, clock):  # a new trial could not finish: the lane idles
       idle = {slot: None for slot in ended}
     if len(idle) == len(ended):
@@ -338,16 +368,21 @@ class Adaptive:
       U = np.asarray([r[_U] for r in ranked], np.float64).reshape(len(ranked), len(enc.numeric))
       C = np.asarray([r[_C] for r in ranked], np.int64).reshape(len(ranked), len(enc.cats))
       fitted = self.tpe.fit(enc, U, C)
-    out = []
+    out: list = []
     region = Region.full(ctx.space)
+    modelled = []  # (position, fixed values, pins) of the refills TPE proposes
     for sig in signatures:
       fixed = {k: v for k, v in sig if k in ctx.space}
       if fitted is None or rng.random() < self.random_fraction:
         out.append(ctx.drawer.refill(sig, region, rng))
         continue
-      pin_u, pin_c = enc.pins({**_space.complete(ctx.space, ctx.drawer.refill(sig, region, rng)), **fixed}, fixed)
-      u, c = self.tpe.propose(rng, *fitted, pin_u, pin_c)
-      out.append(_space.complete(ctx.space, enc.decode(u, c), fixed))
+      pins = enc.pins({**_space.complete(ctx.space, ctx.drawer.refill(sig, region, rng)), **fixed}, fixed)
+      modelled.append((len(out), fixed, pins))
+      out.append(None)
+    if modelled:
+      points = self.tpe.propose_many(rng, *fitted, [pins for _, _, pins in modelled])
+      for (i, fixed, _), (u, c) in zip(modelled, points):
+        out[i] = _space.complete(ctx.space, enc.decode(u, c), fixed)
     return out
 
 

@@ -138,6 +138,7 @@ class _Run:
             RuntimeWarning, stacklevel=4)
     finally:
       self.progress.close()
+      self.population.cancel_compiles()  # a program no lane will run must not hold the process up at exit
       if self.checkpointer is not None:
         self.checkpointer.release()
     if not rank_trials(self.ledger.trials, self.ctx.maximize):
@@ -234,11 +235,12 @@ class _Run:
 
   def _clock(self) -> Clock:
     """Population time, and with a timeout the steps that fit in the time left."""
-    remaining = None
-    if self.deadline is not None and self._pace.steps_per_second:
+    remaining = left = None
+    if self.deadline is not None:
       left = self.deadline - time.perf_counter()
-      remaining = max(0, int(left * self._pace.steps_per_second))
-    return Clock(self.elapsed, remaining)
+      if self._pace.steps_per_second:
+        remaining = max(0, int(left * self._pace.steps_per_second))
+    return Clock(self.elapsed, remaining, left)
 
   def _fits(self, trials) -> bool:
     """Whether a new generation (a zoom round) would finish before the deadline,

@@ -154,12 +154,14 @@ AUTO_MIN_TRIALS = 80
 
 def auto_strategy(sampler: str, num_configs: int, rounds: int, num_steps: int | None, timeout: float | None):
   """What ``strategy="auto"`` runs: :class:`Adaptive` (TPE refills and median
-  pruning) with a ``timeout`` or a budget of ``AUTO_MIN_TRIALS`` trial-lengths
-  or more, given a ``num_steps`` budget of at least 20 steps and a sampler other than
-  ``"grid"``; :class:`Zoom` otherwise."""
+  pruning) with a ``timeout``, or with two rounds or more and a budget of
+  ``AUTO_MIN_TRIALS`` trial-lengths or more (``num_configs * rounds``), given
+  a ``num_steps`` budget of at least 20 steps and a sampler other than
+  ``"grid"``; :class:`Zoom` otherwise (``rounds=1`` is one batch of random
+  configs, as asked)."""
   if sampler == "grid" or num_steps is None or num_steps < 20:
     return Zoom()
-  if timeout is not None or num_configs * rounds >= AUTO_MIN_TRIALS:
+  if timeout is not None or (rounds >= 2 and num_configs * rounds >= AUTO_MIN_TRIALS):
     return Adaptive()
   return Zoom()
 

@@ -192,6 +192,11 @@ class Population:
     done = sum(p.compiled for p, _, _ in self._building.values())
     return done, len(self._building)
 
+  def cancel_compiles(self) -> None:
+    """The search is over: background compiles not started yet are dropped."""
+    for chunk in self.chunks:
+      chunk.program.cancel()
+
   def _started(self, chunk: Chunk) -> bool:
     """Staggered: the chunk has trained before, or its program is compiled."""
     if chunk.state is not None:
@@ -309,7 +314,9 @@ class Population:
     chunk = self.chunks[j]
     program = chunk.program
     self._ready(chunk)
-    inputs = place_lanes(lane_inputs(chunk, self.slots), self.plan.mesh)
+    inputs = None
+    if chunk.state is None or chunk.fresh.any():  # host inputs go to the devices only when lanes start
+      inputs = place_lanes(lane_inputs(chunk, self.slots), self.plan.mesh)
     if chunk.state is None:
       # A finished chunk's state is the buffers of its program's next chunk;
       # another program's is dropped first, so at most one is ever kept.

@@ -78,7 +78,7 @@ def _group_fns(spec: TrainSpec, vectorized: bool):
     return gs._replace(perm=fresh)
 
   def advance(gs: LaneState, data, val, evals: int, eval_every: jax.Array):
-    def interval(gs, _):
+    def train(gs):
       def body(_, carry):
         gs, loss_sum, n = carry
         # No conditional around the step itself (same reason as above): a
@@ -87,7 +87,20 @@ def _group_fns(spec: TrainSpec, vectorized: bool):
         return gs, loss_sum + jnp.where(took, loss, 0.0), n + took.astype(jnp.int32)
 
       zeros = jnp.zeros(gs.step.shape, jnp.float32)
-      gs, loss_sum, n = lax.fori_loop(0, eval_every, body, (gs, zeros, jnp.zeros(gs.step.shape, jnp.int32)))
+      return lax.fori_loop(0, eval_every, body, (gs, zeros, jnp.zeros(gs.step.shape, jnp.int32)))
+
+    def interval(gs, _):
+      if vectorized:
+        gs, loss_sum, n = train(gs)
+      else:
+        # One lane: an interval that starts past the lane's budget (an idle
+        # or finished lane) skips its steps by a real conditional, so on CPU
+        # a lane costs only its evaluations once it stops (one copy of its
+        # state per interval, not per step). The evaluation stays outside:
+        # inside a conditional XLA may compile it differently per program,
+        # and a lane's scores must not depend on its neighbours' count.
+        skip = lambda gs: (gs, jnp.float32(0.0), jnp.int32(0))
+        gs, loss_sum, n = lax.cond(gs.step < gs.budget, train, skip, gs)
       train_loss = loss_sum / jnp.maximum(n, 1).astype(jnp.float32)
       score = evaluate(gs, val)
       gs = check(gs, score)
@@ -286,6 +299,12 @@ class Program:
     """Compiles on ``pool`` (a ``concurrent.futures`` executor) in the background."""
     if not self.compiled and self._future is None:
       self._future = pool.submit(self.compile)
+
+  def cancel(self) -> None:
+    """Drops a background compile that has not started (it compiles again when needed)."""
+    future = self._future
+    if future is not None and future.cancel():
+      self._future = None
 
   def wait(self) -> None:
     """Blocks until a background compile is done (raises its error)."""

@@ -163,9 +163,10 @@ def search(
     overwrite: start afresh even if ``checkpoint_dir`` holds another search.
     strategy: how the budget is spent (all at equal total lane-steps,
       ``rounds * num_configs * num_steps``): ``"auto"`` (the default) picks
-      ``"adaptive"`` with a ``timeout`` or a budget of 80 trial-lengths or
-      more (``num_configs * rounds >= 80``, a ``num_steps`` budget of at
-      least 20 steps, any sampler but grid) and ``"zoom"`` otherwise;
+      ``"adaptive"`` with a ``timeout``, or with ``rounds >= 2`` and a budget
+      of 80 trial-lengths or more (``num_configs * rounds >= 80``), given a
+      ``num_steps`` budget of at least 20 steps and any sampler but grid,
+      and ``"zoom"`` otherwise (``rounds=1``: one batch of random configs);
       ``"adaptive"`` or :class:`Adaptive` (TPE refills and median pruning:
       a few lanes run many trials one after another, those behind the
       finished ones at the same step stop, each freed lane takes a config

@@ -87,10 +87,12 @@ class Clock(NamedTuple):
     remaining: with a ``timeout``, the population steps that still fit before
       the deadline by the loop's estimate (None: no timeout, or no estimate
       yet). A strategy never starts work it cannot finish by this estimate.
+    left: with a ``timeout``, the seconds to the deadline (None without one).
   """
 
   elapsed: int
   remaining: int | None = None
+  left: float | None = None
 
   def fits(self, steps: int) -> bool:
     """Whether ``steps`` more population steps fit in the time left."""
