@@ -144,32 +144,49 @@ def test_a_short_timeout_gives_up_the_worst_lanes_so_the_rest_finish_trials(acce
   # 8 lanes in 4 chunks of 2. The best lanes: 4, 5, 7, 0; the best chunks: 2, then 3.
   scores = {0: 2.0, 1: 8.0, 2: 5.0, 3: 5.0, 4: 1.0, 5: 1.5, 6: 9.0, 7: 1.8}
   lanes = [LaneView(i, i // 2, i % 2, NewTrial(i, cfg, i, 0), (), 10, scores[i], False) for i in range(8)]
-  # 150 population steps left = 1.5 trial-lengths per lane at this pace; keeping half the lanes doubles
-  # the pace, and 4 lanes with 3 trial-lengths each is what fits. On CPU single lanes go (an idle lane
+  # 50 population steps left = half a trial-length per lane at this pace; keeping half the lanes doubles
+  # the pace, and 4 lanes with a trial-length each is what fits. On CPU single lanes go (an idle lane
   # costs nothing there), on accelerators whole chunks.
   gone = [0, 1, 2, 3] if accelerator else [1, 2, 3, 6]
-  ended, state = strat.stop(ctx, state, lanes, Clock(10, remaining=150, left=9.0))
+  # One short decision is not a pace (a chunk's first call can look 20x slower): the second one acts.
+  ended, state = strat.stop(ctx, state, lanes, Clock(10, remaining=50, left=9.0))
+  assert state.retired == [] and ended == [] and state.short == 1
+  ended, state = strat.stop(ctx, state, lanes, Clock(10, remaining=50, left=9.0))
   assert state.retired == gone and state.retired_lanes == 4
   assert sorted(slot for slot, _ in ended) == gone
   assert all(f["status"] == "stopped" for _, f in ended)
   decision, state = strat.next(ctx, state, lanes, [slot for slot, _ in ended], [],
-                               Clock(10, remaining=150, left=9.0))
+                               Clock(10, remaining=50, left=9.0))
   assert dict(decision.refill) == {s: None for s in gone}  # given-up lanes idle: not run
   kept = [v for v in lanes if v.slot not in gone]
   # The pace doubled: enough time now, nothing more given up.
-  ended, state = strat.stop(ctx, state, lanes, Clock(20, remaining=400, left=8.0))
+  # (Idle lanes are not in the views: the given-up lanes must not count as lanes still to come.)
+  ended, state = strat.stop(ctx, state, kept, Clock(20, remaining=100, left=8.0))
   assert state.retired == gone and ended == []
   # In the second half of the time, never: running trials are left to finish.
-  ended, state = strat.stop(ctx, state, kept, Clock(30, remaining=100, left=4.0))
+  ended, state = strat.stop(ctx, state, kept, Clock(30, remaining=120, left=4.0))
   assert state.retired == gone and ended == []
-  # Chunks 2 and 3 still compiling: on accelerators nothing is judged before every chunk trains; on CPU
-  # the pace per lane counts the lanes to come (1.5 * 4 / 8 = 0.75 trial-lengths each: keep a quarter).
-  state = AdaptiveState(dict(trials), {}, {}, 8, 8, state.region)
-  ended, state = strat.stop(ctx, state, lanes[:4], Clock(10, remaining=150, left=9.0))
-  if accelerator:
-    assert state.retired is None and ended == []
-  else:
-    assert state.retired == [1, 2, 3] and sorted(slot for slot, _ in ended) == [1, 2, 3]
+  # Chunks 2 and 3 still compiling. On accelerators nothing is judged before every chunk trains. On CPU
+  # the pace per lane counts the lanes to come: 100 * 4 / 8 = half a trial-length each, so half the
+  # lanes go, untrained ones first; lanes of chunks that never trained idle from the start, unreported.
+  trials = {i: [list(enc.encode(cfg)[0]), [], 0, math.inf, math.inf, "running", {}] for i in range(8)}
+  state = AdaptiveState(trials, {}, {}, 8, 8, state.region)
+  pending = lanes[:4] + [v._replace(steps=0, score=math.nan, started=False) for v in lanes[4:]]
+  for _ in range(2):
+    ended, state = strat.stop(ctx, state, pending, Clock(10, remaining=100, left=9.0))
+  assert ended == []
+  assert state.retired == (None if accelerator else [4, 5, 6, 7])
+  decision, state = strat.next(ctx, state, pending, [], [], Clock(10, remaining=100, left=9.0))
+  assert dict(decision.refill) == ({} if accelerator else {s: None for s in (4, 5, 6, 7)})
+  assert not decision.done
+  assert [state.trials[i][5] for i in range(4, 8)] == ["running" if accelerator else "unused"] * 4
+  state = AdaptiveState(trials, {}, {}, 8, 8, state.region)
+  # A chunk compiled too late for a trial to finish never starts: its lanes idle, their trials unreported.
+  ended, state = strat.stop(ctx, state, pending, Clock(10, remaining=50, left=3.0))
+  decision, state = strat.next(ctx, state, pending, [slot for slot, _ in ended], [],
+                               Clock(10, remaining=50, left=3.0))
+  assert {s: t for s, t in decision.refill.items() if s >= 4} == {s: None for s in (4, 5, 6, 7)}
+  assert [state.trials[i][5] for i in range(4, 8)] == ["unused"] * 4
   # Enough time: nothing is given up.
   state = AdaptiveState(dict(trials), {}, {}, 8, 8, state.region)
   ended, state = strat.stop(ctx, state, lanes, Clock(10, remaining=5000, left=9.0))
@@ -179,6 +196,25 @@ def test_a_short_timeout_gives_up_the_worst_lanes_so_the_rest_finish_trials(acce
 # --------------------------------------------------------------------------
 # The pruner and the TPE on their own (host only)
 # --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("remaining, kept", [(45, [1, 2]), (10, [])])
+def test_near_the_deadline_on_cpu_the_best_running_trials_finish_the_rest_stop(remaining, kept):
+  strat = Adaptive()
+  ctx = _ctx(timeout=10.0, num_steps=100)
+  enc = _tpe.Encoder(SPACE)
+  cfg = {"learning_rate": 1e-2, "b1": 0.9, "hidden": 16}
+  trials = {i: [list(enc.encode(cfg)[0]), [], 0, math.inf, math.inf, "running", {}] for i in range(4)}
+  state = AdaptiveState(trials, {}, {}, 4, 4, vt.Region.full(SPACE).to_json(), retired=[])
+  # 4 lanes at step 40, 60 steps to go each; by best score lanes 1, 2, 0, 3. 45 population steps (180
+  # lane-steps) fit in the 2 s left: two trials' 120 lane-steps fit within the margin; with 10, none.
+  lanes = [LaneView(i, 0, i, NewTrial(i, cfg, i, 0), (), 40, [3.0, 1.0, 2.0, 4.0][i], False) for i in range(4)]
+  ended, state = strat.stop(ctx, state, lanes, Clock(60, remaining=remaining, left=2.0))
+  assert sorted(s for s, _ in ended) == [s for s in range(4) if s not in kept]
+  assert all(f["status"] == "stopped" for _, f in ended)
+  decision, state = strat.next(ctx, state, lanes, [s for s, _ in ended], [], Clock(60, remaining=remaining, left=2.0))
+  assert decision.done == (not kept)
+  assert all(t is None for t in decision.refill.values())  # no new trial could finish: freed lanes idle
 
 
 def _ctx(**kw):

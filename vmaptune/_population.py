@@ -116,18 +116,17 @@ class Population:
         self.slots[i].chunk, self.slots[i].lane = j, lane
 
   def views(self) -> list[LaneView]:
-    """Every lane as the strategy sees it, chunk by chunk, in lane order
-    (staggered: the lanes of chunks that have started training)."""
+    """Every busy lane as the strategy sees it, chunk by chunk, in lane order
+    (staggered: lanes of chunks that have not trained yet are ``started=False``)."""
     out = []
     for j, chunk in enumerate(self.chunks):
-      if self._advanced is not None and j not in self._advanced:
-        continue
+      started = self._advanced is None or j in self._advanced
       for lane, i in enumerate(chunk.members):
         s = self.slots[i]
         if s.idle:
           continue
         score = float(s.curve[-1]) if s.curve else math.nan
-        out.append(LaneView(i, j, lane, s.trial, chunk.signature, s.steps, score, s.diverged_at >= 0))
+        out.append(LaneView(i, j, lane, s.trial, chunk.signature, s.steps, score, s.diverged_at >= 0, started))
     return out
 
   # Training ----------------------------------------------------------------

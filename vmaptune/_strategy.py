@@ -58,6 +58,9 @@ class LaneView(NamedTuple):
     steps: steps the trial has taken.
     score: its latest validation score (NaN before any evaluation).
     diverged: whether its loss, parameters or score went non-finite.
+    started: False for a lane whose chunk has not trained yet (with a
+      timeout, asynchronous strategies start chunks as their programs
+      compile): it has no score; a strategy may only drop it (refill None).
   """
 
   slot: int
@@ -68,6 +71,7 @@ class LaneView(NamedTuple):
   steps: int
   score: float
   diverged: bool
+  started: bool = True
 
 
 class Cadence(NamedTuple):
