@@ -15,7 +15,8 @@ Contenders:
     when ``trial.should_prune()``; the lane-steps it trains are counted.
   * ``auto``: ``vt.search(model_fn, data, space, num_steps=S, timeout=T)`` with
     every other argument at its default (``strategy="auto"``, which picks
-    the adaptive strategy: TPE refills and median pruning over 16 lanes on CPU).
+    the adaptive strategy: TPE refills and median pruning over ``num_configs``
+    = 64 lanes).
   * ``zoom`` / ``halving``: the same call with ``strategy="zoom"`` /
     ``strategy="halving"`` (``--methods``), for the record.
 
