@@ -37,6 +37,18 @@ import pytest  # noqa: E402
 import vmaptune  # noqa: E402,F401  (after the device count is fixed)
 
 
+@pytest.fixture
+def no_compile(monkeypatch):
+  """Any compile fails the test: bad input must be refused before compiling."""
+  from vmaptune import _program
+
+  def refuse(*a, **k):
+    raise AssertionError("compiled before validating the input")
+
+  monkeypatch.setattr(_program.Program, "compile", refuse)
+  monkeypatch.setattr(_program.SingleProgram, "init", refuse)
+
+
 @pytest.fixture(scope="session")
 def digits():
   """scikit-learn's digits, features scaled to [0, 1] (1797 x 64, 10 classes)."""

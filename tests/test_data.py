@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 import vmaptune as vt
-from vmaptune import _data, _program
+from vmaptune import _data
 
 LR = {"learning_rate": vt.loguniform(1e-3, 3e-2)}
 KW = dict(num_configs=4, num_steps=20, rounds=1, seed=0, verbose=False)
@@ -32,15 +32,6 @@ class Tabular(nnx.Module):
 
 def tabular_fn(config, rngs):
   return Tabular(rngs)
-
-
-@pytest.fixture
-def no_compile(monkeypatch):
-  def refuse(*a, **k):
-    raise AssertionError("compiled before validating the input")
-
-  monkeypatch.setattr(_program.Program, "compile", refuse)
-  monkeypatch.setattr(_program.SingleProgram, "init", refuse)
 
 
 def test_tuple_and_dict_inputs_are_the_same_search():

@@ -9,7 +9,6 @@ from flax import linen as nn
 from flax import nnx
 
 import vmaptune as vt
-from vmaptune import _program
 
 from _models import mlp_fn
 
@@ -122,15 +121,6 @@ def test_linen_model_aware_loss_gets_a_bound_module_with_the_train_flag(small_di
   # The (outputs, targets) form of the same model: make_rng works there too.
   r2 = vt.search(lambda c: LinenNoisy(), small_digits, LR, **KW)
   assert all(t.status == "ok" for t in r2.trials)
-
-
-@pytest.fixture
-def no_compile(monkeypatch):
-  def refuse(*a, **k):
-    raise AssertionError("compiled before validating the input")
-
-  monkeypatch.setattr(_program.Program, "compile", refuse)
-  monkeypatch.setattr(_program.SingleProgram, "init", refuse)
 
 
 def _wrong_shape(model, batch):

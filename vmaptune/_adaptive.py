@@ -63,7 +63,6 @@ class AdaptiveState(NamedTuple):
     retired: with a timeout, the lanes (slots) given up so that the rest
       can finish trials in the time (None until every chunk has trained a
       segment).
-    retired_lanes: how many.
     short: consecutive decisions at which the lanes could not finish
       ``MIN_TRIALS`` trial-lengths in the time left.
   """
@@ -75,7 +74,6 @@ class AdaptiveState(NamedTuple):
   lanes: int
   region: dict
   retired: list | None = None
-  retired_lanes: int = 0
   short: int = 0
 
 
@@ -211,6 +209,13 @@ class Adaptive:
       return False
     return clock.fits(ctx.num_steps)
 
+  @staticmethod
+  def _second_half(ctx: Context, clock: Clock) -> bool | None:
+    """With a timeout, whether less than half of it is left (None without one)."""
+    if ctx.timeout is None or clock.left is None:
+      return None
+    return clock.left < ctx.timeout / 2
+
   def _over(self, ctx: Context, clock: Clock, busy: int = 0, paced: int = 0) -> bool:
     """The budget is spent: no further segment fits. On CPU a lane's cost
     does not depend on the others, so the pace of the ``paced`` lanes that
@@ -229,8 +234,7 @@ class Adaptive:
     the running trials cannot all finish, keeps the best that can (by their
     best score so far; a lane that stops costs nothing there) and stops the
     others, rather than stopping all at the end."""
-    if (ctx.accelerator or ctx.timeout is None or not clock.remaining or clock.left is None or not running
-        or clock.left >= ctx.timeout / 2):
+    if ctx.accelerator or not clock.remaining or not running or not self._second_half(ctx, clock):
       return
     per_lane_step = clock.left / (clock.remaining * paced)  # seconds
     need = lambda v: max(0, ctx.num_steps - v.steps)
@@ -276,11 +280,12 @@ class Adaptive:
         running.append((v, rec))
     state = self._narrow(ctx, state, lanes, clock, ended, running)
     paced = sum(v.started for v in lanes)
-    if not self._can_start(ctx, clock):
+    can_start = self._can_start(ctx, clock)
+    if not can_start:
       self._finish_best(ctx, state, clock, paced, ended, running)
     # Stop only while a refill could still finish: a stop would otherwise
     # only idle the lane.
-    if self._can_start(ctx, clock):
+    if can_start:
       for v, rec in running:
         if v.steps % check == 0 and self._prune(state, v.steps, rec[_BEST]):
           rec[_STATUS], rec[_CHECKS] = "stopped", {}
@@ -309,7 +314,7 @@ class Adaptive:
     a lane's cost barely depends on how many train beside it: whole chunks go
     (a chunk whose lanes all idle is not run), once every chunk trains. Both
     only after two short decisions in a row."""
-    if ctx.timeout is None or clock.remaining is None or clock.left is None or clock.left < ctx.timeout / 2:
+    if clock.remaining is None or self._second_half(ctx, clock) is not False:
       return state
     retired = list(state.retired or [])
     gone_slots = set(retired)
@@ -358,7 +363,7 @@ class Adaptive:
         rec[_STATUS], rec[_CHECKS] = "stopped", {}
         ended.append((v.slot, {"status": "stopped"}))
         running.remove((v, rec))
-    return state._replace(retired=sorted(retired + gone), retired_lanes=state.retired_lanes + len(gone))
+    return state._replace(retired=sorted(retired + gone))
 
   def _prune(self, state: AdaptiveState, step: int, best: float) -> bool:
     """Optuna's percentile rule: worse than the percentile of the finished
@@ -377,11 +382,10 @@ class Adaptive:
     seg = self.segment_steps(ctx)
     report = elapsed // ctx.num_steps > (elapsed - seg) // ctx.num_steps
     retired = set(state.retired or ())
-    # Lanes given up before their chunk trained idle from the start; their
-    # trials never ran and are not reported.
-    # So are those whose trial could no longer finish in the second half.
-    late = ctx.timeout is not None and clock.left is not None and clock.left < ctx.timeout / 2 and not self._can_start(
-        ctx, clock)
+    # Lanes given up before their chunk trained, and in the second half those
+    # whose trial could no longer finish, idle from the start; their trials
+    # never ran and are not reported.
+    late = bool(self._second_half(ctx, clock)) and not self._can_start(ctx, clock)
     dropped = {}
     for v in lanes:
       if not v.started and (late or v.slot in retired):

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import vmaptune as vt
-from vmaptune import _data, _program
+from vmaptune import _data
 
 from _models import mlp_fn
 
@@ -96,15 +96,6 @@ def test_data(n_x, n_y, dtype, nan, val_fraction):
   ds = _data.prepare_data((x, y), val_fraction=val_fraction, seed=0)
   assert ds.num_train + ds.num_val == n_x
   assert ds.x_train.dtype in (np.float32, np.int32)
-
-
-@pytest.fixture
-def no_compile(monkeypatch):
-  def refuse(*a, **k):
-    raise AssertionError("compiled before validating the input")
-
-  monkeypatch.setattr(_program.Program, "compile", refuse)
-  monkeypatch.setattr(_program.SingleProgram, "init", refuse)
 
 
 bad_args = st.sampled_from([
