@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import vmaptune as vt
-from vmaptune import _options, _tpe
+from vmaptune import _adaptive, _options, _tpe
 from vmaptune._adaptive import Adaptive, AdaptiveState
 from vmaptune._strategy import Clock, LaneView, NewTrial
 
@@ -131,6 +131,8 @@ def test_adaptive_with_a_timeout_trains_until_the_deadline(small_digits):
   assert r.stats.lane_steps > 8 * 40
   assert {t.config["hidden"] for t in r.trials} == {8, 16}
   assert all(t.steps > 0 for t in r.trials)
+  # A fast model: the lanes held at the start (one per bucket trains first) all started.
+  assert set(range(8)) <= {t.id for t in r.trials}
 
 
 @pytest.mark.parametrize("accelerator", [False, True])
@@ -191,6 +193,49 @@ def test_a_short_timeout_gives_up_the_worst_lanes_so_the_rest_finish_trials(acce
   state = AdaptiveState(dict(trials), {}, {}, 8, 8, state.region)
   ended, state = strat.stop(ctx, state, lanes, Clock(10, remaining=5000, left=9.0))
   assert state.retired == [] and ended == []
+
+
+@pytest.mark.parametrize("accelerator", [False, True])
+def test_with_a_timeout_on_cpu_one_lane_per_bucket_starts_and_the_rest_as_the_pace_allows(accelerator):
+  from vmaptune._sampling import Drawer
+
+  space = dict(SPACE, hidden=vt.choice([8, 16]))
+  drawer = Drawer(space, sampler="random", seed=0, maximize=False, signature_keys=["hidden"], max_buckets=8,
+                  capacity=lambda n: n)
+  sig = lambda c: (("hidden", c["hidden"]),)
+  ctx = _ctx(space=space, timeout=10.0, num_steps=100, accelerator=accelerator, drawer=drawer, signature=sig)
+  strat = Adaptive()
+  trials, state = strat.init(ctx)
+  assert len(trials) == 8
+  if accelerator:  # more lanes cost little more there: all start
+    assert strat.held(state) == [] and state.held is None
+    return
+  held = strat.held(state)
+  started = [t for t in trials if t.id not in held]
+  assert sorted(t.config["hidden"] for t in started) == [8, 16]  # one per bucket
+  assert len(held) == 6
+  # Held lanes start bucket by bucket in turn.
+  assert [trials[s].config["hidden"] for s in held[:2]] in ([8, 16], [16, 8])
+  lanes = [LaneView(t.id, 0, i, t, sig(t.config), 20, 1.0, False) for i, t in enumerate(started)]
+  # At the pace of the 2 lanes trained, the population steps left give 4 lanes START_TRIALS trial-lengths
+  # each: 2 more start.
+  k = _adaptive.START_TRIALS
+  decision, state = strat.next(ctx, state, lanes, [], [], Clock(20, remaining=200 * k, left=9.0))
+  assert list(decision.refill) == held[:2]
+  for slot, t in decision.refill.items():
+    assert (t.id, t.config, t.seed, t.round) == (slot, trials[slot].config, trials[slot].seed, 0)
+  assert strat.held(state) == held[2:] and not decision.done
+  # At the pace of 4 lanes, room for 4 lanes only: nothing starts (a faster pace later starts the rest).
+  lanes += [LaneView(s, 0, 2 + k, t, sig(t.config), 0, 1.0, False) for k, (s, t) in enumerate(decision.refill.items())]
+  decision, state = strat.next(ctx, state, lanes, [], [], Clock(40, remaining=100 * k + 20, left=8.0))
+  assert dict(decision.refill) == {}
+  decision, state = strat.next(ctx, state, lanes, [], [], Clock(40, remaining=10**5, left=8.0))
+  assert list(decision.refill) == held[2:] and state.held == []
+  # In the second half, lanes still held are given up, unreported.
+  _, state = strat.init(ctx)
+  decision, state = strat.next(ctx, state, lanes[:2], [], [], Clock(60, remaining=10**5, left=4.0))
+  assert dict(decision.refill) == {} and state.held == [] and state.retired == sorted(held)
+  assert [state.trials[s][5] for s in held] == ["unused"] * 6
 
 
 # --------------------------------------------------------------------------

@@ -44,6 +44,13 @@ __all__ = ["Adaptive", "AdaptiveState"]
 #: worse best scores on every seed than 1.
 MIN_TRIALS = 1
 
+#: With a timeout on CPU, the population starts with one lane per bucket and
+#: grows, at each decision in the first half of the time, while every lane
+#: can still train this many trial-lengths at the measured pace (see
+#: ``Adaptive._release``): a slow model (a conv net on a CPU) gets a few lanes
+#: that finish trials, a fast one the whole population within a segment or two.
+START_TRIALS = 1
+
 # A trial's record in the state: its searched values in unit coordinates (u
 # for numeric, c for choices), steps reached, score there, best score so far
 # (both negated when maximizing: smaller is better), status, and its scores at
@@ -65,6 +72,8 @@ class AdaptiveState(NamedTuple):
       segment).
     short: consecutive decisions at which the lanes could not finish
       ``MIN_TRIALS`` trial-lengths in the time left.
+    held: with a timeout on CPU, the first population's lanes not started
+      yet, ``[slot, trial id, config, seed]`` in the order they start.
   """
 
   trials: dict
@@ -75,6 +84,7 @@ class AdaptiveState(NamedTuple):
   region: dict
   retired: list | None = None
   short: int = 0
+  held: list | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,7 +208,20 @@ class Adaptive:
     trials = [NewTrial(i, c, trial_seed(ctx.seed, 0, i), 0) for i, c in enumerate(configs)]
     enc = Encoder(ctx.space)
     records = {t.id: _record(enc, t.config) for t in trials}
-    return trials, AdaptiveState(records, {}, {}, len(trials), len(trials), region.to_json())
+    held = None
+    if ctx.timeout is not None and not ctx.accelerator:
+      # One lane per bucket trains first (and every enqueued config); the
+      # others start as the pace allows (``_release``), bucket by bucket in turn.
+      buckets: dict[tuple, list[NewTrial]] = {}
+      for t in trials[len(ctx.enqueue):]:
+        buckets.setdefault(ctx.signature(t.config), []).append(t)
+      queues = [ts[1:] for ts in buckets.values()]
+      held = [[t.id, t.id, t.config, t.seed] for group in zip(*_padded(queues)) for t in group if t is not None]
+    return trials, AdaptiveState(records, {}, {}, len(trials), len(trials), region.to_json(), held=held)
+
+  def held(self, state: AdaptiveState) -> list[int]:
+    """The slots of the first population that start idle (see ``_release``)."""
+    return [slot for slot, *_ in state.held or ()]
 
   # Decisions ---------------------------------------------------------------
 
@@ -365,6 +388,34 @@ class Adaptive:
         running.remove((v, rec))
     return state._replace(retired=sorted(retired + gone))
 
+  def _release(self, ctx: Context, state: AdaptiveState, lanes: Sequence[LaneView], clock: Clock
+               ) -> tuple[dict, AdaptiveState]:
+    """With a timeout on CPU, starts held lanes of the first population while
+    each lane, those started included, can train ``START_TRIALS``
+    trial-lengths in the time left at the pace of the last segment (a lane's
+    cost does not depend on the others there, and a held lane costs only its
+    validation pass). In the second half of the time the lanes still held are
+    given up (``retired``; their trials' status ``"unused"``)."""
+    if not state.held:
+      return {}, state
+    held = list(state.held)
+    if self._second_half(ctx, clock) or not self._can_start(ctx, clock):
+      for _, trial_id, *_ in held:
+        state.trials[trial_id][_STATUS] = "unused"
+      return {}, state._replace(held=[], retired=sorted(list(state.retired or ()) + [slot for slot, *_ in held]))
+    retired = set(state.retired or ())
+    live = [v for v in lanes if v.slot not in retired]
+    paced = sum(v.started for v in live)
+    if not paced or clock.remaining is None:
+      return {}, state
+    afford = int(clock.remaining * paced / (START_TRIALS * ctx.num_steps))
+    n = min(len(held), afford - len(live))
+    if n <= 0:
+      return {}, state
+    round_ = clock.elapsed // ctx.num_steps
+    out = {slot: NewTrial(trial_id, config, seed, round_) for slot, trial_id, config, seed in held[:n]}
+    return out, state._replace(held=held[n:])
+
   def _prune(self, state: AdaptiveState, step: int, best: float) -> bool:
     """Optuna's percentile rule: worse than the percentile of the finished
     trials' best scores at this step (of every trial that reached it until
@@ -391,7 +442,9 @@ class Adaptive:
       if not v.started and (late or v.slot in retired):
         dropped[v.slot] = None
         state.trials[v.trial.id][_STATUS] = "unused"
-    busy = len(lanes) - len(ended) - len(dropped)
+    released, state = self._release(ctx, state, lanes, clock)
+    dropped.update(released)
+    busy = len(lanes) - len(ended) - sum(t is None for t in dropped.values()) + len(released)
     if self._over(ctx, clock, busy, sum(v.started for v in lanes)):
       return Decision(report=report, done=True), state
     if not ended:
@@ -445,6 +498,12 @@ class Adaptive:
       for (i, fixed, _), (u, c) in zip(modelled, points):
         out[i] = _space.complete(ctx.space, enc.decode(u, c), fixed)
     return out
+
+
+def _padded(queues: list[list]) -> list[list]:
+  """The lists padded with None to the longest (to take one of each in turn)."""
+  n = max((len(q) for q in queues), default=0)
+  return [q + [None] * (n - len(q)) for q in queues]
 
 
 def _record(enc: Encoder, config: dict) -> list:

@@ -117,6 +117,9 @@ class _Run:
       else:
         trials, self.state = strategy.init(self.ctx)
         self.population.start(trials)
+        held = strategy.held(self.state) if hasattr(strategy, "held") else ()
+        if held:  # lanes that start later, as the strategy decides: idle until refilled
+          self.population.refill({slot: None for slot in held})
       if self.timeout is not None:  # a resumed search gets what is left of its budget
         self.deadline = t_start + self.timeout - self.wall_before
         # Trials that go at their own pace can start as their programs compile.

@@ -233,3 +233,7 @@ class Strategy(Protocol):
   def state_type(self) -> type:
     """The NamedTuple class of the state (to rebuild it from a checkpoint)."""
 
+  # Optional: ``held(state) -> [slot]``, lanes of the first population that
+  # start idle (not trained, not in the views) until a later decision refills
+  # them with their trial (the adaptive strategy on CPU with a timeout).
+
