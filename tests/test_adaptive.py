@@ -1,5 +1,6 @@
 """The adaptive strategy (TPE refills + median pruning), its TPE, and strategy="auto"."""
 
+import dataclasses
 import math
 
 import jax
@@ -121,6 +122,25 @@ def test_adaptive_crashed_mid_run_resumes_to_the_uninterrupted_result(at, adapti
     np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
 
 
+@pytest.mark.parametrize("every", [None, 8])
+def test_adaptive_with_a_timeout_checkpoints_and_resumes(every, small_digits, tmp_path, monkeypatch):
+  from vmaptune import _faults
+
+  # Default checkpoints (every trial-length) with a timeout, and checkpoints after the first segment,
+  # when a chunk may not have trained yet: on resume its lanes have no score and are not "diverged".
+  space = dict(SPACE, hidden=vt.choice([8, 16]))
+  kw = dict(num_configs=8, num_steps=40, timeout=6.0, verbose=False, checkpoint_dir=tmp_path / "ckpt",
+            checkpoint_every=every)
+  monkeypatch.setenv("VMAPTUNE_FAILPOINT", "adaptive:saved@1=crash")
+  _faults.reset()
+  with pytest.raises(_faults.SimulatedCrash):
+    vt.search(mlp_fn, small_digits, space, **kw)
+  monkeypatch.delenv("VMAPTUNE_FAILPOINT")
+  r = vt.search(mlp_fn, small_digits, space, **kw)
+  assert r.stats.resumed_from and r.best_trial.status == "ok"
+  assert not [t for t in r.trials if t.status == "diverged" and t.steps == 0]
+
+
 def test_adaptive_with_a_timeout_trains_until_the_deadline(small_digits):
   # Two buckets: with a timeout each chunk starts as soon as its own program is ready.
   space = dict(SPACE, hidden=vt.choice([8, 16]))
@@ -217,17 +237,20 @@ def test_with_a_timeout_on_cpu_one_lane_per_bucket_starts_and_the_rest_as_the_pa
   # Held lanes start bucket by bucket in turn.
   assert [trials[s].config["hidden"] for s in held[:2]] in ([8, 16], [16, 8])
   lanes = [LaneView(t.id, 0, i, t, sig(t.config), 20, 1.0, False) for i, t in enumerate(started)]
+  # Nothing fits yet (no new trial could finish at this pace): the lanes stay held, not given up.
+  decision, state = strat.next(ctx, state, lanes, [], [], Clock(20, remaining=90, left=9.0))
+  assert dict(decision.refill) == {} and strat.held(state) == held and not state.retired
   # At the pace of the 2 lanes trained, the population steps left give 4 lanes START_TRIALS trial-lengths
-  # each: 2 more start.
-  k = _adaptive.START_TRIALS
-  decision, state = strat.next(ctx, state, lanes, [], [], Clock(20, remaining=200 * k, left=9.0))
+  # and two segments (of 20 steps) each: 2 more start.
+  need = _adaptive.START_TRIALS * 100 + 2 * 20
+  decision, state = strat.next(ctx, state, lanes, [], [], Clock(20, remaining=2 * need, left=9.0))
   assert list(decision.refill) == held[:2]
   for slot, t in decision.refill.items():
     assert (t.id, t.config, t.seed, t.round) == (slot, trials[slot].config, trials[slot].seed, 0)
   assert strat.held(state) == held[2:] and not decision.done
   # At the pace of 4 lanes, room for 4 lanes only: nothing starts (a faster pace later starts the rest).
   lanes += [LaneView(s, 0, 2 + k, t, sig(t.config), 0, 1.0, False) for k, (s, t) in enumerate(decision.refill.items())]
-  decision, state = strat.next(ctx, state, lanes, [], [], Clock(40, remaining=100 * k + 20, left=8.0))
+  decision, state = strat.next(ctx, state, lanes, [], [], Clock(40, remaining=need + 10, left=8.0))
   assert dict(decision.refill) == {}
   decision, state = strat.next(ctx, state, lanes, [], [], Clock(40, remaining=10**5, left=8.0))
   assert list(decision.refill) == held[2:] and state.held == []
@@ -236,6 +259,11 @@ def test_with_a_timeout_on_cpu_one_lane_per_bucket_starts_and_the_rest_as_the_pa
   decision, state = strat.next(ctx, state, lanes[:2], [], [], Clock(60, remaining=10**5, left=4.0))
   assert dict(decision.refill) == {} and state.held == [] and state.retired == sorted(held)
   assert [state.trials[s][5] for s in held] == ["unused"] * 6
+  # A CPU search resumed on an accelerator starts every held lane at once.
+  _, state = strat.init(ctx)
+  gpu = dataclasses.replace(ctx, accelerator=True)
+  decision, state = strat.next(gpu, state, lanes[:2], [], [], Clock(20, remaining=10**5, left=9.0))
+  assert list(decision.refill) == held and state.held == []
 
 
 # --------------------------------------------------------------------------
@@ -273,8 +301,6 @@ def _ctx(**kw):
 
 
 def test_pruner_compares_with_finished_trials_at_the_same_step():
-  import dataclasses
-
   strat = Adaptive(min_finished=3)
   ctx = _ctx()
   enc = _tpe.Encoder(SPACE)

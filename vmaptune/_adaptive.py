@@ -392,29 +392,35 @@ class Adaptive:
                ) -> tuple[dict, AdaptiveState]:
     """With a timeout on CPU, starts held lanes of the first population while
     each lane, those started included, can train ``START_TRIALS``
-    trial-lengths in the time left at the pace of the last segment (a lane's
-    cost does not depend on the others there, and a held lane costs only its
-    validation pass). In the second half of the time the lanes still held are
-    given up (``retired``; their trials' status ``"unused"``)."""
+    trial-lengths and two more segments in the time left at the pace of the
+    last segment (a lane's cost does not depend on the others there, and a
+    held lane costs only its validation pass; the margin keeps a lane just
+    started from being given up by ``_narrow`` a segment later). Lanes stay
+    held while nothing more fits; at half time those still held are given up
+    (``retired``; their trials' status ``"unused"``). On an accelerator (a
+    search resumed on another platform) every held lane starts."""
     if not state.held:
       return {}, state
     held = list(state.held)
-    if self._second_half(ctx, clock) or not self._can_start(ctx, clock):
+    round_ = clock.elapsed // ctx.num_steps
+    start = lambda entries: {slot: NewTrial(i, config, seed, round_) for slot, i, config, seed in entries}
+    if self._second_half(ctx, clock):
       for _, trial_id, *_ in held:
         state.trials[trial_id][_STATUS] = "unused"
       return {}, state._replace(held=[], retired=sorted(list(state.retired or ()) + [slot for slot, *_ in held]))
+    if ctx.accelerator:
+      return start(held), state._replace(held=[])
     retired = set(state.retired or ())
     live = [v for v in lanes if v.slot not in retired]
     paced = sum(v.started for v in live)
-    if not paced or clock.remaining is None:
+    if not paced or clock.remaining is None or not self._can_start(ctx, clock):
       return {}, state
-    afford = int(clock.remaining * paced / (START_TRIALS * ctx.num_steps))
+    seg = self.segment_steps(ctx)
+    afford = int(clock.remaining * paced / (START_TRIALS * ctx.num_steps + 2 * seg))
     n = min(len(held), afford - len(live))
     if n <= 0:
       return {}, state
-    round_ = clock.elapsed // ctx.num_steps
-    out = {slot: NewTrial(trial_id, config, seed, round_) for slot, trial_id, config, seed in held[:n]}
-    return out, state._replace(held=held[n:])
+    return start(held[:n]), state._replace(held=held[n:])
 
   def _prune(self, state: AdaptiveState, step: int, best: float) -> bool:
     """Optuna's percentile rule: worse than the percentile of the finished

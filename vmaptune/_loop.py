@@ -329,7 +329,7 @@ class _Run:
     step = c.eval_every * c.evals_per_call
     every = self.ctx.checkpoint_every or self.ctx.num_steps
     total = self.strategy.total_steps(self.ctx)
-    return self.elapsed // every > (self.elapsed - step) // every or self.elapsed >= total
+    return self.elapsed // every > (self.elapsed - step) // every or (total is not None and self.elapsed >= total)
 
   def _save(self) -> None:
     t0 = time.perf_counter()

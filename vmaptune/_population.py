@@ -254,6 +254,7 @@ class Population:
       waited = self.stats.compile_wall_seconds
       # Chunks whose lanes all idle have nothing to train: skipped.
       run = [j for j, c in enumerate(self.chunks) if any(not self.slots[i].idle for i in c.members)]
+      self._advanced = None
       if self.staggered:
         started = [j for j in run if self._started(self.chunks[j])]
         run = started or run[:1]  # nothing ready yet: wait for the first
@@ -471,3 +472,7 @@ class Population:
         chunk.state = place_lanes(jax.tree.unflatten(treedef, host), self.plan.mesh)
       self.chunks.append(chunk)
     self._renumber()
+    # Chunks that never trained (staggered: their programs were compiling)
+    # have lanes without scores: not started, as before the checkpoint.
+    trained = {j for j, c in enumerate(self.chunks) if c.calls > 0}
+    self._advanced = trained if len(trained) < len(self.chunks) else None

@@ -234,6 +234,7 @@ class Strategy(Protocol):
     """The NamedTuple class of the state (to rebuild it from a checkpoint)."""
 
   # Optional: ``held(state) -> [slot]``, lanes of the first population that
-  # start idle (not trained, not in the views) until a later decision refills
-  # them with their trial (the adaptive strategy on CPU with a timeout).
+  # start idle (no steps trained, not in the views; on CPU an idle lane in a
+  # running chunk still costs its validation pass) until a later decision
+  # refills them with their trial (the adaptive strategy on CPU with a timeout).
 
