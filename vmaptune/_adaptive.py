@@ -97,7 +97,10 @@ class Adaptive:
   lane-steps, as zoom would, but spends them on many more, mostly shorter,
   trials: ``lanes`` lanes (default: enough for about ten trial-lengths each,
   between 8 and ``num_configs``; ``num_configs`` with a ``timeout``) each run trial
-  after trial. With a ``timeout`` it goes on until the time is spent.
+  after trial. With a ``timeout`` it goes on until the time is spent; on a
+  CPU it then starts with one lane per model shape (and the enqueued configs)
+  and adds lanes while each can still finish a trial at the measured pace, so
+  a slow model (a conv net on a CPU) trains a few lanes that finish trials.
 
   Args:
     lanes: the population size, or None (see above).
