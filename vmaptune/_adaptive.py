@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import itertools
 import math
 from typing import ClassVar, NamedTuple, Sequence
 
@@ -72,8 +73,9 @@ class AdaptiveState(NamedTuple):
       segment).
     short: consecutive decisions at which the lanes could not finish
       ``MIN_TRIALS`` trial-lengths in the time left.
-    held: with a timeout on CPU, the first population's lanes not started
-      yet, ``[slot, trial id, config, seed]`` in the order they start.
+    held: with a timeout on CPU, the first population's trials not started
+      yet, ``[trial id, config, seed]`` in the order they start (a first
+      trial's slot is its id).
   """
 
   trials: dict
@@ -218,13 +220,13 @@ class Adaptive:
       buckets: dict[tuple, list[NewTrial]] = {}
       for t in trials[len(ctx.enqueue):]:
         buckets.setdefault(ctx.signature(t.config), []).append(t)
-      queues = [ts[1:] for ts in buckets.values()]
-      held = [[t.id, t.id, t.config, t.seed] for group in zip(*_padded(queues)) for t in group if t is not None]
+      turns = itertools.zip_longest(*(ts[1:] for ts in buckets.values()))
+      held = [[t.id, t.config, t.seed] for turn in turns for t in turn if t is not None]
     return trials, AdaptiveState(records, {}, {}, len(trials), len(trials), region.to_json(), held=held)
 
   def held(self, state: AdaptiveState) -> list[int]:
     """The slots of the first population that start idle (see ``_release``)."""
-    return [slot for slot, *_ in state.held or ()]
+    return [trial_id for trial_id, *_ in state.held or ()]
 
   # Decisions ---------------------------------------------------------------
 
@@ -343,8 +345,7 @@ class Adaptive:
     if clock.remaining is None or self._second_half(ctx, clock) is not False:
       return state
     retired = list(state.retired or [])
-    gone_slots = set(retired)
-    live = [v for v in lanes if v.slot not in gone_slots and v.trial is not None]
+    live = _live(state, lanes)
     if not live:
       return state
     paced = [v for v in live if v.started]  # the lanes the last segment's pace is of
@@ -391,8 +392,8 @@ class Adaptive:
         running.remove((v, rec))
     return state._replace(retired=sorted(retired + gone))
 
-  def _release(self, ctx: Context, state: AdaptiveState, lanes: Sequence[LaneView], clock: Clock
-               ) -> tuple[dict, AdaptiveState]:
+  def _release(self, ctx: Context, state: AdaptiveState, lanes: Sequence[LaneView], clock: Clock,
+               can_start: bool) -> tuple[dict, AdaptiveState]:
     """With a timeout on CPU, starts held lanes of the first population while
     each lane, those started included, can train ``START_TRIALS``
     trial-lengths and two more segments in the time left at the pace of the
@@ -406,17 +407,16 @@ class Adaptive:
       return {}, state
     held = list(state.held)
     round_ = clock.elapsed // ctx.num_steps
-    start = lambda entries: {slot: NewTrial(i, config, seed, round_) for slot, i, config, seed in entries}
+    start = lambda entries: {i: NewTrial(i, config, seed, round_) for i, config, seed in entries}
     if self._second_half(ctx, clock):
-      for _, trial_id, *_ in held:
+      for trial_id, *_ in held:
         state.trials[trial_id][_STATUS] = "unused"
-      return {}, state._replace(held=[], retired=sorted(list(state.retired or ()) + [slot for slot, *_ in held]))
+      return {}, state._replace(held=[], retired=sorted(list(state.retired or ()) + self.held(state)))
     if ctx.accelerator:
       return start(held), state._replace(held=[])
-    retired = set(state.retired or ())
-    live = [v for v in lanes if v.slot not in retired]
+    live = _live(state, lanes)
     paced = sum(v.started for v in live)
-    if not paced or clock.remaining is None or not self._can_start(ctx, clock):
+    if not paced or clock.remaining is None or not can_start:
       return {}, state
     seg = self.segment_steps(ctx)
     afford = int(clock.remaining * paced / (START_TRIALS * ctx.num_steps + 2 * seg))
@@ -442,25 +442,26 @@ class Adaptive:
     seg = self.segment_steps(ctx)
     report = elapsed // ctx.num_steps > (elapsed - seg) // ctx.num_steps
     retired = set(state.retired or ())
+    can_start = self._can_start(ctx, clock)
     # Lanes given up before their chunk trained, and in the second half those
     # whose trial could no longer finish, idle from the start; their trials
     # never ran and are not reported.
-    late = bool(self._second_half(ctx, clock)) and not self._can_start(ctx, clock)
+    late = bool(self._second_half(ctx, clock)) and not can_start
     dropped = {}
     for v in lanes:
       if not v.started and (late or v.slot in retired):
         dropped[v.slot] = None
         state.trials[v.trial.id][_STATUS] = "unused"
-    released, state = self._release(ctx, state, lanes, clock)
+    released, state = self._release(ctx, state, lanes, clock, can_start)
+    busy = len(lanes) - len(ended) - len(dropped) + len(released)
     dropped.update(released)
-    busy = len(lanes) - len(ended) - sum(t is None for t in dropped.values()) + len(released)
     if self._over(ctx, clock, busy, sum(v.started for v in lanes)):
       return Decision(report=report, done=True), state
     if not ended:
       return Decision(refill=dropped, report=report, done=busy == 0), state
     by_slot = {v.slot: v for v in lanes}
     idle = {s: None for s in ended if s in retired}
-    if not self._can_start(ctx, clock):  # a new trial could not finish: the lane idles
+    if not can_start:  # a new trial could not finish: the lane idles
       idle = {slot: None for slot in ended}
     if len(idle) == len(ended):
       done = busy == 0
@@ -509,10 +510,10 @@ class Adaptive:
     return out
 
 
-def _padded(queues: list[list]) -> list[list]:
-  """The lists padded with None to the longest (to take one of each in turn)."""
-  n = max((len(q) for q in queues), default=0)
-  return [q + [None] * (n - len(q)) for q in queues]
+def _live(state: AdaptiveState, lanes: Sequence[LaneView]) -> list[LaneView]:
+  """The lanes not given up (``state.retired``)."""
+  retired = set(state.retired or ())
+  return [v for v in lanes if v.slot not in retired]
 
 
 def _record(enc: Encoder, config: dict) -> list:
