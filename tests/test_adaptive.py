@@ -266,6 +266,81 @@ def test_with_a_timeout_on_cpu_one_lane_per_bucket_starts_and_the_rest_as_the_pa
   assert list(decision.refill) == held and state.held == []
 
 
+def test_on_cpu_held_lanes_start_at_their_buckets_measured_cost():
+  from vmaptune._sampling import Drawer
+
+  space = dict(SPACE, hidden=vt.choice([8, 16]))
+  drawer = Drawer(space, sampler="random", seed=0, maximize=False, signature_keys=["hidden"], max_buckets=8,
+                  capacity=lambda n: n)
+  sig = lambda c: (("hidden", c["hidden"]),)
+  ctx = _ctx(space=space, timeout=10.0, num_steps=100, drawer=drawer, signature=sig)
+  strat = Adaptive()
+  trials, state0 = strat.init(ctx)
+  held = strat.held(state0)
+  first = {}  # the first held lane of each bucket
+  for slot in held:
+    first.setdefault(trials[slot].config["hidden"], trials[slot])
+  started = [t for t in trials if t.id not in held]
+  seconds = {8: 0.001, 16: 0.003}  # a lane of the wide bucket costs 3x (mean 0.002: weights 0.5 and 1.5)
+  view = lambda t, started=True: LaneView(t.id, 0, 0, t, sig(t.config), 20, 1.0, False, started,
+                                          seconds[t.config["hidden"]] if started else math.nan)
+  need = _adaptive.START_TRIALS * 100 + 2 * 20  # a trial-length and two segments
+  # The wide bucket's program has not trained yet: its held lanes wait for their cost, the narrow ones
+  # start (at most doubling the population: 2 lanes live, 2 start).
+  narrow = next(t for t in started if t.config["hidden"] == 8)
+  wide = next(t for t in started if t.config["hidden"] == 16)
+  lanes = [view(narrow), view(wide, started=False)]
+  decision, state = strat.next(ctx, state0, lanes, [], [], Clock(20, remaining=10**5, left=9.0))
+  assert [trials[s].config["hidden"] for s in decision.refill] == [8, 8]
+  assert sorted(strat.held(state)) == sorted(set(held) - set(decision.refill))
+  # Both measured. The time left fits lanes worth 3 of mean cost (2 live: 0.5 + 1.5): one more narrow
+  # lane (0.5) fits, a wide one (1.5) does not; lanes start in turn, so a wide one first blocks the rest.
+  lanes = [view(narrow), view(wide)]
+  _, state = strat.init(ctx)
+  decision, state = strat.next(ctx, state, lanes, [], [], Clock(20, remaining=int(1.5 * need) + 1, left=9.0))
+  expect = [first[8].id] if trials[held[0]].config["hidden"] == 8 else []
+  assert list(decision.refill) == expect
+  # Counted evenly (no measurements), 3 lanes' worth would start one lane whichever its bucket.
+  even = [v._replace(step_seconds=math.nan) for v in lanes]
+  _, state = strat.init(ctx)
+  decision, state = strat.next(ctx, state, even, [], [], Clock(20, remaining=int(1.5 * need) + 1, left=9.0))
+  assert list(decision.refill) == held[:1]
+
+
+def test_near_the_deadline_on_cpu_each_lane_is_charged_its_own_cost():
+  strat = Adaptive()
+  ctx = _ctx(timeout=10.0, num_steps=100)
+  enc = _tpe.Encoder(SPACE)
+  cfg = {"learning_rate": 1e-2, "b1": 0.9, "hidden": 16}
+  fresh = lambda: AdaptiveState({i: [list(enc.encode(cfg)[0]), [], 0, math.inf, math.inf, "running", {}]
+                                 for i in range(2)}, {}, {}, 2, 2, vt.Region.full(SPACE).to_json(), retired=[])
+  # Two lanes at step 40, 60 steps to go; the best (lane 0) costs 9x the other. 50 population steps
+  # fit in the 2 s left, so both cannot finish (1.2x the time left); the best that can, within a
+  # margin of 1.6 s, go on. Charged its own cost lane 0 alone needs 1.08x the time left: it stops,
+  # and the cheap lane 1 finishes. Charged evenly (no measurements), lane 0 would be kept instead.
+  lanes = [LaneView(i, 0, i, NewTrial(i, cfg, i, 0), (), 40, [1.0, 2.0][i], False, True, [0.009, 0.001][i])
+           for i in range(2)]
+  ended, _ = strat.stop(ctx, fresh(), lanes, Clock(60, remaining=50, left=2.0))
+  assert ended == [(0, {"status": "stopped"})]
+  even = [v._replace(step_seconds=math.nan) for v in lanes]
+  ended, _ = strat.stop(ctx, fresh(), even, Clock(60, remaining=50, left=2.0))
+  assert ended == [(1, {"status": "stopped"})]
+
+
+def test_a_lanes_training_time_is_charged_by_its_chunks_measured_time(small_digits):
+  # A wide three-layer MLP beside a four-unit one: each chunk's call is timed on its own, so a wide
+  # lane's seconds per step are several times a narrow lane's (split evenly, they would be equal).
+  space = dict(SPACE, hidden=vt.choice([4, 256]), num_layers=3)
+  r = vt.search(mlp_fn, small_digits, space, strategy="adaptive", num_configs=8, num_steps=40, rounds=2,
+                seed=0, verbose=False)
+  per_step = {}
+  for h in (4, 256):
+    ts = [t for t in r.trials if t.config["hidden"] == h and t.steps > 0]
+    per_step[h] = sum(t.seconds for t in ts) / sum(t.steps for t in ts)
+  assert per_step[256] > 3 * per_step[4]
+  assert sum(t.seconds for t in r.trials) <= r.stats.train_seconds + 1e-6
+
+
 # --------------------------------------------------------------------------
 # The pruner and the TPE on their own (host only)
 # --------------------------------------------------------------------------

@@ -101,8 +101,10 @@ class Adaptive:
   between 8 and ``num_configs``; ``num_configs`` with a ``timeout``) each run trial
   after trial. With a ``timeout`` it goes on until the time is spent; on a
   CPU it then starts with one lane per model shape (and the enqueued configs)
-  and adds lanes while each can still finish a trial at the measured pace, so
-  a slow model (a conv net on a CPU) trains a few lanes that finish trials.
+  and adds lanes while each can still finish a trial at the measured pace,
+  each lane charged its own program's measured cost, so a slow model (a conv
+  net on a CPU) trains a few lanes that finish trials, and a wide model's
+  lanes do not pass for as cheap as a narrow one's.
 
   Args:
     lanes: the population size, or None (see above).
@@ -244,34 +246,37 @@ class Adaptive:
       return None
     return clock.left < ctx.timeout / 2
 
-  def _over(self, ctx: Context, clock: Clock, busy: int = 0, paced: int = 0) -> bool:
+  def _over(self, ctx: Context, clock: Clock, busy: float = 0, paced: int = 0) -> bool:
     """The budget is spent: no further segment fits. On CPU a lane's cost
     does not depend on the others, so the pace of the ``paced`` lanes that
-    ran the last segment scales to the ``busy`` ones that will run the next."""
+    ran the last segment scales to the ``busy`` ones that will run the next
+    (in units of their mean cost, :class:`_Costs`)."""
     total = self.total_steps(ctx)
     if total is not None:
       return clock.elapsed >= total
     seg = self.segment_steps(ctx)
-    if not ctx.accelerator and clock.remaining is not None and 0 < busy < paced:
+    if not ctx.accelerator and clock.remaining is not None and busy > 0 and paced > 0:
       return clock.remaining * paced / busy < seg
     return not clock.fits(seg)
 
-  def _finish_best(self, ctx: Context, state: AdaptiveState, clock: Clock, paced: int, ended: list,
-                   running: list) -> None:
+  def _finish_best(self, ctx: Context, state: AdaptiveState, clock: Clock, paced: int, costs: "_Costs",
+                   ended: list, running: list) -> None:
     """In the second half of the time on CPU (before, :meth:`_narrow`), when
     the running trials cannot all finish, keeps the best that can (by their
-    best score so far; a lane that stops costs nothing there) and stops the
-    others, rather than stopping all at the end."""
+    best score so far; a lane that stops costs nothing there, and each is
+    charged its own measured cost) and stops the others, rather than stopping
+    all at the end."""
     if ctx.accelerator or not clock.remaining or not running or not self._second_half(ctx, clock):
       return
-    per_lane_step = clock.left / (clock.remaining * paced)  # seconds
+    per_step = clock.left / (clock.remaining * paced)  # seconds per step of a lane of mean cost
     need = lambda v: max(0, ctx.num_steps - v.steps)
-    if sum(need(v) for v, _ in running) * per_lane_step <= clock.left:
+    per_lane_step = lambda v: per_step * costs.lane(v)
+    if sum(need(v) * per_lane_step(v) for v, _ in running) <= clock.left:
       return
     room = 0.8 * clock.left  # the pace of fewer lanes is an estimate: a margin
     spent, stop = 0.0, []
     for v, rec in sorted(running, key=lambda p: (p[1][_BEST], p[0].slot)):
-      cost = need(v) * per_lane_step
+      cost = need(v) * per_lane_step(v)
       if spent + cost <= room:
         spent += cost
       else:
@@ -306,11 +311,12 @@ class Adaptive:
         ended.append((v.slot, {"status": "ok"}))
       else:
         running.append((v, rec))
-    state = self._narrow(ctx, state, lanes, clock, ended, running)
+    costs = _Costs.of(ctx, lanes)
+    state = self._narrow(ctx, state, lanes, clock, costs, ended, running)
     paced = sum(v.started for v in lanes)
     can_start = self._can_start(ctx, clock)
     if not can_start:
-      self._finish_best(ctx, state, clock, paced, ended, running)
+      self._finish_best(ctx, state, clock, paced, costs, ended, running)
     # Stop only while a refill could still finish: a stop would otherwise
     # only idle the lane.
     if can_start:
@@ -318,7 +324,7 @@ class Adaptive:
         if v.steps % check == 0 and self._prune(state, v.steps, rec[_BEST]):
           rec[_STATUS], rec[_CHECKS] = "stopped", {}
           ended.append((v.slot, {"status": "stopped"}))
-    elif self._over(ctx, clock, len(running), paced):  # the budget is spent: whatever runs stops here
+    elif self._over(ctx, clock, sum(costs.lane(v) for v, _ in running), paced):  # the budget is spent: stop all
       gone = {slot for slot, _ in ended}
       for v, rec in running:
         if v.slot not in gone:
@@ -327,7 +333,7 @@ class Adaptive:
     return ended, state
 
   def _narrow(self, ctx: Context, state: AdaptiveState, lanes: Sequence[LaneView], clock: Clock,
-              ended: list, running: list) -> AdaptiveState:
+              costs: "_Costs", ended: list, running: list) -> AdaptiveState:
     """With a timeout too short for the population (a slow model), gives up
     lanes, worst trial first, until each remaining lane can still train
     ``MIN_TRIALS`` trial-lengths in the time left. Judged at each decision in
@@ -355,7 +361,8 @@ class Adaptive:
       return state  # some chunks still compiling: the pace is not the population's
     # On CPU, lanes of chunks not trained yet will cost as much each.
     state = state._replace(retired=retired)
-    fits = clock.remaining * len(paced) / len(live) / ctx.num_steps  # trial-lengths each lane can still train
+    # Trial-lengths each lane can still train (lanes weighted by their cost).
+    fits = clock.remaining * len(paced) / sum(costs.lane(v) for v in live) / ctx.num_steps
     if fits >= MIN_TRIALS:
       return state._replace(short=0)
     if state.short < 1:
@@ -393,14 +400,19 @@ class Adaptive:
     return state._replace(retired=sorted(retired + gone))
 
   def _release(self, ctx: Context, state: AdaptiveState, lanes: Sequence[LaneView], clock: Clock,
-               can_start: bool) -> tuple[dict, AdaptiveState]:
+               costs: "_Costs", can_start: bool) -> tuple[dict, AdaptiveState]:
     """With a timeout on CPU, starts held lanes of the first population while
     each lane, those started included, can train ``START_TRIALS``
     trial-lengths and two more segments in the time left at the pace of the
     last segment (a lane's cost does not depend on the others there, and a
     held lane costs only its validation pass; the margin keeps a lane just
-    started from being given up by ``_narrow`` a segment later). Lanes stay
-    held while nothing more fits; at half time those still held are given up
+    started from being given up by ``_narrow`` a segment later). Each lane
+    is charged its bucket's measured cost (:class:`_Costs`): a lane of a
+    bucket whose program has not trained yet stays held (the others are
+    charged the costliest measured for it), and the population at most
+    doubles per decision unless everything fits twice over (a pace measured
+    on a few lanes is a rough one). Lanes stay held while nothing more
+    fits; at half time those still held are given up
     (``retired``; their trials' status ``"unused"``). On an accelerator (a
     search resumed on another platform) every held lane starts."""
     if not state.held:
@@ -415,15 +427,30 @@ class Adaptive:
     if ctx.accelerator:
       return start(held), state._replace(held=[])
     live = _live(state, lanes)
-    paced = sum(v.started for v in live)
+    paced = sum(v.started for v in lanes)  # the lanes the last segment's pace is of
     if not paced or clock.remaining is None or not can_start:
       return {}, state
     seg = self.segment_steps(ctx)
-    afford = int(clock.remaining * paced / (START_TRIALS * ctx.num_steps + 2 * seg))
-    n = min(len(held), afford - len(live))
-    if n <= 0:
+    afford = clock.remaining * paced / (START_TRIALS * ctx.num_steps + 2 * seg)  # in lanes of mean cost
+    # Lanes of buckets whose program has not trained yet: the costliest measured.
+    load = sum(costs.lane(v) if v.started else costs.bucket(v.signature) for v in live)
+    # (Without measurements, as after a resume, every lane counts 1.)
+    cost = [costs.by_signature.get(ctx.signature(config)) if costs.by_signature else 1.0 for _, config, _ in held]
+    if all(c is not None for c in cost) and load + sum(cost) <= afford / 2:
+      go = list(range(len(held)))
+    else:
+      go = []
+      for k, c in enumerate(cost):
+        if c is None:  # its bucket's program has not trained yet: the lane waits for its cost
+          continue
+        if len(go) >= len(live) or load + c > afford:
+          break
+        load += c
+        go.append(k)
+    if not go:
       return {}, state
-    return start(held[:n]), state._replace(held=held[n:])
+    chosen = set(go)
+    return start([held[k] for k in go]), state._replace(held=[e for k, e in enumerate(held) if k not in chosen])
 
   def _prune(self, state: AdaptiveState, step: int, best: float) -> bool:
     """Optuna's percentile rule: worse than the percentile of the finished
@@ -452,16 +479,33 @@ class Adaptive:
       if not v.started and (late or v.slot in retired):
         dropped[v.slot] = None
         state.trials[v.trial.id][_STATUS] = "unused"
-    released, state = self._release(ctx, state, lanes, clock, can_start)
+    costs = _Costs.of(ctx, lanes)
+    released, state = self._release(ctx, state, lanes, clock, costs, can_start)
     busy = len(lanes) - len(ended) - len(dropped) + len(released)
+    gone = set(ended) | set(dropped)
+    load = (sum(costs.lane(v) for v in lanes if v.slot not in gone)
+            + sum(costs.bucket(ctx.signature(t.config)) for t in released.values()))
     dropped.update(released)
-    if self._over(ctx, clock, busy, sum(v.started for v in lanes)):
+    if self._over(ctx, clock, load, sum(v.started for v in lanes)):
       return Decision(report=report, done=True), state
     if not ended:
       return Decision(refill=dropped, report=report, done=busy == 0), state
     by_slot = {v.slot: v for v in lanes}
     idle = {s: None for s in ended if s in retired}
-    if not can_start:  # a new trial could not finish: the lane idles
+    if costs.by_slot and clock.remaining is not None:
+      # On CPU a freed lane takes a new trial if the trial could finish
+      # beside every lane that trains on, each charged its own cost: near
+      # the end a narrow conv net's lane still refills when a wide one's
+      # new trial would not fit (else it idles).
+      paced = sum(v.started for v in lanes)
+      for s in sorted(ended):
+        if s in idle:
+          continue
+        if clock.remaining * paced / (load + costs.lane(by_slot[s])) >= ctx.num_steps:
+          load += costs.lane(by_slot[s])
+        else:
+          idle[s] = None
+    elif not can_start:  # a new trial could not finish: the lane idles
       idle = {slot: None for slot in ended}
     if len(idle) == len(ended):
       done = busy == 0
@@ -508,6 +552,36 @@ class Adaptive:
       for (i, fixed, _), (u, c) in zip(modelled, points):
         out[i] = _space.complete(ctx.space, enc.decode(u, c), fixed)
     return out
+
+
+class _Costs(NamedTuple):
+  """On CPU, what a lane costs relative to the mean of the lanes that
+  trained the last segment (measured per chunk: ``LaneView.step_seconds``;
+  a two-layer convolution costs up to a hundred times a one-layer one there),
+  so that pace estimates in lane units charge each lane its own cost. On
+  accelerators, or before any measurement, every lane counts 1."""
+
+  by_slot: dict
+  by_signature: dict
+
+  @classmethod
+  def of(cls, ctx: Context, lanes: Sequence[LaneView]) -> "_Costs":
+    measured = [v for v in lanes if v.started and math.isfinite(v.step_seconds) and v.step_seconds > 0]
+    if ctx.accelerator or not measured:
+      return cls({}, {})
+    mean = sum(v.step_seconds for v in measured) / len(measured)
+    by_signature: dict[tuple, list] = {}
+    for v in measured:
+      by_signature.setdefault(v.signature, []).append(v.step_seconds / mean)
+    return cls({v.slot: v.step_seconds / mean for v in measured},
+               {sig: sum(ws) / len(ws) for sig, ws in by_signature.items()})
+
+  def lane(self, v: LaneView) -> float:
+    return self.by_slot.get(v.slot, self.by_signature.get(v.signature, 1.0))
+
+  def bucket(self, signature: tuple) -> float:
+    """A new lane of this bucket (not measured yet: the costliest measured)."""
+    return self.by_signature.get(signature, max(self.by_signature.values(), default=1.0))
 
 
 def _live(state: AdaptiveState, lanes: Sequence[LaneView]) -> list[LaneView]:

@@ -126,7 +126,8 @@ class Population:
         if s.idle:
           continue
         score = float(s.curve[-1]) if s.curve else math.nan
-        out.append(LaneView(i, j, lane, s.trial, chunk.signature, s.steps, score, s.diverged_at >= 0, started))
+        out.append(LaneView(i, j, lane, s.trial, chunk.signature, s.steps, score, s.diverged_at >= 0, started,
+                            chunk.step_seconds))
     return out
 
   # Training ----------------------------------------------------------------
@@ -260,11 +261,24 @@ class Population:
         run = started or run[:1]  # nothing ready yet: wait for the first
         self._advanced = set(run) if len(run) < len(self.chunks) else None
       pending = [(j, self._call(j)) for j in run]
+      # Each chunk's time: the wait for its results after the previous
+      # chunk's (the devices run the calls in order), plus an even share of
+      # the dispatch; the waits are inside the clock.
+      marks = [time.perf_counter()]
+      results = []
       for j, metrics in pending:
-        self._record(j, to_host(metrics))  # waits for the devices: inside the clock
-      seconds = time.perf_counter() - t0 - (self.stats.compile_wall_seconds - waited)
+        results.append(to_host(metrics))
+        marks.append(time.perf_counter())
+      seconds = marks[-1] - t0 - (self.stats.compile_wall_seconds - waited)
+      dispatch = max(0.0, seconds - (marks[-1] - marks[0])) / max(1, len(run))
+      for k, ((j, _), metrics) in enumerate(zip(pending, results)):
+        busy = sum(not self.slots[i].idle for i in self.chunks[j].members)
+        self._record(j, metrics)
+        chunk_seconds = marks[k + 1] - marks[k] + dispatch
+        self._charge([j], chunk_seconds)
+        ran = self.chunks[j].cadence.eval_every * self.chunks[j].cadence.evals_per_call
+        self.chunks[j].step_seconds = chunk_seconds / (ran * max(1, busy))
       self.stats.train_seconds += seconds
-      self._charge(list(run), seconds)
       return
     j = 0
     while j < len(self.chunks):

@@ -102,6 +102,8 @@ class Chunk:
     state: the lanes' device state, or None before the first call and after
       the chunk's trials are done (sequential).
     done: its trials are finished (sequential).
+    step_seconds: seconds per step of each lane that trained in its last
+      call (the call's time over its busy lanes; NaN before the first).
   """
 
   signature: tuple
@@ -114,6 +116,7 @@ class Chunk:
   state: Any = None
   done: bool = False
   tier: str | None = None
+  step_seconds: float = math.nan
 
   @property
   def calls_needed(self) -> int:

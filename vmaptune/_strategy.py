@@ -20,6 +20,7 @@ dataclass implementing :class:`Strategy`, and one line in the registry
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Protocol, Sequence
 
 from ._region import Region
@@ -61,6 +62,10 @@ class LaneView(NamedTuple):
     started: False for a lane whose chunk has not trained yet (with a
       timeout, asynchronous strategies start chunks as their programs
       compile): it has no score; a strategy may only drop it (refill None).
+    step_seconds: the measured seconds per step of a busy lane of its chunk
+      in the last segment (NaN when unknown): on CPU, where lanes of
+      different programs cost differently (a wide convolution several times
+      a narrow one), what the lane costs.
   """
 
   slot: int
@@ -72,6 +77,7 @@ class LaneView(NamedTuple):
   score: float
   diverged: bool
   started: bool = True
+  step_seconds: float = math.nan
 
 
 class Cadence(NamedTuple):

@@ -46,8 +46,9 @@ class Trial:
       a list of ``(step, config)``, the first at step 0. Replay it with
       ``vt.train(..., schedule=trial.schedule)``.
     seconds: the training wall time charged to the trial: each compiled
-      call's time split evenly over the lanes it ran (a lane costs the same
-      whatever its trial). With ``steps`` (its lane-steps) it is what the
+      call's measured time split evenly over the lanes of its program (a
+      lane costs the same whatever its trial; a wide program's lanes more
+      than a narrow one's). With ``steps`` (its lane-steps) it is what the
       strategy spent on it; ``result.stats.idle_lane_steps`` is the rest.
   """
 
