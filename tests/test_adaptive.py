@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import vmaptune as vt
-from vmaptune import _adaptive, _options, _tpe
+from vmaptune import _options, _pacing, _tpe
 from vmaptune._adaptive import Adaptive, AdaptiveState
 from vmaptune._strategy import Clock, LaneView, NewTrial
 
@@ -242,7 +242,7 @@ def test_with_a_timeout_on_cpu_one_lane_per_bucket_starts_and_the_rest_as_the_pa
   assert dict(decision.refill) == {} and strat.held(state) == held and not state.retired
   # At the pace of the 2 lanes trained, the population steps left give 4 lanes START_TRIALS trial-lengths
   # and two segments (of 20 steps) each: 2 more start.
-  need = _adaptive.START_TRIALS * 100 + 2 * 20
+  need = _pacing.START_TRIALS * 100 + 2 * 20
   decision, state = strat.next(ctx, state, lanes, [], [], Clock(20, remaining=2 * need, left=9.0))
   assert list(decision.refill) == held[:2]
   for slot, t in decision.refill.items():
@@ -284,7 +284,7 @@ def test_on_cpu_held_lanes_start_at_their_buckets_measured_cost():
   seconds = {8: 0.001, 16: 0.003}  # a lane of the wide bucket costs 3x (mean 0.002: weights 0.5 and 1.5)
   view = lambda t, started=True: LaneView(t.id, 0, 0, t, sig(t.config), 20, 1.0, False, started,
                                           seconds[t.config["hidden"]] if started else math.nan)
-  need = _adaptive.START_TRIALS * 100 + 2 * 20  # a trial-length and two segments
+  need = _pacing.START_TRIALS * 100 + 2 * 20  # a trial-length and two segments
   # The wide bucket's program has not trained yet: its held lanes wait for their cost, the narrow ones
   # start (at most doubling the population: 2 lanes live, 2 start).
   narrow = next(t for t in started if t.config["hidden"] == 8)
@@ -330,14 +330,14 @@ def test_near_the_deadline_on_cpu_each_lane_is_charged_its_own_cost():
 def test_a_lanes_training_time_is_charged_by_its_chunks_measured_time(small_digits):
   # A wide three-layer MLP beside a four-unit one: each chunk's call is timed on its own, so a wide
   # lane's seconds per step are several times a narrow lane's (split evenly, they would be equal).
-  space = dict(SPACE, hidden=vt.choice([4, 256]), num_layers=3)
+  space = dict(SPACE, hidden=vt.choice([4, 1024]), num_layers=3)
   r = vt.search(mlp_fn, small_digits, space, strategy="adaptive", num_configs=8, num_steps=40, rounds=2,
                 seed=0, verbose=False)
   per_step = {}
-  for h in (4, 256):
+  for h in (4, 1024):
     ts = [t for t in r.trials if t.config["hidden"] == h and t.steps > 0]
     per_step[h] = sum(t.seconds for t in ts) / sum(t.steps for t in ts)
-  assert per_step[256] > 3 * per_step[4]
+  assert per_step[1024] > 2 * per_step[4]  # measured: 4.4-4.8x (evenly split: 1x)
   assert sum(t.seconds for t in r.trials) <= r.stats.train_seconds + 1e-6
 
 

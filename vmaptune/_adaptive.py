@@ -31,6 +31,7 @@ from typing import ClassVar, NamedTuple, Sequence
 import numpy as np
 
 from . import _space
+from ._pacing import _BEST, _C, _CHECKS, _SCORE, _STATUS, _STEP, _U, Costs, Pacing
 from ._region import Region
 from ._sampling import Stream, trial_seed
 from ._strategy import Cadence, Clock, Context, Decision, LaneView, NewTrial
@@ -39,24 +40,6 @@ from ._trial import Trial
 
 __all__ = ["Adaptive", "AdaptiveState"]
 
-#: With a timeout, the population narrows (see ``Adaptive._narrow``) until each
-#: lane can still train this many trial-lengths. Measured on the 2-core CPU
-#: (digits MLP, 10 s, 3 seeds), 3 gave up lanes too early: fewer lane-steps and
-#: worse best scores on every seed than 1.
-MIN_TRIALS = 1
-
-#: With a timeout on CPU, the population starts with one lane per bucket and
-#: grows, at each decision in the first half of the time, while every lane
-#: can still train this many trial-lengths at the measured pace (see
-#: ``Adaptive._release``): a slow model (a conv net on a CPU) gets a few lanes
-#: that finish trials, a fast one the whole population within a segment or two.
-START_TRIALS = 1
-
-# A trial's record in the state: its searched values in unit coordinates (u
-# for numeric, c for choices), steps reached, score there, best score so far
-# (both negated when maximizing: smaller is better), status, and its scores at
-# the pruner's check steps while it runs.
-_U, _C, _STEP, _SCORE, _BEST, _STATUS, _CHECKS = range(7)
 
 
 class AdaptiveState(NamedTuple):
@@ -90,7 +73,7 @@ class AdaptiveState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class Adaptive:
+class Adaptive(Pacing):
   """TPE refills and median pruning over a population of lanes
   (``search(..., strategy="adaptive")``; what ``strategy="auto"`` picks for
   searches of 80 trial-lengths or more, or with a ``timeout``).
@@ -239,53 +222,6 @@ class Adaptive:
       return False
     return clock.fits(ctx.num_steps)
 
-  @staticmethod
-  def _second_half(ctx: Context, clock: Clock) -> bool | None:
-    """With a timeout, whether less than half of it is left (None without one)."""
-    if ctx.timeout is None or clock.left is None:
-      return None
-    return clock.left < ctx.timeout / 2
-
-  def _over(self, ctx: Context, clock: Clock, busy: float = 0, paced: int = 0) -> bool:
-    """The budget is spent: no further segment fits. On CPU a lane's cost
-    does not depend on the others, so the pace of the ``paced`` lanes that
-    ran the last segment scales to the ``busy`` ones that will run the next
-    (in units of their mean cost, :class:`_Costs`)."""
-    total = self.total_steps(ctx)
-    if total is not None:
-      return clock.elapsed >= total
-    seg = self.segment_steps(ctx)
-    if not ctx.accelerator and clock.remaining is not None and busy > 0 and paced > 0:
-      return clock.remaining * paced / busy < seg
-    return not clock.fits(seg)
-
-  def _finish_best(self, ctx: Context, state: AdaptiveState, clock: Clock, paced: int, costs: "_Costs",
-                   ended: list, running: list) -> None:
-    """In the second half of the time on CPU (before, :meth:`_narrow`), when
-    the running trials cannot all finish, keeps the best that can (by their
-    best score so far; a lane that stops costs nothing there, and each is
-    charged its own measured cost) and stops the others, rather than stopping
-    all at the end."""
-    if ctx.accelerator or not clock.remaining or not running or not self._second_half(ctx, clock):
-      return
-    per_step = clock.left / (clock.remaining * paced)  # seconds per step of a lane of mean cost
-    need = lambda v: max(0, ctx.num_steps - v.steps)
-    per_lane_step = lambda v: per_step * costs.lane(v)
-    if sum(need(v) * per_lane_step(v) for v, _ in running) <= clock.left:
-      return
-    room = 0.8 * clock.left  # the pace of fewer lanes is an estimate: a margin
-    spent, stop = 0.0, []
-    for v, rec in sorted(running, key=lambda p: (p[1][_BEST], p[0].slot)):
-      cost = need(v) * per_lane_step(v)
-      if spent + cost <= room:
-        spent += cost
-      else:
-        stop.append((v, rec))
-    for v, rec in stop:
-      rec[_STATUS], rec[_CHECKS] = "stopped", {}
-      ended.append((v.slot, {"status": "stopped"}))
-      running.remove((v, rec))
-
   def stop(self, ctx: Context, state: AdaptiveState, lanes: Sequence[LaneView], clock: Clock):
     sign = -1.0 if ctx.maximize else 1.0
     check = self.check_steps(ctx)
@@ -311,7 +247,7 @@ class Adaptive:
         ended.append((v.slot, {"status": "ok"}))
       else:
         running.append((v, rec))
-    costs = _Costs.of(ctx, lanes)
+    costs = Costs.of(ctx, lanes)
     state = self._narrow(ctx, state, lanes, clock, costs, ended, running)
     paced = sum(v.started for v in lanes)
     can_start = self._can_start(ctx, clock)
@@ -331,126 +267,6 @@ class Adaptive:
           rec[_STATUS], rec[_CHECKS] = "stopped", {}
           ended.append((v.slot, {"status": "stopped"}))
     return ended, state
-
-  def _narrow(self, ctx: Context, state: AdaptiveState, lanes: Sequence[LaneView], clock: Clock,
-              costs: "_Costs", ended: list, running: list) -> AdaptiveState:
-    """With a timeout too short for the population (a slow model), gives up
-    lanes, worst trial first, until each remaining lane can still train
-    ``MIN_TRIALS`` trial-lengths in the time left. Judged at each decision in
-    the first half of the time, on the pace of the last segment.
-
-    On CPU a lane's cost does not depend on the others and a lane past its
-    budget skips its steps, so single lanes go, judged as soon as the first
-    chunk has trained: the pace per lane, times every lane of the population
-    (chunks still compiling included), says what fits, and each bucket
-    (program) keeps that share of its lanes, so every width or depth stays in
-    the search; lanes of chunks not started yet never start. On accelerators
-    a lane's cost barely depends on how many train beside it: whole chunks go
-    (a chunk whose lanes all idle is not run), once every chunk trains. Both
-    only after two short decisions in a row."""
-    if clock.remaining is None or self._second_half(ctx, clock) is not False:
-      return state
-    retired = list(state.retired or [])
-    live = _live(state, lanes)
-    if not live:
-      return state
-    paced = [v for v in live if v.started]  # the lanes the last segment's pace is of
-    if not paced:
-      return state
-    if ctx.accelerator and state.retired is None and len(paced) < len(live):
-      return state  # some chunks still compiling: the pace is not the population's
-    # On CPU, lanes of chunks not trained yet will cost as much each.
-    state = state._replace(retired=retired)
-    # Trial-lengths each lane can still train (lanes weighted by their cost).
-    fits = clock.remaining * len(paced) / sum(costs.lane(v) for v in live) / ctx.num_steps
-    if fits >= MIN_TRIALS:
-      return state._replace(short=0)
-    if state.short < 1:
-      # One slow segment is not a pace: a chunk's first call, or a compile
-      # finishing beside it, can make one look 20x slower (measured).
-      return state._replace(short=state.short + 1)
-    state = state._replace(short=0)
-    share = fits / MIN_TRIALS
-    best = lambda vs: min(state.trials[v.trial.id][_BEST] for v in vs)
-    gone: list[int] = []
-    if ctx.accelerator:
-      chunks: dict[int, list] = {}
-      for v in live:
-        chunks.setdefault(v.chunk, []).append(v)
-      afford, n = max(1, int(len(live) * share)), 0
-      for j in sorted(chunks, key=lambda j: (best(chunks[j]), j)):
-        if n >= afford:
-          gone += [v.slot for v in chunks[j]]
-        n += len(chunks[j])
-    else:
-      buckets: dict[tuple, list] = {}
-      for v in live:
-        buckets.setdefault(v.signature, []).append(v)
-      for vs in buckets.values():
-        keep = max(1, int(len(vs) * share))
-        gone += [v.slot for v in sorted(vs, key=lambda v: (best([v]), v.slot))[keep:]]
-    if not gone:
-      return state
-    ending = {slot for slot, _ in ended}
-    for v, rec in list(running):  # (lanes not started yet are dropped by ``next``)
-      if v.slot in gone and v.slot not in ending:
-        rec[_STATUS], rec[_CHECKS] = "stopped", {}
-        ended.append((v.slot, {"status": "stopped"}))
-        running.remove((v, rec))
-    return state._replace(retired=sorted(retired + gone))
-
-  def _release(self, ctx: Context, state: AdaptiveState, lanes: Sequence[LaneView], clock: Clock,
-               costs: "_Costs", can_start: bool) -> tuple[dict, AdaptiveState]:
-    """With a timeout on CPU, starts held lanes of the first population while
-    each lane, those started included, can train ``START_TRIALS``
-    trial-lengths and two more segments in the time left at the pace of the
-    last segment (a lane's cost does not depend on the others there, and a
-    held lane costs only its validation pass; the margin keeps a lane just
-    started from being given up by ``_narrow`` a segment later). Each lane
-    is charged its bucket's measured cost (:class:`_Costs`): a lane of a
-    bucket whose program has not trained yet stays held (the others are
-    charged the costliest measured for it), and the population at most
-    doubles per decision unless everything fits twice over (a pace measured
-    on a few lanes is a rough one). Lanes stay held while nothing more
-    fits; at half time those still held are given up
-    (``retired``; their trials' status ``"unused"``). On an accelerator (a
-    search resumed on another platform) every held lane starts."""
-    if not state.held:
-      return {}, state
-    held = list(state.held)
-    round_ = clock.elapsed // ctx.num_steps
-    start = lambda entries: {i: NewTrial(i, config, seed, round_) for i, config, seed in entries}
-    if self._second_half(ctx, clock):
-      for trial_id, *_ in held:
-        state.trials[trial_id][_STATUS] = "unused"
-      return {}, state._replace(held=[], retired=sorted(list(state.retired or ()) + self.held(state)))
-    if ctx.accelerator:
-      return start(held), state._replace(held=[])
-    live = _live(state, lanes)
-    paced = sum(v.started for v in lanes)  # the lanes the last segment's pace is of
-    if not paced or clock.remaining is None or not can_start:
-      return {}, state
-    seg = self.segment_steps(ctx)
-    afford = clock.remaining * paced / (START_TRIALS * ctx.num_steps + 2 * seg)  # in lanes of mean cost
-    # Lanes of buckets whose program has not trained yet: the costliest measured.
-    load = sum(costs.lane(v) if v.started else costs.bucket(v.signature) for v in live)
-    # (Without measurements, as after a resume, every lane counts 1.)
-    cost = [costs.by_signature.get(ctx.signature(config)) if costs.by_signature else 1.0 for _, config, _ in held]
-    if all(c is not None for c in cost) and load + sum(cost) <= afford / 2:
-      go = list(range(len(held)))
-    else:
-      go = []
-      for k, c in enumerate(cost):
-        if c is None:  # its bucket's program has not trained yet: the lane waits for its cost
-          continue
-        if len(go) >= len(live) or load + c > afford:
-          break
-        load += c
-        go.append(k)
-    if not go:
-      return {}, state
-    chosen = set(go)
-    return start([held[k] for k in go]), state._replace(held=[e for k, e in enumerate(held) if k not in chosen])
 
   def _prune(self, state: AdaptiveState, step: int, best: float) -> bool:
     """Optuna's percentile rule: worse than the percentile of the finished
@@ -479,7 +295,7 @@ class Adaptive:
       if not v.started and (late or v.slot in retired):
         dropped[v.slot] = None
         state.trials[v.trial.id][_STATUS] = "unused"
-    costs = _Costs.of(ctx, lanes)
+    costs = Costs.of(ctx, lanes)
     released, state = self._release(ctx, state, lanes, clock, costs, can_start)
     busy = len(lanes) - len(ended) - len(dropped) + len(released)
     gone = set(ended) | set(dropped)
@@ -552,42 +368,6 @@ class Adaptive:
       for (i, fixed, _), (u, c) in zip(modelled, points):
         out[i] = _space.complete(ctx.space, enc.decode(u, c), fixed)
     return out
-
-
-class _Costs(NamedTuple):
-  """On CPU, what a lane costs relative to the mean of the lanes that
-  trained the last segment (measured per chunk: ``LaneView.step_seconds``;
-  a two-layer convolution costs up to a hundred times a one-layer one there),
-  so that pace estimates in lane units charge each lane its own cost. On
-  accelerators, or before any measurement, every lane counts 1."""
-
-  by_slot: dict
-  by_signature: dict
-
-  @classmethod
-  def of(cls, ctx: Context, lanes: Sequence[LaneView]) -> "_Costs":
-    measured = [v for v in lanes if v.started and math.isfinite(v.step_seconds) and v.step_seconds > 0]
-    if ctx.accelerator or not measured:
-      return cls({}, {})
-    mean = sum(v.step_seconds for v in measured) / len(measured)
-    by_signature: dict[tuple, list] = {}
-    for v in measured:
-      by_signature.setdefault(v.signature, []).append(v.step_seconds / mean)
-    return cls({v.slot: v.step_seconds / mean for v in measured},
-               {sig: sum(ws) / len(ws) for sig, ws in by_signature.items()})
-
-  def lane(self, v: LaneView) -> float:
-    return self.by_slot.get(v.slot, self.by_signature.get(v.signature, 1.0))
-
-  def bucket(self, signature: tuple) -> float:
-    """A new lane of this bucket (not measured yet: the costliest measured)."""
-    return self.by_signature.get(signature, max(self.by_signature.values(), default=1.0))
-
-
-def _live(state: AdaptiveState, lanes: Sequence[LaneView]) -> list[LaneView]:
-  """The lanes not given up (``state.retired``)."""
-  retired = set(state.retired or ())
-  return [v for v in lanes if v.slot not in retired]
 
 
 def _record(enc: Encoder, config: dict) -> list:

@@ -1,0 +1,249 @@
+"""How the adaptive strategy fits its population to a time budget on CPU.
+
+With a ``timeout`` the adaptive strategy (``_adaptive``) decides from the
+pace of the last segment (``Clock``) how many lanes can still finish trials:
+it starts held lanes as the pace allows (``_release``), gives lanes up when
+the model is too slow for the population (``_narrow``), and near the
+deadline keeps the best trials that can finish (``_finish_best``). On CPU a
+lane's cost does not depend on the others but does on its program (a
+two-layer convolution can cost a hundred times a one-layer one), so every
+estimate charges each lane its measured cost (:class:`Costs`). The
+methods are a mixin of :class:`~vmaptune.Adaptive`; they read its settings
+(``segment_steps``, ``total_steps``, ``held``) and its state's records.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+from ._strategy import Clock, Context, LaneView, NewTrial
+
+# ``state`` below is an ``_adaptive.AdaptiveState`` (annotated as the tuple it
+# is: ``_adaptive`` imports this module).
+
+#: With a timeout, the population narrows (see ``Adaptive._narrow``) until each
+#: lane can still train this many trial-lengths. Measured on the 2-core CPU
+#: (digits MLP, 10 s, 3 seeds), 3 gave up lanes too early: fewer lane-steps and
+#: worse best scores on every seed than 1.
+MIN_TRIALS = 1
+
+#: With a timeout on CPU, the population starts with one lane per bucket and
+#: grows, at each decision in the first half of the time, while every lane
+#: can still train this many trial-lengths at the measured pace (see
+#: ``Adaptive._release``): a slow model (a conv net on a CPU) gets a few lanes
+#: that finish trials, a fast one the whole population within a few segments.
+START_TRIALS = 1
+
+# A trial's record in the state: its searched values in unit coordinates (u
+# for numeric, c for choices), steps reached, score there, best score so far
+# (both negated when maximizing: smaller is better), status, and its scores at
+# the pruner's check steps while it runs.
+_U, _C, _STEP, _SCORE, _BEST, _STATUS, _CHECKS = range(7)
+
+
+class Pacing:
+  """The time-budget decisions of :class:`~vmaptune.Adaptive` (a mixin)."""
+
+  @staticmethod
+  def _second_half(ctx: Context, clock: Clock) -> bool | None:
+    """With a timeout, whether less than half of it is left (None without one)."""
+    if ctx.timeout is None or clock.left is None:
+      return None
+    return clock.left < ctx.timeout / 2
+
+  def _over(self, ctx: Context, clock: Clock, busy: float = 0, paced: int = 0) -> bool:
+    """The budget is spent: no further segment fits. On CPU a lane's cost
+    does not depend on the others, so the pace of the ``paced`` lanes that
+    ran the last segment scales to the ``busy`` ones that will run the next
+    (in units of their mean cost, :class:`Costs`)."""
+    total = self.total_steps(ctx)
+    if total is not None:
+      return clock.elapsed >= total
+    seg = self.segment_steps(ctx)
+    if not ctx.accelerator and clock.remaining is not None and busy > 0 and paced > 0:
+      return clock.remaining * paced / busy < seg
+    return not clock.fits(seg)
+
+  def _finish_best(self, ctx: Context, state: tuple, clock: Clock, paced: int, costs: Costs,
+                   ended: list, running: list) -> None:
+    """In the second half of the time on CPU (before, :meth:`_narrow`), when
+    the running trials cannot all finish, keeps the best that can (by their
+    best score so far; a lane that stops costs nothing there, and each is
+    charged its own measured cost) and stops the others, rather than stopping
+    all at the end."""
+    if ctx.accelerator or not clock.remaining or not running or not self._second_half(ctx, clock):
+      return
+    per_step = clock.left / (clock.remaining * paced)  # seconds per step of a lane of mean cost
+    need = lambda v: max(0, ctx.num_steps - v.steps)
+    per_lane_step = lambda v: per_step * costs.lane(v)
+    if sum(need(v) * per_lane_step(v) for v, _ in running) <= clock.left:
+      return
+    room = 0.8 * clock.left  # the pace of fewer lanes is an estimate: a margin
+    spent, stop = 0.0, []
+    for v, rec in sorted(running, key=lambda p: (p[1][_BEST], p[0].slot)):
+      cost = need(v) * per_lane_step(v)
+      if spent + cost <= room:
+        spent += cost
+      else:
+        stop.append((v, rec))
+    for v, rec in stop:
+      rec[_STATUS], rec[_CHECKS] = "stopped", {}
+      ended.append((v.slot, {"status": "stopped"}))
+      running.remove((v, rec))
+
+  def _narrow(self, ctx: Context, state: tuple, lanes: Sequence[LaneView], clock: Clock,
+              costs: Costs, ended: list, running: list) -> tuple:
+    """With a timeout too short for the population (a slow model), gives up
+    lanes, worst trial first, until each remaining lane can still train
+    ``MIN_TRIALS`` trial-lengths in the time left. Judged at each decision in
+    the first half of the time, on the pace of the last segment.
+
+    On CPU a lane's cost does not depend on the others and a lane past its
+    budget skips its steps, so single lanes go, judged as soon as the first
+    chunk has trained: the pace per lane, times every lane of the population
+    (chunks still compiling included), says what fits, and each bucket
+    (program) keeps that share of its lanes, so every width or depth stays in
+    the search; lanes of chunks not started yet never start. On accelerators
+    a lane's cost barely depends on how many train beside it: whole chunks go
+    (a chunk whose lanes all idle is not run), once every chunk trains. Both
+    only after two short decisions in a row."""
+    if clock.remaining is None or self._second_half(ctx, clock) is not False:
+      return state
+    retired = list(state.retired or [])
+    live = live_lanes(state, lanes)
+    if not live:
+      return state
+    paced = [v for v in live if v.started]  # the lanes the last segment's pace is of
+    if not paced:
+      return state
+    if ctx.accelerator and state.retired is None and len(paced) < len(live):
+      return state  # some chunks still compiling: the pace is not the population's
+    # On CPU, lanes of chunks not trained yet will cost as much each.
+    state = state._replace(retired=retired)
+    # Trial-lengths each lane can still train (lanes weighted by their cost).
+    fits = clock.remaining * len(paced) / sum(costs.lane(v) for v in live) / ctx.num_steps
+    if fits >= MIN_TRIALS:
+      return state._replace(short=0)
+    if state.short < 1:
+      # One slow segment is not a pace: a chunk's first call, or a compile
+      # finishing beside it, can make one look 20x slower (measured).
+      return state._replace(short=state.short + 1)
+    state = state._replace(short=0)
+    share = fits / MIN_TRIALS
+    best = lambda vs: min(state.trials[v.trial.id][_BEST] for v in vs)
+    gone: list[int] = []
+    if ctx.accelerator:
+      chunks: dict[int, list] = {}
+      for v in live:
+        chunks.setdefault(v.chunk, []).append(v)
+      afford, n = max(1, int(len(live) * share)), 0
+      for j in sorted(chunks, key=lambda j: (best(chunks[j]), j)):
+        if n >= afford:
+          gone += [v.slot for v in chunks[j]]
+        n += len(chunks[j])
+    else:
+      buckets: dict[tuple, list] = {}
+      for v in live:
+        buckets.setdefault(v.signature, []).append(v)
+      for vs in buckets.values():
+        keep = max(1, int(len(vs) * share))
+        gone += [v.slot for v in sorted(vs, key=lambda v: (best([v]), v.slot))[keep:]]
+    if not gone:
+      return state
+    ending = {slot for slot, _ in ended}
+    for v, rec in list(running):  # (lanes not started yet are dropped by ``next``)
+      if v.slot in gone and v.slot not in ending:
+        rec[_STATUS], rec[_CHECKS] = "stopped", {}
+        ended.append((v.slot, {"status": "stopped"}))
+        running.remove((v, rec))
+    return state._replace(retired=sorted(retired + gone))
+
+  def _release(self, ctx: Context, state: tuple, lanes: Sequence[LaneView], clock: Clock,
+               costs: Costs, can_start: bool) -> tuple[dict, tuple]:
+    """With a timeout on CPU, starts held lanes of the first population while
+    each lane, those started included, can train ``START_TRIALS``
+    trial-lengths and two more segments in the time left at the pace of the
+    last segment (a lane's cost does not depend on the others there, and a
+    held lane costs only its validation pass; the margin keeps a lane just
+    started from being given up by ``_narrow`` a segment later). Each lane
+    is charged its bucket's measured cost (:class:`Costs`): a lane of a
+    bucket whose program has not trained yet stays held (the others are
+    charged the costliest measured for it), and the population at most
+    doubles per decision unless everything fits twice over (a pace measured
+    on a few lanes is a rough one). Lanes stay held while nothing more
+    fits; at half time those still held are given up
+    (``retired``; their trials' status ``"unused"``). On an accelerator (a
+    search resumed on another platform) every held lane starts."""
+    if not state.held:
+      return {}, state
+    held = list(state.held)
+    round_ = clock.elapsed // ctx.num_steps
+    start = lambda entries: {i: NewTrial(i, config, seed, round_) for i, config, seed in entries}
+    if self._second_half(ctx, clock):
+      for trial_id, *_ in held:
+        state.trials[trial_id][_STATUS] = "unused"
+      return {}, state._replace(held=[], retired=sorted(list(state.retired or ()) + self.held(state)))
+    if ctx.accelerator:
+      return start(held), state._replace(held=[])
+    live = live_lanes(state, lanes)
+    paced = sum(v.started for v in lanes)  # the lanes the last segment's pace is of
+    if not paced or clock.remaining is None or not can_start:
+      return {}, state
+    seg = self.segment_steps(ctx)
+    afford = clock.remaining * paced / (START_TRIALS * ctx.num_steps + 2 * seg)  # in lanes of mean cost
+    # Lanes of buckets whose program has not trained yet: the costliest measured.
+    load = sum(costs.lane(v) if v.started else costs.bucket(v.signature) for v in live)
+    # (Without measurements, as after a resume, every lane counts 1.)
+    cost = [costs.by_signature.get(ctx.signature(config)) if costs.by_signature else 1.0 for _, config, _ in held]
+    if all(c is not None for c in cost) and load + sum(cost) <= afford / 2:
+      go = list(range(len(held)))
+    else:
+      go = []
+      for k, c in enumerate(cost):
+        if c is None:  # its bucket's program has not trained yet: the lane waits for its cost
+          continue
+        if len(go) >= len(live) or load + c > afford:
+          break
+        load += c
+        go.append(k)
+    if not go:
+      return {}, state
+    chosen = set(go)
+    return start([held[k] for k in go]), state._replace(held=[e for k, e in enumerate(held) if k not in chosen])
+
+
+class Costs(NamedTuple):
+  """On CPU, what a lane costs relative to the mean of the lanes that
+  trained the last segment (measured per chunk: ``LaneView.step_seconds``;
+  a two-layer convolution costs up to a hundred times a one-layer one there),
+  so that pace estimates in lane units charge each lane its own cost. On
+  accelerators, or before any measurement, every lane counts 1."""
+
+  by_slot: dict
+  by_signature: dict
+
+  @classmethod
+  def of(cls, ctx: Context, lanes: Sequence[LaneView]) -> "Costs":
+    measured = [v for v in lanes if v.started and math.isfinite(v.step_seconds) and v.step_seconds > 0]
+    if ctx.accelerator or not measured:
+      return cls({}, {})
+    mean = sum(v.step_seconds for v in measured) / len(measured)
+    by_signature: dict[tuple, list] = {}
+    for v in measured:
+      by_signature.setdefault(v.signature, []).append(v.step_seconds / mean)
+    return cls({v.slot: v.step_seconds / mean for v in measured},
+               {sig: sum(ws) / len(ws) for sig, ws in by_signature.items()})
+
+  def lane(self, v: LaneView) -> float:
+    return self.by_slot.get(v.slot, self.by_signature.get(v.signature, 1.0))
+
+  def bucket(self, signature: tuple) -> float:
+    """A new lane of this bucket (not measured yet: the costliest measured)."""
+    return self.by_signature.get(signature, max(self.by_signature.values(), default=1.0))
+
+
+def live_lanes(state: tuple, lanes: Sequence[LaneView]) -> list[LaneView]:
+  """The lanes not given up (``state.retired``)."""
+  retired = set(state.retired or ())
+  return [v for v in lanes if v.slot not in retired]
