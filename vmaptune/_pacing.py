@@ -119,9 +119,9 @@ class Pacing:
       return state
     if ctx.accelerator and state.retired is None and len(paced) < len(live):
       return state  # some chunks still compiling: the pace is not the population's
-    # On CPU, lanes of chunks not trained yet will cost as much each.
     state = state._replace(retired=retired)
-    # Trial-lengths each lane can still train (lanes weighted by their cost).
+    # Trial-lengths each lane can still train, lanes weighted by their cost (on
+    # CPU a lane of a chunk not trained yet costs its bucket's, or the mean).
     fits = clock.remaining * len(paced) / sum(costs.lane(v) for v in live) / ctx.num_steps
     if fits >= MIN_TRIALS:
       return state._replace(short=0)
