@@ -302,7 +302,8 @@ class Adaptive(Pacing):
     load = (sum(costs.lane(v) for v in lanes if v.slot not in gone)
             + sum(costs.bucket(ctx.signature(t.config)) for t in released.values()))
     dropped.update(released)
-    if self._over(ctx, clock, load, sum(v.started for v in lanes)):
+    paced = sum(v.started for v in lanes)  # the lanes the last segment's pace is of
+    if self._over(ctx, clock, load, paced):
       return Decision(report=report, done=True), state
     if not ended:
       return Decision(refill=dropped, report=report, done=busy == 0), state
@@ -313,11 +314,10 @@ class Adaptive(Pacing):
       # beside every lane that trains on, each charged its own cost: near
       # the end a narrow conv net's lane still refills when a wide one's
       # new trial would not fit (else it idles).
-      paced = sum(v.started for v in lanes)
       for s in sorted(ended):
         if s in idle:
           continue
-        if clock.remaining * paced / (load + costs.lane(by_slot[s])) >= ctx.num_steps:
+        if self._fits(ctx, clock, ctx.num_steps, load + costs.lane(by_slot[s]), paced):
           load += costs.lane(by_slot[s])
         else:
           idle[s] = None

@@ -167,7 +167,7 @@ class _Run:
       self.elapsed += max(c.cadence.budget for c in self.population.chunks)
     else:
       c = self.population.chunks[0].cadence
-      self.elapsed += c.eval_every * c.evals_per_call
+      self.elapsed += c.steps_per_call
     self.horizons += 1
     self.stats.segments += 1
     self._pace.stop(self)
@@ -326,7 +326,7 @@ class _Run:
     if self.strategy.sequential:
       return True
     c = self.population.chunks[0].cadence
-    step = c.eval_every * c.evals_per_call
+    step = c.steps_per_call
     every = self.ctx.checkpoint_every or self.ctx.num_steps
     total = self.strategy.total_steps(self.ctx)
     return self.elapsed // every > (self.elapsed - step) // every or (total is not None and self.elapsed >= total)

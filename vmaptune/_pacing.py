@@ -52,18 +52,22 @@ class Pacing:
       return None
     return clock.left < ctx.timeout / 2
 
+  @staticmethod
+  def _fits(ctx: Context, clock: Clock, steps: int, busy: float = 0, paced: int = 0) -> bool:
+    """``steps`` more population steps fit in the time left. On CPU a lane's
+    cost does not depend on the others, so the pace of the ``paced`` lanes
+    that ran the last segment scales to the ``busy`` ones that will run (in
+    units of their mean cost, :class:`Costs`)."""
+    if not ctx.accelerator and clock.remaining is not None and busy > 0 and paced > 0:
+      return clock.remaining * paced / busy >= steps
+    return clock.fits(steps)
+
   def _over(self, ctx: Context, clock: Clock, busy: float = 0, paced: int = 0) -> bool:
-    """The budget is spent: no further segment fits. On CPU a lane's cost
-    does not depend on the others, so the pace of the ``paced`` lanes that
-    ran the last segment scales to the ``busy`` ones that will run the next
-    (in units of their mean cost, :class:`Costs`)."""
+    """The budget is spent: no further segment fits (see :meth:`_fits`)."""
     total = self.total_steps(ctx)
     if total is not None:
       return clock.elapsed >= total
-    seg = self.segment_steps(ctx)
-    if not ctx.accelerator and clock.remaining is not None and busy > 0 and paced > 0:
-      return clock.remaining * paced / busy < seg
-    return not clock.fits(seg)
+    return not self._fits(ctx, clock, self.segment_steps(ctx), busy, paced)
 
   def _finish_best(self, ctx: Context, state: tuple, clock: Clock, paced: int, costs: Costs,
                    ended: list, running: list) -> None:

@@ -276,7 +276,7 @@ class Population:
         self._record(j, metrics)
         chunk_seconds = marks[k + 1] - marks[k] + dispatch
         self._charge([j], chunk_seconds)
-        ran = self.chunks[j].cadence.eval_every * self.chunks[j].cadence.evals_per_call
+        ran = self.chunks[j].cadence.steps_per_call
         self.chunks[j].step_seconds = chunk_seconds / (ran * max(1, busy))
       self.stats.train_seconds += seconds
       return
@@ -358,7 +358,7 @@ class Population:
     chunk = self.chunks[j]
     scores, losses, steps = metrics
     diverged = to_host(chunk.state.diverged_at)
-    ran = chunk.cadence.eval_every * chunk.cadence.evals_per_call  # every lane runs the whole call
+    ran = chunk.cadence.steps_per_call  # every lane runs the whole call
     self.stats.idle_lane_steps += ran * (chunk.lanes - len(chunk.members))
     for lane, i in enumerate(chunk.members):
       s = self.slots[i]

@@ -88,6 +88,11 @@ class Cadence(NamedTuple):
   evals_per_call: int
   budget: int
 
+  @property
+  def steps_per_call(self) -> int:
+    """Steps every lane of the bucket runs in one compiled call (a segment)."""
+    return self.eval_every * self.evals_per_call
+
 
 class Clock(NamedTuple):
   """Population time at a decision point.
