@@ -32,7 +32,10 @@ Tasks (scikit-learn's bundled data):
   * ``diabetes``: regression, standardised x and y, MLP, validation MSE;
   * ``breast_cancer``: binary classification, standardised x, MLP, cross-entropy;
   * ``digits_cnn``: the digit images as 8x8x1 images, a small CNN (``hidden``
-    channels, ``num_layers`` 3x3 convolutions, global average pool, linear).
+    channels, ``num_layers`` 3x3 convolutions, global average pool, linear);
+  * ``digits_cnn16`` (not in the default ``--tasks``): the same CNN with its
+    shape fixed at 16 channels and 2 convolutions, as when a user tunes the
+    optimizer of one model; learning rate, β1 and decay are searched.
 
 Space: learning rate log-uniform [1e-4, 1e-1], β1 reverse-log-uniform
 [0.8, 0.999], hidden in {32, 64, 128} (CNN: channels {8, 16, 32}),
@@ -70,9 +73,11 @@ S = 500
 CHUNK = 100
 BATCH = 64
 TASKS = ("digits", "diabetes", "breast_cancer", "digits_cnn")
+EXTRA_TASKS = ("digits_cnn16",)
 METHODS = ("optuna", "auto", "zoom", "halving")
-OUTPUTS = {"digits": 10, "diabetes": 1, "breast_cancer": 2, "digits_cnn": 10}
+OUTPUTS = {"digits": 10, "diabetes": 1, "breast_cancer": 2, "digits_cnn": 10, "digits_cnn16": 10}
 WIDTHS = {"digits_cnn": (8, 16, 32)}
+FIXED = {"digits_cnn16": {"hidden": 16, "num_layers": 2}}  # the model's shape, not searched
 
 
 # --------------------------------------------------------------------------
@@ -84,10 +89,10 @@ def load(task: str, seed: int) -> dict:
   """``{"train": (x, y), "val": (x, y)}`` split by ``seed``."""
   from sklearn import datasets
 
-  if task in ("digits", "digits_cnn"):
+  if task in ("digits", "digits_cnn", "digits_cnn16"):
     x, y = datasets.load_digits(return_X_y=True)
     x, y = (x / 16.0).astype(np.float32), y.astype(np.int32)
-    if task == "digits_cnn":
+    if task.startswith("digits_cnn"):
       x = x.reshape(-1, 8, 8, 1)
     (xt, yt), (xv, yv) = C._split(x, y, 0.2, seed)
     return {"train": (xt, yt), "val": (xv, yv)}
@@ -100,7 +105,7 @@ def load(task: str, seed: int) -> dict:
   if task == "diabetes":
     data, _ = C.diabetes(0.2, seed)
     return data
-  raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+  raise ValueError(f"unknown task {task!r}; choose from {TASKS + EXTRA_TASKS}")
 
 
 class MLP(nnx.Module):
@@ -131,7 +136,7 @@ def model_fn_for(task: str, data: dict):
   din = data["train"][0].shape[-1]
 
   def model_fn(config, rngs):
-    if task == "digits_cnn":
+    if task.startswith("digits_cnn"):
       return CNN(int(config["hidden"]), int(config["num_layers"]), dout, rngs)
     return MLP(din, int(config["hidden"]), int(config["num_layers"]), dout, rngs)
 
@@ -146,6 +151,7 @@ def space(task: str) -> dict:
       "num_layers": vt.integer(1, 2),
       "lr_decay": vt.uniform(0.0, 0.5),
       "batch_size": BATCH,
+      **FIXED.get(task, {}),
   }
 
 
@@ -216,12 +222,14 @@ def run_optuna(task: dict) -> dict:
   tally = {"lane_steps": 0, "best": math.inf, "trials": 0, "completed": 0, "diverged": 0}
   trace = []
 
+  fixed = FIXED.get(name)
+
   def objective(trial):
     config = {
         "learning_rate": trial.suggest_float("learning_rate", 1e-4, 1e-1, log=True),
         "b1": 1.0 - trial.suggest_float("one_minus_b1", 1 - 0.999, 1 - 0.8, log=True),
-        "hidden": trial.suggest_categorical("hidden", list(widths)),
-        "num_layers": trial.suggest_int("num_layers", 1, 2),
+        "hidden": fixed["hidden"] if fixed else trial.suggest_categorical("hidden", list(widths)),
+        "num_layers": fixed["num_layers"] if fixed else trial.suggest_int("num_layers", 1, 2),
         "lr_decay": trial.suggest_float("lr_decay", 0.0, 0.5),
     }
     shape = (config["hidden"], config["num_layers"])

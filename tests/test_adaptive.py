@@ -327,6 +327,28 @@ def test_near_the_deadline_on_cpu_each_lane_is_charged_its_own_cost():
   assert ended == [(1, {"status": "stopped"})]
 
 
+@pytest.mark.parametrize("devices, started", [(1, 0), (2, 1), (4, 1)])
+def test_on_cpu_lanes_on_other_devices_train_at_once(devices, started):
+  # One lane per bucket trains; the time left fits one more trial-length (and two segments) at its
+  # pace. On one device a second lane would halve every lane's pace: nothing more starts. With more
+  # devices, lanes on the others train at the same time: one more starts (the population at most
+  # doubles per decision).
+  from vmaptune._sampling import Drawer
+
+  drawer = Drawer(SPACE, sampler="random", seed=0, maximize=False, signature_keys=[], max_buckets=8,
+                  capacity=lambda n: n)
+  ctx = _ctx(timeout=10.0, num_steps=100, drawer=drawer, devices=devices)
+  strat = Adaptive()
+  trials, state = strat.init(ctx)
+  held = strat.held(state)
+  first = [t for t in trials if t.id not in held]
+  assert len(first) == 1
+  lanes = [LaneView(t.id, 0, 0, t, (), 20, 1.0, False, True, 0.001) for t in first]
+  need = _pacing.START_TRIALS * 100 + 2 * 20
+  decision, state = strat.next(ctx, state, lanes, [], [], Clock(20, remaining=need, left=9.0))
+  assert list(decision.refill) == held[:started]
+
+
 def test_a_lanes_training_time_is_charged_by_its_chunks_measured_time(small_digits):
   # A wide three-layer MLP beside a four-unit one: each chunk's call is timed on its own, so a wide
   # lane's seconds per step are several times a narrow lane's (split evenly, they would be equal).

@@ -44,6 +44,31 @@ def test_padding_lanes_never_reach_the_results(small_digits):
   assert r.stats.lane_steps == 5 * 10
 
 
+def test_a_buckets_trials_take_lanes_on_the_devices_in_turn(small_digits):
+  # Each device holds a block of consecutive lanes. Lanes that start one by
+  # one (the adaptive strategy with a timeout on CPU starts one per bucket and
+  # adds more) must not all land on the first device while the others idle:
+  # a bucket's trials, in the order they start, take one lane of each device
+  # in turn, and each bucket's first trial sits on the next device.
+  space = dict(SPACE, hidden=vt.choice([8, 16]))
+  r = vt.search(mlp_fn, small_digits, space, num_configs=24, num_steps=10, rounds=1, seed=0, verbose=False)
+  firsts = []
+  for h in (8, 16):
+    trials = sorted((t for t in r.trials if t.config["hidden"] == h), key=lambda t: t.id)
+    lanes = r._replay.population.refs[trials[0].id].lanes
+    per = lanes // 4
+    assert len(trials) > 2 * per  # members on at least three devices
+    devices = [t.lane // per for t in trials]
+    used = len({d for d in devices})
+    assert len(set(devices[:used])) == used, devices  # the first trials: one per device
+    assert sorted(t.lane for t in trials) == list(range(len(trials)))  # padding stays last
+    firsts.append(devices[0])
+  assert firsts[0] != firsts[1]
+  # The lanes moved, the results did not: a trial retrains to its scores.
+  for t in r.trials[:2]:
+    assert r.retrain(t).score == t.score
+
+
 def _program(result, trial):
   """The compiled program a trial ran in (through the result's replay record)."""
   ref = result._replay.population.refs[trial.id]

@@ -249,7 +249,7 @@ class Adaptive(Pacing):
         running.append((v, rec))
     costs = Costs.of(ctx, lanes)
     state = self._narrow(ctx, state, lanes, clock, costs, ended, running)
-    paced = sum(v.started for v in lanes)
+    paced = costs.load(v for v in lanes if v.started)
     can_start = self._can_start(ctx, clock)
     if not can_start:
       self._finish_best(ctx, state, clock, paced, costs, ended, running)
@@ -260,7 +260,7 @@ class Adaptive(Pacing):
         if v.steps % check == 0 and self._prune(state, v.steps, rec[_BEST]):
           rec[_STATUS], rec[_CHECKS] = "stopped", {}
           ended.append((v.slot, {"status": "stopped"}))
-    elif self._over(ctx, clock, sum(costs.lane(v) for v, _ in running), paced):  # the budget is spent: stop all
+    elif self._over(ctx, clock, costs.load(v for v, _ in running), paced):  # the budget is spent: stop all
       gone = {slot for slot, _ in ended}
       for v, rec in running:
         if v.slot not in gone:
@@ -299,10 +299,10 @@ class Adaptive(Pacing):
     released, state = self._release(ctx, state, lanes, clock, costs, can_start)
     busy = len(lanes) - len(ended) - len(dropped) + len(released)
     gone = set(ended) | set(dropped)
-    load = (sum(costs.lane(v) for v in lanes if v.slot not in gone)
-            + sum(costs.bucket(ctx.signature(t.config)) for t in released.values()))
+    load = (costs.load(v for v in lanes if v.slot not in gone)
+            + [(sig, costs.bucket(sig)) for sig in (ctx.signature(t.config) for t in released.values())])
     dropped.update(released)
-    paced = sum(v.started for v in lanes)  # the lanes the last segment's pace is of
+    paced = costs.load(v for v in lanes if v.started)  # the lanes the last segment's pace is of
     if self._over(ctx, clock, load, paced):
       return Decision(report=report, done=True), state
     if not ended:
@@ -317,8 +317,9 @@ class Adaptive(Pacing):
       for s in sorted(ended):
         if s in idle:
           continue
-        if self._fits(ctx, clock, ctx.num_steps, load + costs.lane(by_slot[s]), paced):
-          load += costs.lane(by_slot[s])
+        lane = costs.load([by_slot[s]])
+        if self._fits(ctx, clock, ctx.num_steps, load + lane, paced):
+          load += lane
         else:
           idle[s] = None
     elif not can_start:  # a new trial could not finish: the lane idles

@@ -53,23 +53,24 @@ class Pacing:
     return clock.left < ctx.timeout / 2
 
   @staticmethod
-  def _fits(ctx: Context, clock: Clock, steps: int, busy: float = 0, paced: int = 0) -> bool:
+  def _fits(ctx: Context, clock: Clock, steps: int, busy: Sequence[tuple] = (), paced: Sequence[tuple] = ()) -> bool:
     """``steps`` more population steps fit in the time left. On CPU a lane's
-    cost does not depend on the others, so the pace of the ``paced`` lanes
-    that ran the last segment scales to the ``busy`` ones that will run (in
-    units of their mean cost, :class:`Costs`)."""
-    if not ctx.accelerator and clock.remaining is not None and busy > 0 and paced > 0:
-      return clock.remaining * paced / busy >= steps
+    cost does not depend on the others, so the pace of the lanes that ran the
+    last segment (``paced``: each lane's signature and cost, in units of their
+    mean cost: :class:`Costs`) scales to those that will run (``busy``) by
+    their :func:`span`."""
+    if not ctx.accelerator and clock.remaining is not None and busy and paced:
+      return clock.remaining * span(ctx, paced) / span(ctx, busy) >= steps
     return clock.fits(steps)
 
-  def _over(self, ctx: Context, clock: Clock, busy: float = 0, paced: int = 0) -> bool:
+  def _over(self, ctx: Context, clock: Clock, busy: Sequence[tuple] = (), paced: Sequence[tuple] = ()) -> bool:
     """The budget is spent: no further segment fits (see :meth:`_fits`)."""
     total = self.total_steps(ctx)
     if total is not None:
       return clock.elapsed >= total
     return not self._fits(ctx, clock, self.segment_steps(ctx), busy, paced)
 
-  def _finish_best(self, ctx: Context, state: tuple, clock: Clock, paced: int, costs: Costs,
+  def _finish_best(self, ctx: Context, state: tuple, clock: Clock, paced: Sequence[tuple], costs: Costs,
                    ended: list, running: list) -> None:
     """In the second half of the time on CPU (before, :meth:`_narrow`), when
     the running trials cannot all finish, keeps the best that can (by their
@@ -78,17 +79,17 @@ class Pacing:
     all at the end."""
     if ctx.accelerator or not clock.remaining or not running or not self._second_half(ctx, clock):
       return
-    per_step = clock.left / (clock.remaining * paced)  # seconds per step of a lane of mean cost
-    need = lambda v: max(0, ctx.num_steps - v.steps)
-    per_lane_step = lambda v: per_step * costs.lane(v)
-    if sum(need(v) * per_lane_step(v) for v, _ in running) <= clock.left:
+    per_step = clock.left / (clock.remaining * span(ctx, paced))  # seconds per step of a lane of mean cost
+    # A lane's work to finish, in lane-steps of mean cost; a set of lanes
+    # finishes in the span of their work (lanes on other devices at once).
+    work = lambda v: (v.signature, max(0, ctx.num_steps - v.steps) * costs.lane(v))
+    if span(ctx, [work(v) for v, _ in running]) * per_step <= clock.left:
       return
     room = 0.8 * clock.left  # the pace of fewer lanes is an estimate: a margin
-    spent, stop = 0.0, []
+    kept, stop = [], []
     for v, rec in sorted(running, key=lambda p: (p[1][_BEST], p[0].slot)):
-      cost = need(v) * per_lane_step(v)
-      if spent + cost <= room:
-        spent += cost
+      if span(ctx, kept + [work(v)]) * per_step <= room:
+        kept.append(work(v))
       else:
         stop.append((v, rec))
     for v, rec in stop:
@@ -126,7 +127,7 @@ class Pacing:
     state = state._replace(retired=retired)
     # Trial-lengths each lane can still train, lanes weighted by their cost (on
     # CPU a lane of a chunk not trained yet costs its bucket's, or the mean).
-    fits = clock.remaining * len(paced) / sum(costs.lane(v) for v in live) / ctx.num_steps
+    fits = clock.remaining * span(ctx, costs.load(paced)) / span(ctx, costs.load(live)) / ctx.num_steps
     if fits >= MIN_TRIALS:
       return state._replace(short=0)
     if state.short < 1:
@@ -191,30 +192,51 @@ class Pacing:
     if ctx.accelerator:
       return start(held), state._replace(held=[])
     live = live_lanes(state, lanes)
-    paced = sum(v.started for v in lanes)  # the lanes the last segment's pace is of
+    paced = costs.load(v for v in lanes if v.started)  # the lanes the last segment's pace is of
     if not paced or clock.remaining is None or not can_start:
       return {}, state
-    seg = self.segment_steps(ctx)
-    afford = clock.remaining * paced / (START_TRIALS * ctx.num_steps + 2 * seg)  # in lanes of mean cost
+    need = START_TRIALS * ctx.num_steps + 2 * self.segment_steps(ctx)
     # Lanes of buckets whose program has not trained yet: the costliest measured.
-    load = sum(costs.lane(v) if v.started else costs.bucket(v.signature) for v in live)
+    load = [(v.signature, costs.lane(v) if v.started else costs.bucket(v.signature)) for v in live]
     # (Without measurements, as after a resume, every lane counts 1.)
-    cost = [costs.by_signature.get(ctx.signature(config)) if costs.by_signature else 1.0 for _, config, _ in held]
-    if all(c is not None for c in cost) and load + sum(cost) <= afford / 2:
+    signatures = [ctx.signature(config) for _, config, _ in held]
+    cost = [costs.by_signature.get(sig) if costs.by_signature else 1.0 for sig in signatures]
+    if all(c is not None for c in cost) and self._fits(ctx, clock, 2 * need, load + list(zip(signatures, cost)),
+                                                       paced):
       go = list(range(len(held)))
     else:
       go = []
       for k, c in enumerate(cost):
         if c is None:  # its bucket's program has not trained yet: the lane waits for its cost
           continue
-        if len(go) >= len(live) or load + c > afford:
+        if len(go) >= len(live) or not self._fits(ctx, clock, need, load + [(signatures[k], c)], paced):
           break
-        load += c
+        load.append((signatures[k], c))
         go.append(k)
     if not go:
       return {}, state
     chosen = set(go)
     return start([held[k] for k in go]), state._replace(held=[e for k, e in enumerate(held) if k not in chosen])
+
+
+def span(ctx: Context, load: Sequence[tuple[tuple, float]]) -> float:
+  """How long a segment of lanes takes, relatively: ``load`` holds each
+  lane's ``(signature, cost)``, costs in units of the mean lane's.
+
+  On CPU each device trains its lanes one after another, and the devices
+  train at once. A bucket's lanes alternate devices in the order they start
+  (``_population.spread_lanes``), so no device holds more than
+  ``ceil(n / devices)`` of a bucket's ``n`` lanes; a segment takes at most
+  the sum of that share of each bucket. Lanes of one bucket then fill the
+  devices evenly, and single lanes of different buckets count in full (they
+  may share a device). On one device: the lanes' total, as before devices
+  were counted.
+  """
+  buckets: dict[tuple, list] = {}
+  for signature, cost in load:
+    buckets.setdefault(signature, []).append(cost)
+  d = max(1, ctx.devices)
+  return sum(math.ceil(len(c) / d) * sum(c) / len(c) for c in buckets.values())
 
 
 class Costs(NamedTuple):
@@ -241,6 +263,10 @@ class Costs(NamedTuple):
 
   def lane(self, v: LaneView) -> float:
     return self.by_slot.get(v.slot, self.by_signature.get(v.signature, 1.0))
+
+  def load(self, lanes) -> list[tuple[tuple, float]]:
+    """Each lane's ``(signature, cost)``, as :func:`span` takes them."""
+    return [(v.signature, self.lane(v)) for v in lanes]
 
   def bucket(self, signature: tuple) -> float:
     """A new lane of this bucket (not measured yet: the costliest measured)."""

@@ -14,6 +14,7 @@ strategy does, through the loop.
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 import time
 import warnings
@@ -32,6 +33,27 @@ from ._strategy import Cadence, LaneView, NewTrial
 from ._trial import Stats, Trial
 
 __all__ = ["Population", "Slot", "Chunk", "ProgramRef"]
+
+def spread_lanes(members: int, lanes: int, devices: int, first: int = 0) -> list[int]:
+  """The lanes a chunk's ``members`` take, in the order they were given:
+  alternating between the devices (each holds ``lanes // devices``
+  consecutive lanes), from device ``first % devices``. Members still fill
+  lanes ``0 .. members - 1`` (padding comes last).
+
+  Lanes that start one by one (the adaptive strategy with a timeout on CPU
+  starts a few and adds more) then spread over the devices: in lane order,
+  a chunk's first half would all train on the first device while the
+  others idle.
+
+  >>> spread_lanes(5, 6, 2)
+  [0, 3, 1, 4, 2]
+  """
+  per = max(1, lanes // devices)
+  blocks = [list(range(d * per, min((d + 1) * per, members))) for d in range(devices)]
+  k = first % devices
+  blocks = blocks[k:] + blocks[:k]
+  return [lane for turn in itertools.zip_longest(*blocks) for lane in turn if lane is not None]
+
 
 class Population:
   """Device state per chunk, and each lane's trial.
@@ -96,9 +118,10 @@ class Population:
       evals = -(-cadence.budget // cadence.eval_every)
       for start in range(0, len(members), lanes):
         part = members[start:start + lanes]
-        for lane, i in enumerate(part):
+        order = spread_lanes(len(part), lanes, len(self.plan.devices), len(self.chunks))
+        for lane, i in zip(order, part):
           self.slots[i] = Slot(trials[i], len(self.chunks), lane, bucket, cadence.budget, evals)
-        self._add_chunk(sig, lanes, part, cadence)
+        self._add_chunk(sig, lanes, sorted(part, key=lambda i: self.slots[i].lane), cadence)
 
   def _add_chunk(self, sig: tuple, lanes: int, members: list, cadence: Cadence, at: int | None = None) -> Chunk:
     program = self.plan.program(sig, lanes, cadence.evals_per_call)

@@ -240,7 +240,7 @@ def search(
                 checkpoint_every=opts.checkpoint_every, maximize=c.objective.maximize, enqueue=opts.enqueue,
                 drawer=drawer, signature=c.routing.signature,
                 steps_for=lambda sig: plan.steps_for(plan.batch_size(sig)), eval_every_for=plan.eval_every_for,
-                accelerator=opts.devices[0].platform != "cpu")
+                accelerator=opts.devices[0].platform != "cpu", devices=len(opts.devices))
   strategy = opts.strategy
   strategy.check(ctx)
   population = Population(plan, lambda sig: strategy.cadence(ctx, sig), stats, plan.capacity)

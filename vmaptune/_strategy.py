@@ -158,6 +158,8 @@ class Context:
     eval_every_for: ``steps -> eval_every`` (default: 10 evaluations a trial).
     accelerator: the search runs on GPUs or TPUs (where more lanes cost
       little more wall time), not on CPUs.
+    devices: the devices the lanes are sharded over (on CPU, the lanes of
+      different devices train at once).
   """
 
   space: Mapping[str, Any]
@@ -178,6 +180,7 @@ class Context:
   steps_for: Callable[[tuple], int]
   eval_every_for: Callable[[int], int]
   accelerator: bool = False
+  devices: int = 1
 
   def keep_count(self) -> int:
     """How many of the best trials a zoom region is drawn around."""
