@@ -41,7 +41,6 @@ from ._trial import Trial
 __all__ = ["Adaptive", "AdaptiveState"]
 
 
-
 class AdaptiveState(NamedTuple):
   """Attributes:
     trials: ``{trial id: [u, c, steps, score, best, status, checks]}`` (see
@@ -296,13 +295,13 @@ class Adaptive(Pacing):
         dropped[v.slot] = None
         state.trials[v.trial.id][_STATUS] = "unused"
     costs = Costs.of(ctx, lanes)
-    released, state = self._release(ctx, state, lanes, clock, costs, can_start)
+    paced = costs.load(v for v in lanes if v.started)  # the lanes the last segment's pace is of
+    released, state = self._release(ctx, state, lanes, clock, costs, paced, can_start)
     busy = len(lanes) - len(ended) - len(dropped) + len(released)
     gone = set(ended) | set(dropped)
     load = (costs.load(v for v in lanes if v.slot not in gone)
             + [(sig, costs.bucket(sig)) for sig in (ctx.signature(t.config) for t in released.values())])
     dropped.update(released)
-    paced = costs.load(v for v in lanes if v.started)  # the lanes the last segment's pace is of
     if self._over(ctx, clock, load, paced):
       return Decision(report=report, done=True), state
     if not ended:

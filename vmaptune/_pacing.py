@@ -88,8 +88,9 @@ class Pacing:
     room = 0.8 * clock.left  # the pace of fewer lanes is an estimate: a margin
     kept, stop = [], []
     for v, rec in sorted(running, key=lambda p: (p[1][_BEST], p[0].slot)):
-      if span(ctx, kept + [work(v)]) * per_step <= room:
-        kept.append(work(v))
+      tried = kept + [work(v)]
+      if span(ctx, tried) * per_step <= room:
+        kept = tried
       else:
         stop.append((v, rec))
     for v, rec in stop:
@@ -165,7 +166,7 @@ class Pacing:
     return state._replace(retired=sorted(retired + gone))
 
   def _release(self, ctx: Context, state: tuple, lanes: Sequence[LaneView], clock: Clock,
-               costs: Costs, can_start: bool) -> tuple[dict, tuple]:
+               costs: Costs, paced: Sequence[tuple], can_start: bool) -> tuple[dict, tuple]:
     """With a timeout on CPU, starts held lanes of the first population while
     each lane, those started included, can train ``START_TRIALS``
     trial-lengths and two more segments in the time left at the pace of the
@@ -179,7 +180,8 @@ class Pacing:
     on a few lanes is a rough one). Lanes stay held while nothing more
     fits; at half time those still held are given up
     (``retired``; their trials' status ``"unused"``). On an accelerator (a
-    search resumed on another platform) every held lane starts."""
+    search resumed on another platform) every held lane starts. ``paced``:
+    the lanes that ran the last segment, as :meth:`Costs.load` gives them."""
     if not state.held:
       return {}, state
     held = list(state.held)
@@ -192,7 +194,6 @@ class Pacing:
     if ctx.accelerator:
       return start(held), state._replace(held=[])
     live = live_lanes(state, lanes)
-    paced = costs.load(v for v in lanes if v.started)  # the lanes the last segment's pace is of
     if not paced or clock.remaining is None or not can_start:
       return {}, state
     need = START_TRIALS * ctx.num_steps + 2 * self.segment_steps(ctx)

@@ -34,6 +34,7 @@ from ._trial import Stats, Trial
 
 __all__ = ["Population", "Slot", "Chunk", "ProgramRef"]
 
+
 def spread_lanes(members: int, lanes: int, devices: int, first: int = 0) -> list[int]:
   """The lanes a chunk's ``members`` take, in the order they were given:
   alternating between the devices (each holds ``lanes // devices``
@@ -298,7 +299,7 @@ class Population:
         busy = sum(not self.slots[i].idle for i in self.chunks[j].members)
         self._record(j, metrics)
         chunk_seconds = marks[k + 1] - marks[k] + dispatch
-        self._charge([j], chunk_seconds)
+        self._charge(j, chunk_seconds)
         ran = self.chunks[j].cadence.steps_per_call
         self.chunks[j].step_seconds = chunk_seconds / (ran * max(1, busy))
       self.stats.train_seconds += seconds
@@ -316,7 +317,7 @@ class Population:
           self._record(j, to_host(self._call(j)))
           seconds = time.perf_counter() - t0 - (self.stats.compile_wall_seconds - waited)
           self.stats.train_seconds += seconds
-          self._charge([j], seconds)
+          self._charge(j, seconds)
           if chunk.calls < chunk.calls_needed and on_call is not None:
             on_call("mid", j)
       except Exception as e:  # noqa: BLE001 - only running out of memory is handled here
@@ -334,17 +335,16 @@ class Population:
         on_call("chunk", j)
       j += 1
 
-  def _charge(self, chunks: Sequence[int], seconds: float) -> None:
-    """Splits a stretch of training time evenly over the lanes of the chunks
-    it ran (every lane of a program costs the same, busy or not)."""
-    lanes = sum(self.chunks[j].lanes for j in chunks)
-    if lanes == 0 or seconds <= 0:
+  def _charge(self, j: int, seconds: float) -> None:
+    """Splits chunk ``j``'s measured training time evenly over its lanes
+    (every lane of a program costs the same, busy or not)."""
+    chunk = self.chunks[j]
+    if chunk.lanes == 0 or seconds <= 0:
       return
-    share = seconds / lanes
-    for j in chunks:
-      for i in self.chunks[j].members:
-        if not self.slots[i].idle:
-          self.slots[i].seconds += share
+    share = seconds / chunk.lanes
+    for i in chunk.members:
+      if not self.slots[i].idle:
+        self.slots[i].seconds += share
 
   def _call(self, j: int):
     """One compiled call of chunk ``j`` (waiting for its program first)."""
