@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import vmaptune as vt
-from vmaptune import _options, _pacing, _tpe
+from vmaptune import _options, _pacing, _program, _tpe
 from vmaptune._adaptive import Adaptive, AdaptiveState
 from vmaptune._strategy import Clock, LaneView, NewTrial
 
@@ -153,6 +153,34 @@ def test_adaptive_with_a_timeout_trains_until_the_deadline(small_digits):
   assert all(t.steps > 0 for t in r.trials)
   # A fast model: the lanes held at the start (one per bucket trains first) all started.
   assert set(range(8)) <= {t.id for t in r.trials}
+
+
+def test_spread_order_spans_widths_and_depths_first():
+  from vmaptune._routing import spread_order
+
+  sigs = [(("hidden", h), ("num_layers", n)) for h in (32, 64, 128) for n in (1, 2)]
+  cost = [h * h * n for h in (32, 64, 128) for n in (1, 2)]
+  order = [dict(sigs[i]) for i in spread_order(sigs, cost)]
+  assert order[0] == {"hidden": 32, "num_layers": 1}  # the cheapest
+  assert order[1] == {"hidden": 128, "num_layers": 2}  # the farthest from it
+  assert {(d["hidden"], d["num_layers"]) for d in order[:4]} == {(32, 1), (128, 2), (32, 2), (128, 1)}
+  assert sorted(spread_order(sigs, cost)) == list(range(6))
+  assert spread_order([], []) == [] and spread_order(sigs[:1], [1.0]) == [0]
+  # Values that do not compare (a missing key beside numbers) still order.
+  assert sorted(spread_order([(("a", 1),), (("b", "x"),), ()], [3.0, 2.0, 1.0])) == [0, 1, 2]
+
+
+def test_with_a_timeout_programs_build_cheapest_first_then_farthest(small_digits, monkeypatch):
+  # Programs build one at a time and a short search may never train the last:
+  # the cheapest first, then each time the one farthest from those before, so
+  # the widest is never last (in order of appearance it was).
+  space = dict(SPACE, hidden=vt.choice([7, 14, 28]))  # widths no other test builds: none cached
+  lowered = []
+  lower = _program.Program.lower
+  monkeypatch.setattr(_program.Program, "lower",
+                      lambda self, *a: (lowered.append(self.spec.adapter.config["hidden"]), lower(self, *a))[1])
+  vt.search(mlp_fn, small_digits, space, num_configs=6, num_steps=40, timeout=3.0, verbose=False)
+  assert lowered == [7, 28, 14]
 
 
 @pytest.mark.parametrize("accelerator", [False, True])

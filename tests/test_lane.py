@@ -150,3 +150,41 @@ def test_whole_runs_at_moderate_learning_rate_agree(small_digits, lane_batch):
     lane = result.retrain(trial)
     for a, b in zip(_leaves(alone.params), _leaves(lane.params)):
       np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+# --------------------------------------------------------------------------
+# (4) Lanes without steps left cost nothing on the per-lane path
+# --------------------------------------------------------------------------
+
+
+def test_lanes_without_steps_left_are_skipped_and_kept_bit_for_bit(small_digits):
+  # Held, idle and finished lanes (budget reached) neither train nor run a
+  # validation pass: their state comes back bit for bit and their scores are
+  # NaN. The busy lanes' numbers do not depend on which neighbours idle.
+  from vmaptune import _devices, _placement, _program
+
+  spec, ds = _spec(small_digits)
+  mesh = _devices.make_mesh(jax.devices())
+  program = _program.Program(spec, _program.Layout(8, len(jax.devices()), 1), mesh, evals_per_call=2)
+  data = _placement.place_data(ds, 512, mesh)
+
+  def run(budgets):
+    inputs = _placement.place_lanes(_lane.stack_inputs(range(8), [{"learning_rate": 1e-3}] * 8, [0.0] * 8,
+                                                       budgets, spec), mesh)
+    state = program.start(program.zeros(inputs), inputs, _placement.place_lanes(np.ones(8, bool), mesh), data)
+    before = jax.device_get(state)
+    after, (scores, losses, steps) = program.run(state, data, 5)
+    return before, jax.device_get(after), np.asarray(scores), np.asarray(steps)
+
+  busy = np.array([10, 0, 10, 0, 0, 10, 0, 5])
+  before, after, scores, steps = run(busy)
+  idle = busy == 0
+  assert np.isnan(scores[idle]).all() and np.isfinite(scores[~idle]).all()
+  np.testing.assert_array_equal(steps[idle], 0)
+  np.testing.assert_array_equal(steps[~idle][:, -1], busy[~idle])
+  for a, b in zip(_leaves(before), _leaves(after)):
+    np.testing.assert_array_equal(a[idle], b[idle])
+  _, every, all_scores, _ = run(np.array([10, 10, 10, 10, 10, 10, 10, 5]))
+  np.testing.assert_array_equal(scores[~idle], all_scores[~idle])
+  for a, b in zip(_leaves(after), _leaves(every)):
+    np.testing.assert_array_equal(a[~idle], b[~idle])

@@ -171,7 +171,7 @@ class Pacing:
     each lane, those started included, can train ``START_TRIALS``
     trial-lengths and two more segments in the time left at the pace of the
     last segment (a lane's cost does not depend on the others there, and a
-    held lane costs only its validation pass; the margin keeps a lane just
+    held lane costs nothing: it is skipped; the margin keeps a lane just
     started from being given up by ``_narrow`` a segment later). Each lane
     is charged its bucket's measured cost (:class:`Costs`): a lane of a
     bucket whose program has not trained yet stays held (the others are

@@ -28,6 +28,7 @@ from ._plan import Plan
 from ._compiler import CPU_FLOPS_PER_CORE, compile_pool, tier_for
 from ._placement import DeviceData, host_leaf, lane_params, place_data, place_lanes, to_host, unhost
 from ._program import Program
+from ._routing import spread_order
 from ._slots import Chunk, ProgramRef, Slot, lane_inputs
 from ._strategy import Cadence, LaneView, NewTrial
 from ._trial import Stats, Trial
@@ -165,7 +166,7 @@ class Population:
     segment, so the first chunk trains before every program is traced)."""
     t0 = time.perf_counter()
     todo = []
-    for chunk in self.chunks:
+    for chunk in self._build_order():
       program = chunk.program
       if limit is not None and len(todo) >= limit:
         break
@@ -199,6 +200,17 @@ class Population:
         program.compile_on(pool)
     if todo and self.on_compile is not None:
       self.on_compile(self._compile_status())
+
+  def _build_order(self) -> list[Chunk]:
+    """The chunks in the order their programs are built: staggered, the
+    buckets in :func:`spread_order` (the first few span the widths and
+    depths, the cheapest first); else as they come."""
+    if not self.staggered:
+      return list(self.chunks)
+    sigs = list(dict.fromkeys(c.signature for c in self.chunks))
+    cost = {c.signature: self._predicted_seconds(c.program) for c in self.chunks}
+    rank = {sigs[i]: r for r, i in enumerate(spread_order(sigs, [cost[s] for s in sigs]))}
+    return sorted(self.chunks, key=lambda c: rank[c.signature])
 
   def _predicted_seconds(self, program: Program) -> float:
     """How long ``program`` will train in this search (at the fast tier), by
@@ -282,7 +294,8 @@ class Population:
       self._advanced = None
       if self.staggered:
         started = [j for j in run if self._started(self.chunks[j])]
-        run = started or run[:1]  # nothing ready yet: wait for the first
+        built = {id(c): r for r, c in enumerate(self._build_order())}
+        run = started or sorted(run, key=lambda j: built[id(self.chunks[j])])[:1]  # none ready: the first built
         self._advanced = set(run) if len(run) < len(self.chunks) else None
       pending = [(j, self._call(j)) for j in run]
       # Each chunk's time: the wait for its results after the previous
@@ -336,15 +349,16 @@ class Population:
       j += 1
 
   def _charge(self, j: int, seconds: float) -> None:
-    """Splits chunk ``j``'s measured training time evenly over its lanes
-    (every lane of a program costs the same, busy or not)."""
+    """Splits chunk ``j``'s measured training time evenly over its lanes:
+    vectorised, every lane costs the same, busy or not; one lane at a time,
+    a lane without steps left is skipped, so the busy lanes share it."""
     chunk = self.chunks[j]
-    if chunk.lanes == 0 or seconds <= 0:
+    busy = [i for i in chunk.members if not self.slots[i].idle]
+    lanes = len(busy) if chunk.program.layout.lane_batch == 1 else chunk.lanes
+    if not busy or seconds <= 0:
       return
-    share = seconds / chunk.lanes
-    for i in chunk.members:
-      if not self.slots[i].idle:
-        self.slots[i].seconds += share
+    for i in busy:
+      self.slots[i].seconds += seconds / lanes
 
   def _call(self, j: int):
     """One compiled call of chunk ``j`` (waiting for its program first)."""

@@ -93,12 +93,13 @@ def _group_fns(spec: TrainSpec, vectorized: bool):
       if vectorized:
         gs, loss_sum, n = train(gs)
       else:
-        # One lane: an interval that starts past the lane's budget (an idle
-        # or finished lane) skips its steps by a real conditional, so on CPU
-        # a lane costs only its evaluations once it stops (one copy of its
-        # state per interval, not per step). The evaluation stays outside:
-        # inside a conditional XLA may compile it differently per program,
-        # and a lane's scores must not depend on its neighbours' count.
+        # One lane: an interval that starts past the lane's budget (a lane
+        # that finishes during a call) skips its steps by a real conditional
+        # (one copy of its state per interval, not per step); a lane with no
+        # steps left when a call starts is not run at all (_busy_lanes). The
+        # evaluation stays outside: inside a conditional XLA may compile it
+        # differently per program, and a lane's scores must not depend on
+        # its neighbours' count.
         skip = lambda gs: (gs, jnp.float32(0.0), jnp.int32(0))
         gs, loss_sum, n = lax.cond(gs.step < gs.budget, train, skip, gs)
       train_loss = loss_sum / jnp.maximum(n, 1).astype(jnp.float32)
@@ -109,6 +110,35 @@ def _group_fns(spec: TrainSpec, vectorized: bool):
     return lax.scan(interval, gs, None, length=evals)
 
   return init, advance
+
+
+def _busy_lanes(advance, state: LaneState, evals: int):
+  """``advance`` over one device's lanes one at a time, only those with steps
+  left when the call starts (``step < budget``).
+
+  A lane without steps left (idle, held back or finished) would only repeat
+  its last validation pass, whose result nobody reads; on CPU with a few
+  lanes training among many held ones, those passes cost more than the
+  training. The loop's trip count is the busy lanes' (a traced value, so one
+  program serves every count) and its body is the same whichever lanes are
+  busy, so a lane's numbers do not depend on its neighbours. A skipped lane
+  keeps its state bit for bit; its metrics are NaN scores, zero losses and
+  its step.
+  """
+  busy = state.step < state.budget
+  order = jnp.argsort(jnp.logical_not(busy), stable=True)  # busy lanes first, in lane order
+  n = busy.shape[0]
+  metrics = (jnp.full((n, evals), jnp.nan, jnp.float32), jnp.zeros((n, evals), jnp.float32),
+             jnp.broadcast_to(state.step[:, None], (n, evals)))
+
+  def body(j, carry):
+    state, metrics = carry
+    i = order[j]
+    lane, out = advance(jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), state))
+    put = lambda a, b: lax.dynamic_update_index_in_dim(a, b, i, 0)
+    return jax.tree.map(put, state, lane), jax.tree.map(put, metrics, out)
+
+  return lax.fori_loop(0, jnp.sum(busy.astype(jnp.int32)), body, (state, metrics))
 
 
 def _start(init, state: LaneState, inputs: LaneInputs, mask) -> LaneState:
@@ -209,9 +239,9 @@ class Program:
     k, n = self.layout.lane_batch, self.layout.lanes_per_device
     evals = self.evals_per_call
     _, advance = _group_fns(self.spec, vectorized=k > 1)
-    state, metrics = self._per_device(lambda s: advance(s, train, val, evals, eval_every), state)
     if k == 1:
-      return state, metrics
+      return _busy_lanes(lambda s: advance(s, train, val, evals, eval_every), state, evals)
+    state, metrics = self._per_device(lambda s: advance(s, train, val, evals, eval_every), state)
     if k == n:
       return state, jax.tree.map(lambda m: m.T, metrics)
     state = jax.tree.map(lambda a: a.reshape((n,) + a.shape[2:]), state)

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import numbers
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 
 from ._space import Choice, Distribution, Integer
 
-__all__ = ["Routing", "route", "TRAINER_KEYS", "DEFAULT_BATCH_SIZE"]
+__all__ = ["Routing", "route", "spread_order", "TRAINER_KEYS", "DEFAULT_BATCH_SIZE"]
 
 TRAINER_KEYS = ("batch_size", "lr_decay")
 DEFAULT_BATCH_SIZE = 64
@@ -182,3 +183,34 @@ def max_batch_size(space: Mapping[str, Any]) -> int | None:
   if isinstance(b, Integer):
     return b.high
   return int(b)
+
+
+def spread_order(signatures: Sequence[tuple], cost: Sequence[float]) -> list[int]:
+  """Indices of ``signatures`` in an order whose first few span their values:
+  the cheapest first, then each time the one farthest from those before it
+  (each key's values by rank, scaled to [0, 1]; ties to the cheaper).
+
+  Programs compile one at a time, and with a short timeout the last ones may
+  never train. In the order of first appearance (smallest widths first, as
+  the first lanes' design draws them) the widest models, often the best,
+  came last: in a 10 s digits search the 128-unit programs never trained.
+
+  >>> spread_order([(("hidden", 32),), (("hidden", 64),), (("hidden", 128),)], [1, 2, 4])
+  [0, 2, 1]
+  """
+  n = len(signatures)
+  keys = sorted({k for sig in signatures for k, _ in sig})
+  coords = [[0.0] * len(keys) for _ in range(n)]
+  for a, key in enumerate(keys):
+    values = [dict(sig).get(key) for sig in signatures]
+    try:
+      distinct = sorted(set(values))
+    except TypeError:  # values that do not compare (None beside numbers, callables)
+      distinct = sorted(set(values), key=repr)
+    for i, v in enumerate(values):
+      coords[i][a] = distinct.index(v) / max(1, len(distinct) - 1)
+  order = [min(range(n), key=lambda i: (cost[i], i))] if n else []
+  while len(order) < n:
+    far = lambda i: min(math.dist(coords[i], coords[j]) for j in order)
+    order.append(max((i for i in range(n) if i not in order), key=lambda i: (far(i), -cost[i], -i)))
+  return order

@@ -130,7 +130,7 @@ def lane_inputs(chunk: Chunk, slots: Sequence[Slot]) -> LaneInputs:
   trials = [slots[i].trial for i in chunk.members]
   trials += [trials[0]] * (chunk.lanes - len(trials))
   budgets = [0 if slots[i].idle else slots[i].budget for i in chunk.members]
-  budgets += [0] * (chunk.lanes - len(budgets))  # padding idles (on CPU: costs only its evaluations)
+  budgets += [0] * (chunk.lanes - len(budgets))  # padding idles (one lane at a time: skipped, free)
   return stack_inputs(
       [t.seed for t in trials],
       [{k: t.config[k] for k in spec.injected} for t in trials],

@@ -249,6 +249,6 @@ class Strategy(Protocol):
 
   # Optional: ``held(state) -> [slot]``, lanes of the first population that
   # start idle (no steps trained, not in the views; on CPU an idle lane in a
-  # running chunk still costs its validation pass) until a later decision
+  # running chunk is skipped, so it costs nothing) until a later decision
   # refills them with their trial (the adaptive strategy on CPU with a timeout).
 

@@ -141,7 +141,7 @@ class Stats:
     lane_steps: optimisation steps over all real lanes (no padding).
     idle_lane_steps: steps the programs ran on lanes with no trial: padding
       lanes and lanes left idle near the end of a budget (a vmapped lane costs
-      the same busy or not).
+      the same busy or not; with ``lane_batch=1`` an idle lane is skipped).
     lane_steps_per_second: ``lane_steps / train_seconds``.
     host_seconds: the rest of the wall time: validation, sampling, decisions,
       bookkeeping, checkpoints, results.
