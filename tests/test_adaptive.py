@@ -518,3 +518,34 @@ def test_adaptive_validation(small_digits):
     vt.search(mlp_fn, small_digits, SPACE, strategy="adaptive", **dict(KW, num_steps=None, epochs=1))
   with pytest.raises(ValueError, match="grid"):
     vt.search(mlp_fn, small_digits, SPACE, strategy="adaptive", sampler="grid", **KW)
+
+
+def test_a_program_whose_first_call_would_not_fit_does_not_start():
+  # With a timeout on CPU, a chunk that has not trained starts only if twice
+  # its first call, predicted from a trained chunk's pace scaled by FLOPs,
+  # fits in half the time left (a 32-channel CNN once ran 9 s past a 10 s budget).
+  from types import SimpleNamespace as NS
+
+  from vmaptune._population import Population
+
+  def chunk(flops, state=None, step_seconds=math.nan, members=(0,)):
+    return NS(program=NS(step_flops=lambda: flops), state=state, step_seconds=step_seconds,
+              members=list(members), cadence=NS(steps_per_call=100))
+
+  pop = object.__new__(Population)
+  pop.plan = NS(devices=[NS(platform="cpu")])
+  pop.slots = [NS(idle=False)]
+  trained = chunk(1e6, state=object(), step_seconds=1e-3)  # 1 ms a step
+  wide = chunk(50e6)  # predicted 50 ms a step: 5 s a call, 20 s with the margins
+  pop.chunks = [trained, wide]
+  pop.time_left = lambda: 30.0
+  assert pop._first_call_fits(wide) and pop._first_call_fits(trained)
+  pop.time_left = lambda: 10.0
+  assert not pop._first_call_fits(wide) and pop._first_call_fits(trained)
+  pop.time_left = lambda: None  # no timeout
+  assert pop._first_call_fits(wide)
+  pop.time_left = lambda: 10.0
+  pop.chunks = [wide]  # nothing measured yet: no prediction, it starts
+  assert pop._first_call_fits(wide)
+  pop.chunks, pop.plan = [trained, wide], NS(devices=[NS(platform="gpu")])  # accelerators: cost barely varies
+  assert pop._first_call_fits(wide)

@@ -124,6 +124,7 @@ class _Run:
         self.deadline = t_start + self.timeout - self.wall_before
         # Trials that go at their own pace can start as their programs compile.
         self.population.staggered = getattr(strategy, "asynchronous", False)
+        self.population.time_left = lambda: self.deadline - time.perf_counter()
       self._start_progress()
       try:
         while True:

@@ -226,7 +226,7 @@ def span(ctx: Context, load: Sequence[tuple[tuple, float]]) -> float:
 
   On CPU each device trains its lanes one after another, and the devices
   train at once. A bucket's lanes alternate devices in the order they start
-  (``_population.spread_lanes``), so no device holds more than
+  (``_slots.spread_lanes``), so no device holds more than
   ``ceil(n / devices)`` of a bucket's ``n`` lanes; a segment takes at most
   the sum of that share of each bucket. Lanes of one bucket then fill the
   devices evenly, and single lanes of different buckets count in full (they

@@ -14,7 +14,6 @@ strategy does, through the loop.
 from __future__ import annotations
 
 import collections
-import itertools
 import math
 import time
 import warnings
@@ -29,32 +28,11 @@ from ._compiler import CPU_FLOPS_PER_CORE, compile_pool, tier_for
 from ._placement import DeviceData, host_leaf, lane_params, place_data, place_lanes, to_host, unhost
 from ._program import Program
 from ._routing import spread_order
-from ._slots import Chunk, ProgramRef, Slot, lane_inputs
+from ._slots import Chunk, ProgramRef, Slot, lane_inputs, spread_lanes
 from ._strategy import Cadence, LaneView, NewTrial
 from ._trial import Stats, Trial
 
 __all__ = ["Population", "Slot", "Chunk", "ProgramRef"]
-
-
-def spread_lanes(members: int, lanes: int, devices: int, first: int = 0) -> list[int]:
-  """The lanes a chunk's ``members`` take, in the order they were given:
-  alternating between the devices (each holds ``lanes // devices``
-  consecutive lanes), from device ``first % devices``. Members still fill
-  lanes ``0 .. members - 1`` (padding comes last).
-
-  Lanes that start one by one (the adaptive strategy with a timeout on CPU
-  starts a few and adds more) then spread over the devices: in lane order,
-  a chunk's first half would all train on the first device while the
-  others idle.
-
-  >>> spread_lanes(5, 6, 2)
-  [0, 3, 1, 4, 2]
-  """
-  per = max(1, lanes // devices)
-  blocks = [list(range(d * per, min((d + 1) * per, members))) for d in range(devices)]
-  k = first % devices
-  blocks = blocks[k:] + blocks[:k]
-  return [lane for turn in itertools.zip_longest(*blocks) for lane in turn if lane is not None]
 
 
 class Population:
@@ -93,6 +71,8 @@ class Population:
     #: ``chunk -> steps`` each of its lanes will still train with the chunk's
     #: program (this and later generations): the loop's estimate, for tiers.
     self.steps_ahead: Callable[[Chunk], int] = lambda chunk: chunk.cadence.budget
+    #: Seconds left of the search's timeout (None: no timeout).
+    self.time_left: Callable[[], float | None] = lambda: None
 
   @property
   def data(self) -> DeviceData:
@@ -212,6 +192,25 @@ class Population:
     rank = {sigs[i]: r for r, i in enumerate(spread_order(sigs, [cost[s] for s in sigs]))}
     return sorted(self.chunks, key=lambda c: rank[c.signature])
 
+  def _first_call_fits(self, chunk: Chunk) -> bool:
+    """Staggered, on CPU: a chunk that has not trained starts only if twice
+    its first call, predicted from trained chunks' measured pace scaled by
+    their programs' FLOPs, takes at most half the time left (its cost is
+    unknown until it runs: in a 10 s digits-CNN search a two-layer
+    32-channel program ready at 5.7 s ran its first call for 9 s)."""
+    left = self.time_left()
+    if chunk.state is not None or left is None or self.plan.devices[0].platform != "cpu":
+      return True
+    flops = chunk.program.step_flops()
+    paces = [c.step_seconds * flops / ref for c in self.chunks if c.state is not None and
+             math.isfinite(c.step_seconds) and flops and (ref := c.program.step_flops())]
+    if not paces:
+      return True
+    busy = sum(not self.slots[i].idle for i in chunk.members)
+    # A margin of 2 on top: a 32-channel convolution ran at a third of its
+    # FLOP share of an 8-channel one's pace (measured).
+    return 2 * max(paces) * chunk.cadence.steps_per_call * busy <= left / 2
+
   def _predicted_seconds(self, program: Program) -> float:
     """How long ``program`` will train in this search (at the fast tier), by
     estimate: its lanes' steps to come (``steps_ahead``) at ~6 FLOPs per
@@ -293,9 +292,12 @@ class Population:
       run = [j for j, c in enumerate(self.chunks) if any(not self.slots[i].idle for i in c.members)]
       self._advanced = None
       if self.staggered:
-        started = [j for j in run if self._started(self.chunks[j])]
+        fit = [j for j in run if self._first_call_fits(self.chunks[j])]
+        started = [j for j in fit if self._started(self.chunks[j])]
         built = {id(c): r for r, c in enumerate(self._build_order())}
-        run = started or sorted(run, key=lambda j: built[id(self.chunks[j])])[:1]  # none ready: the first built
+        run = started or sorted(fit, key=lambda j: built[id(self.chunks[j])])[:1]  # none ready: the first built
+        if not run:  # only chunks whose first call would not fit: wait for the deadline
+          time.sleep(0.05)
         self._advanced = set(run) if len(run) < len(self.chunks) else None
       pending = [(j, self._call(j)) for j in run]
       # Each chunk's time: the wait for its results after the previous

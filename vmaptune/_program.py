@@ -207,6 +207,7 @@ class Program:
     self._compiled: dict[str, Any] = {}  # "start", "run:<tier>": executables
     self._future = None
     self._exploit = None
+    self._flops: Any = ...  # step_flops(), once asked
 
   @property
   def platform(self) -> str:
@@ -293,6 +294,18 @@ class Program:
   @property
   def lowered(self) -> bool:
     return "run" in self._lowered
+
+  def step_flops(self) -> float | None:
+    """XLA's FLOP count of :meth:`run` once lowered (None if unknown). XLA
+    counts a loop's body once, so this is about one lane-step and one
+    validation batch: a relative cost between buckets, not a total."""
+    if self._flops is ... and self.lowered:
+      try:
+        flops = self._lowered["run"].cost_analysis().get("flops")
+      except Exception:  # noqa: BLE001 - not every backend reports it
+        flops = None
+      self._flops = float(flops) if flops else None
+    return None if self._flops is ... else self._flops
 
   def lower(self, inputs: LaneInputs, data: DeviceData) -> None:
     """Traces and lowers :meth:`start` and :meth:`run` for inputs shaped like

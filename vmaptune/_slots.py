@@ -7,6 +7,7 @@ Plain host records; :mod:`~vmaptune._population` moves their device state.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Any, NamedTuple, Sequence
 
@@ -17,7 +18,7 @@ from ._program import Program
 from ._strategy import Cadence, NewTrial
 from ._trial import Trial
 
-__all__ = ["ProgramRef", "Slot", "Chunk", "lane_inputs"]
+__all__ = ["ProgramRef", "Slot", "Chunk", "lane_inputs", "spread_lanes"]
 
 
 class ProgramRef(NamedTuple):
@@ -138,3 +139,24 @@ def lane_inputs(chunk: Chunk, slots: Sequence[Slot]) -> LaneInputs:
       budgets,
       spec,
   )
+
+
+def spread_lanes(members: int, lanes: int, devices: int, first: int = 0) -> list[int]:
+  """The lanes a chunk's ``members`` take, in the order they were given:
+  alternating between the devices (each holds ``lanes // devices``
+  consecutive lanes), from device ``first % devices``. Members still fill
+  lanes ``0 .. members - 1`` (padding comes last).
+
+  Lanes that start one by one (the adaptive strategy with a timeout on CPU
+  starts a few and adds more) then spread over the devices: in lane order,
+  a chunk's first half would all train on the first device while the
+  others idle.
+
+  >>> spread_lanes(5, 6, 2)
+  [0, 3, 1, 4, 2]
+  """
+  per = max(1, lanes // devices)
+  blocks = [list(range(d * per, min((d + 1) * per, members))) for d in range(devices)]
+  k = first % devices
+  blocks = blocks[k:] + blocks[:k]
+  return [lane for turn in itertools.zip_longest(*blocks) for lane in turn if lane is not None]
