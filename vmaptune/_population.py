@@ -187,9 +187,9 @@ class Population:
     depths, the cheapest first); else as they come."""
     if not self.staggered:
       return list(self.chunks)
-    sigs = list(dict.fromkeys(c.signature for c in self.chunks))
-    cost = {c.signature: self._predicted_seconds(c.program) for c in self.chunks}
-    rank = {sigs[i]: r for r, i in enumerate(spread_order(sigs, [cost[s] for s in sigs]))}
+    program = {c.signature: c.program for c in self.chunks}  # a bucket's cost: its last chunk's program's
+    sigs = list(program)
+    rank = {sigs[i]: r for r, i in enumerate(spread_order(sigs, [self._predicted_seconds(program[s]) for s in sigs]))}
     return sorted(self.chunks, key=lambda c: rank[c.signature])
 
   def _first_call_fits(self, chunk: Chunk) -> bool:
@@ -293,9 +293,10 @@ class Population:
       self._advanced = None
       if self.staggered:
         fit = [j for j in run if self._first_call_fits(self.chunks[j])]
-        started = [j for j in fit if self._started(self.chunks[j])]
-        built = {id(c): r for r, c in enumerate(self._build_order())}
-        run = started or sorted(fit, key=lambda j: built[id(self.chunks[j])])[:1]  # none ready: the first built
+        run = [j for j in fit if self._started(self.chunks[j])]
+        if not run and fit:  # none ready: wait for the first built
+          built = {id(c): r for r, c in enumerate(self._build_order())}
+          run = [min(fit, key=lambda j: built[id(self.chunks[j])])]
         if not run:  # only chunks whose first call would not fit: wait for the deadline
           time.sleep(0.05)
         self._advanced = set(run) if len(run) < len(self.chunks) else None

@@ -216,11 +216,10 @@ class Program:
   # The per-device functions -------------------------------------------------
 
   def _per_device(self, fn, trees):
-    """``fn`` over this device's lanes: one at a time (``lax.map``) or in
-    vmapped groups of ``lane_batch``; ``trees`` lead with the lane axis."""
+    """``fn`` over this device's lanes in vmapped groups of ``lane_batch``
+    (> 1: one lane at a time, the callers loop themselves); ``trees`` lead
+    with the lane axis."""
     k, n = self.layout.lane_batch, self.layout.lanes_per_device
-    if k == 1:
-      return lax.map(fn, trees)
     if k == n:
       return fn(trees)
     grouped = jax.tree.map(lambda a: a.reshape((n // k, k) + a.shape[1:]), trees)
