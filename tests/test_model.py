@@ -59,6 +59,29 @@ def test_nnx_cnn_batch_stats_are_per_lane_and_eval_is_deterministic(nnx_cnn_resu
   assert ra.score == a.score and nnx_cnn_result.retrain(a).score == a.score
 
 
+def test_a_convolution_is_not_compiled_at_the_quick_tier(images, monkeypatch):
+  # Predicted from its parameters, a CNN's training looked a thousand times
+  # shorter than it was, so it compiled without XLA's optimisations and
+  # trained 8-13x slower (a 16-channel digits CNN: 100 s instead of 9 s).
+  from vmaptune import _compiler, _population
+
+  assert _compiler.tier_for(0.01) == "quick"
+  assert _compiler.tier_for(0.01, convolution=True) == "short"
+  monkeypatch.delenv("VMAPTUNE_COMPILE_TIER", raising=False)
+  chosen = []
+
+  def tier_for(seconds, *args, **kw):
+    chosen.append((seconds, _compiler.tier_for(seconds, *args, **kw)))
+    return chosen[-1][1]
+
+  monkeypatch.setattr(_population, "tier_for", tier_for)
+  vt.search(lambda c, rngs: CNN(rngs, 16), images, SPACE, num_configs=2, num_steps=10, rounds=1,
+            verbose=False, compilation_cache=False)
+  # 20 lane-steps of a 16-channel CNN: XLA counts about 2e7 FLOPs a lane-step.
+  assert chosen and all(tier != "quick" for _, tier in chosen)
+  assert all(seconds > 0.01 for seconds, _ in chosen)
+
+
 def test_linen_cnn_searches_end_to_end(images):
   result = vt.search(linen_cnn_fn, images, SPACE, num_configs=4, num_steps=30, rounds=1,
                      metric="accuracy", verbose=False)

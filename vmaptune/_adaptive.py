@@ -31,7 +31,7 @@ from typing import ClassVar, NamedTuple, Sequence
 import numpy as np
 
 from . import _space
-from ._pacing import _BEST, _C, _CHECKS, _SCORE, _STATUS, _STEP, _U, Costs, Pacing
+from ._pacing import _BEST, _C, _CHECKS, _SCORE, _STATUS, _STEP, _U, Costs, Pacing, alone_fits
 from ._region import Region
 from ._sampling import Stream, trial_seed
 from ._strategy import Cadence, Clock, Context, Decision, LaneView, NewTrial
@@ -246,6 +246,7 @@ class Adaptive(Pacing):
         ended.append((v.slot, {"status": "ok"}))
       else:
         running.append((v, rec))
+    self._doomed(ctx, state, clock, ended, running)
     costs = Costs.of(ctx, lanes)
     state = self._narrow(ctx, state, lanes, clock, costs, ended, running)
     paced = costs.load(v for v in lanes if v.started)
@@ -317,7 +318,8 @@ class Adaptive(Pacing):
         if s in idle:
           continue
         lane = costs.load([by_slot[s]])
-        if self._fits(ctx, clock, ctx.num_steps, load + lane, paced):
+        if (self._fits(ctx, clock, ctx.num_steps, load + lane, paced)
+            and alone_fits(ctx, clock, by_slot[s].step_seconds, ctx.num_steps)):
           load += lane
         else:
           idle[s] = None

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import jax
 
 __all__ = ["Compiler", "TIERS", "tier_for", "compiler_options", "compile_pool", "cached", "clear_cache",
-           "CPU_FLOPS_PER_CORE", "quiet_donation"]
+           "CPU_FLOPS_PER_CORE", "CPU_CONV_FLOPS_PER_CORE", "quiet_donation"]
 
 
 _CACHE_SIZE = 64
@@ -78,16 +78,24 @@ TIERS = {
 TIER_SECONDS = (("quick", 0.15), ("short", 0.8))
 #: A CPU core's rate on these programs (measured 55-67 GFLOP/s a core), for predictions.
 CPU_FLOPS_PER_CORE = 60e9
+#: A CPU core's rate on programs with convolutions, by XLA's FLOP count of a
+#: lane-step (``Program.step_flops``): 6.3-7.8 GFLOP/s measured for a digits
+#: CNN of 8 to 32 channels (tier "long"). Predicted from parameters alone, a
+#: 16-channel CNN's training looked 1,000 times shorter than it was.
+CPU_CONV_FLOPS_PER_CORE = 6e9
 
 
-def tier_for(seconds: float) -> str:
+def tier_for(seconds: float, convolution: bool = False) -> str:
   """The compile tier of a program predicted to train ``seconds`` in all
-  (``VMAPTUNE_COMPILE_TIER=quick|short|long`` fixes it instead)."""
+  (``VMAPTUNE_COMPILE_TIER=quick|short|long`` fixes it instead). A program
+  with convolutions never gets tier "quick": without XLA's optimisations a
+  digits CNN trained 8 to 13 times slower (measured), not 4 times as an MLP
+  does, for a second of compiling saved."""
   forced = os.environ.get("VMAPTUNE_COMPILE_TIER")
   if forced in ("quick", "short", "long"):
     return forced
   for tier, limit in TIER_SECONDS:
-    if seconds < limit:
+    if seconds < limit and not (convolution and tier == "quick"):
       return tier
   return "long"
 

@@ -70,6 +70,26 @@ class Pacing:
       return clock.elapsed >= total
     return not self._fits(ctx, clock, self.segment_steps(ctx), busy, paced)
 
+  @staticmethod
+  def _doomed(ctx: Context, state: tuple, clock: Clock, ended: list, running: list) -> None:
+    """With a timeout on CPU, stops the running trials that cannot finish
+    even alone on a device: their steps left at their own measured pace
+    (``LaneView.step_seconds``, a lower bound of a lane's time on its
+    device) take longer than the time left. Only finished trials count, so
+    such a lane's steps are lost; stopped at once, its device's time goes
+    to trials that can finish. (In a 40 s digits-CNN search a two-layer
+    32-channel trial ran 200 of its 500 steps at 70 ms a step, 14 s in
+    which the other lanes waited for it each segment.) Not before a trial
+    has finished: a search with none fails, and a first call's pace is
+    slow (it was 2.4 times the next for a digits CNN)."""
+    if ctx.accelerator or clock.left is None or not state.finished_at:
+      return
+    for v, rec in list(running):
+      if not alone_fits(ctx, clock, v.step_seconds, ctx.num_steps - v.steps):
+        rec[_STATUS], rec[_CHECKS] = "stopped", {}
+        ended.append((v.slot, {"status": "stopped"}))
+        running.remove((v, rec))
+
   def _finish_best(self, ctx: Context, state: tuple, clock: Clock, paced: Sequence[tuple], costs: Costs,
                    ended: list, running: list) -> None:
     """In the second half of the time on CPU (before, :meth:`_narrow`), when
@@ -202,13 +222,20 @@ class Pacing:
     # (Without measurements, as after a resume, every lane counts 1.)
     signatures = [ctx.signature(config) for _, config, _ in held]
     cost = [costs.by_signature.get(sig) if costs.by_signature else 1.0 for sig in signatures]
+    # A bucket whose trial cannot finish alone in the time left starts no lane.
+    seconds: dict[tuple, float] = {}
+    for v in lanes:
+      if v.started and math.isfinite(v.step_seconds):
+        seconds[v.signature] = max(seconds.get(v.signature, 0.0), v.step_seconds)
+    cost = [None if not alone_fits(ctx, clock, seconds.get(sig, math.nan), ctx.num_steps) else c
+            for sig, c in zip(signatures, cost)]
     if all(c is not None for c in cost) and self._fits(ctx, clock, 2 * need, load + list(zip(signatures, cost)),
                                                        paced):
       go = list(range(len(held)))
     else:
       go = []
       for k, c in enumerate(cost):
-        if c is None:  # its bucket's program has not trained yet: the lane waits for its cost
+        if c is None:  # its program has not trained yet (the lane waits for its cost), or cannot finish
           continue
         if len(go) >= len(live) or not self._fits(ctx, clock, need, load + [(signatures[k], c)], paced):
           break
@@ -218,6 +245,14 @@ class Pacing:
       return {}, state
     chosen = set(go)
     return start([held[k] for k in go]), state._replace(held=[e for k, e in enumerate(held) if k not in chosen])
+
+
+def alone_fits(ctx: Context, clock: Clock, step_seconds: float, steps: int) -> bool:
+  """``steps`` of a lane measured at ``step_seconds`` a step can finish in
+  the time left (True without a timeout, on accelerators or unmeasured)."""
+  if ctx.accelerator or clock.left is None or not math.isfinite(step_seconds):
+    return True
+  return steps * step_seconds <= clock.left
 
 
 def span(ctx: Context, load: Sequence[tuple[tuple, float]]) -> float:

@@ -24,11 +24,11 @@ import numpy as np
 
 from . import _faults
 from ._plan import Plan
-from ._compiler import CPU_FLOPS_PER_CORE, compile_pool, tier_for
+from ._compiler import CPU_CONV_FLOPS_PER_CORE, CPU_FLOPS_PER_CORE, compile_pool, tier_for
 from ._placement import DeviceData, host_leaf, lane_params, place_data, place_lanes, to_host, unhost
 from ._program import Program
 from ._routing import spread_order
-from ._slots import Chunk, ProgramRef, Slot, lane_inputs, spread_lanes
+from ._slots import Chunk, ProgramRef, Slot, first_call_fits, lane_inputs, spread_lanes
 from ._strategy import Cadence, LaneView, NewTrial
 from ._trial import Stats, Trial
 
@@ -63,9 +63,8 @@ class Population:
     self._lowered_now: list = []  # programs lowered for the current generation so far
     #: Called with ``(compiled, total)`` while programs compile, None when all are done.
     self.on_compile: Callable[[tuple | None], None] | None = None
-    #: Lockstep chunks start as their programs become ready instead of all
-    #: waiting for the last compile (asynchronous strategies with a timeout:
-    #: training starts after one compile, the others go on in the background).
+    #: Lockstep chunks start as their programs become ready, not after the
+    #: last compile (asynchronous strategies with a timeout).
     self.staggered = False
     self._advanced: set | None = None  # chunks the last advance ran (None: all)
     #: ``chunk -> steps`` each of its lanes will still train with the chunk's
@@ -143,22 +142,29 @@ class Population:
     compiles), then starts compiling them in the background (see
     :func:`compile_pool`), so training the first chunk overlaps compiling the
     others. ``limit``: lower at most that many now (staggered: one per
-    segment, so the first chunk trains before every program is traced)."""
+    segment, so the first chunk trains before every program is traced;
+    a program whose chunk could not finish a trial is lowered, not compiled,
+    until it could: :meth:`_first_call_fits`)."""
     t0 = time.perf_counter()
-    todo = []
+    todo, tried = [], 0
     for chunk in self._build_order():
       program = chunk.program
-      if limit is not None and len(todo) >= limit:
+      if limit is not None and tried >= limit:
         break
       if not program.compiled and id(program) not in self._building:
+        fresh = not program.lowered
         try:
           program.lower(lane_inputs(chunk, self.slots), self.data)
         except Exception as e:  # noqa: BLE001 - diagnosed stage by stage
           self.plan.diagnose(program.spec, e)
+        tried += 1 if fresh else 0
+        if self.staggered and not self._first_call_fits(chunk):
+          continue
+        tried += 0 if fresh else 1
         if chunk.tier is not None:  # a replay, or a resumed chunk: the tier it ran at
           program.tier = chunk.tier
         elif not any(k.startswith("run:") for k in program._compiled):  # a program built before keeps its tier
-          program.tier = tier_for(self._predicted_seconds(program))
+          program.tier = tier_for(self._predicted_seconds(program), program.has_convolution())
         self._building[id(program)] = (program, program.compiler.compile_seconds, program.compiler.programs_compiled)
         todo.append(program)
     self.stats.trace_seconds += time.perf_counter() - t0
@@ -189,37 +195,31 @@ class Population:
       return list(self.chunks)
     program = {c.signature: c.program for c in self.chunks}  # a bucket's cost: its last chunk's program's
     sigs = list(program)
-    rank = {sigs[i]: r for r, i in enumerate(spread_order(sigs, [self._predicted_seconds(program[s]) for s in sigs]))}
+    costs = [self._predicted_seconds(program[s], lowered=False) for s in sigs]
+    rank = {sigs[i]: r for r, i in enumerate(spread_order(sigs, costs))}
     return sorted(self.chunks, key=lambda c: rank[c.signature])
 
   def _first_call_fits(self, chunk: Chunk) -> bool:
-    """Staggered, on CPU: a chunk that has not trained starts only if twice
-    its first call, predicted from trained chunks' measured pace scaled by
-    their programs' FLOPs, takes at most half the time left (its cost is
-    unknown until it runs: in a 10 s digits-CNN search a two-layer
-    32-channel program ready at 5.7 s ran its first call for 9 s)."""
+    """Staggered, on CPU: a chunk that has not trained starts only if its
+    first call and one lane's trial fit (:func:`first_call_fits`)."""
     left = self.time_left()
     if chunk.state is not None or left is None or self.plan.devices[0].platform != "cpu":
       return True
-    flops = chunk.program.step_flops()
-    paces = [c.step_seconds * flops / ref for c in self.chunks if c.state is not None and
-             math.isfinite(c.step_seconds) and flops and (ref := c.program.step_flops())]
-    if not paces:
-      return True
-    busy = sum(not self.slots[i].idle for i in chunk.members)
-    # A margin of 2 on top: a 32-channel convolution stepped 2.6x slower than
-    # its FLOP count scaled from an 8-channel one predicts (measured).
-    return 2 * max(paces) * chunk.cadence.steps_per_call * busy <= left / 2
+    return first_call_fits(chunk, self.chunks, self.slots, len(self.plan.devices), left)
 
-  def _predicted_seconds(self, program: Program) -> float:
-    """How long ``program`` will train in this search (at the fast tier), by
-    estimate: its lanes' steps to come (``steps_ahead``) at ~6 FLOPs per
-    parameter and example, at a CPU core's measured rate."""
+  def _predicted_seconds(self, program: Program, lowered: bool = True) -> float:
+    """Estimated seconds ``program`` trains in this search: its lanes' steps to
+    come (``steps_ahead``) at ~6 FLOPs per parameter and example at a CPU
+    core's measured rate; with convolutions (many FLOPs per parameter), at
+    least XLA's count at their rate, unless not ``lowered`` (for ordering)."""
     if self.plan.devices[0].platform != "cpu":
       return float("inf")
     abstract = program.spec.abstract_state
     params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract.params)) if abstract is not None else 0
-    seconds_per_step = 6.0 * params * program.spec.batch_size / CPU_FLOPS_PER_CORE / len(self.plan.devices)
+    seconds = 6.0 * params * program.spec.batch_size / CPU_FLOPS_PER_CORE
+    if lowered and program.has_convolution() and (counted := program.step_flops()):
+      seconds = max(seconds, counted / CPU_CONV_FLOPS_PER_CORE)
+    seconds_per_step = seconds / len(self.plan.devices)
     steps = sum(c.lanes * self.steps_ahead(c) for c in self.chunks if c.program is program)
     return steps * seconds_per_step
 

@@ -208,6 +208,7 @@ class Program:
     self._future = None
     self._exploit = None
     self._flops: Any = ...  # step_flops(), once asked
+    self._conv: bool | None = None  # has_convolution(), once asked
 
   @property
   def platform(self) -> str:
@@ -293,6 +294,12 @@ class Program:
   @property
   def lowered(self) -> bool:
     return "run" in self._lowered
+
+  def has_convolution(self) -> bool:
+    """Whether :meth:`run`, once lowered, holds a convolution (False before)."""
+    if self._conv is None and self.lowered:
+      self._conv = "convolution" in self._lowered["run"].as_text()
+    return bool(self._conv)
 
   def step_flops(self) -> float | None:
     """XLA's FLOP count of :meth:`run` once lowered (None if unknown). XLA

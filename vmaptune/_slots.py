@@ -18,7 +18,7 @@ from ._program import Program
 from ._strategy import Cadence, NewTrial
 from ._trial import Trial
 
-__all__ = ["ProgramRef", "Slot", "Chunk", "lane_inputs", "spread_lanes"]
+__all__ = ["ProgramRef", "Slot", "Chunk", "lane_inputs", "spread_lanes", "first_call_fits"]
 
 
 class ProgramRef(NamedTuple):
@@ -160,3 +160,27 @@ def spread_lanes(members: int, lanes: int, devices: int, first: int = 0) -> list
   k = first % devices
   blocks = blocks[k:] + blocks[:k]
   return [lane for turn in itertools.zip_longest(*blocks) for lane in turn if lane is not None]
+
+
+def first_call_fits(chunk: Chunk, chunks: Sequence[Chunk], slots: Sequence[Slot], devices: int, left: float) -> bool:
+  """Whether ``chunk``, not trained yet, should start with ``left`` seconds
+  to go, on CPU: its first call must take at most half of them (a 32-channel
+  CNN ready at 5.7 s of a 10 s search once ran its first call for 9 s) and
+  one lane's trial at most all of them (only finished trials count: a 40 s
+  CNN search spent 9 s on one that could not finish).
+
+  The pace is a lane's seconds a step on its device (a chunk's lanes share
+  the devices), scaled by XLA's FLOP counts from the trained chunk nearest in
+  FLOPs: from an 8-channel CNN, 32 and 16 channels were predicted at 103 and
+  27 ms a step (measured: 75 and 25). Nothing trained yet: it starts.
+  """
+  flops = chunk.program.step_flops()
+  busy = lambda c: sum(not slots[i].idle for i in c.members)
+  paces = [(abs(math.log(flops / ref)), c.step_seconds * min(devices, max(1, busy(c))) * flops / ref)
+           for c in chunks if c.state is not None and math.isfinite(c.step_seconds) and flops
+           and (ref := c.program.step_flops())]
+  if not paces:
+    return True
+  pace = min(paces)[1]
+  return (pace * chunk.cadence.steps_per_call * -(-busy(chunk) // devices) <= left / 2
+          and pace * chunk.cadence.budget <= left)
