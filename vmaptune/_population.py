@@ -157,14 +157,14 @@ class Population:
           program.lower(lane_inputs(chunk, self.slots), self.data)
         except Exception as e:  # noqa: BLE001 - diagnosed stage by stage
           self.plan.diagnose(program.spec, e)
-        tried += 1 if fresh else 0
-        if self.staggered and not self._first_call_fits(chunk):
-          continue
-        tried += 0 if fresh else 1
         if chunk.tier is not None:  # a replay, or a resumed chunk: the tier it ran at
           program.tier = chunk.tier
         elif not any(k.startswith("run:") for k in program._compiled):  # a program built before keeps its tier
           program.tier = tier_for(self._predicted_seconds(program), program.has_convolution())
+        tried += 1 if fresh else 0
+        if self.staggered and not self._first_call_fits(chunk):
+          continue
+        tried += 0 if fresh else 1
         self._building[id(program)] = (program, program.compiler.compile_seconds, program.compiler.programs_compiled)
         todo.append(program)
     self.stats.trace_seconds += time.perf_counter() - t0
@@ -246,8 +246,12 @@ class Population:
     tier = chunk.tier or program.tier
     if "start" in program._compiled and f"run:{tier}" in program._compiled:
       return
-    if not program.lowered or id(program) not in self._building:
+    if not self.staggered and (not program.lowered or id(program) not in self._building):
       self.prepare()
+    while not program.lowered:  # staggered: in build order up to this one, not every program
+      self.prepare(limit=1)
+    if id(program) not in self._building:  # (staggered: lowered, not compiled, as it did not fit then)
+      self._building[id(program)] = (program, program.compiler.compile_seconds, program.compiler.programs_compiled)
     t0 = time.perf_counter()
     if self.on_compile is not None:
       self.on_compile(self._compile_status())
