@@ -161,10 +161,10 @@ class Population:
           program.tier = chunk.tier
         elif not any(k.startswith("run:") for k in program._compiled):  # a program built before keeps its tier
           program.tier = tier_for(self._predicted_seconds(program), program.has_convolution())
-        tried += 1 if fresh else 0
-        if self.staggered and not self._first_call_fits(chunk):
+        fits = not self.staggered or self._first_call_fits(chunk)
+        tried += fresh or fits  # a deferred program lowered before counts only once it compiles
+        if not fits:
           continue
-        tried += 0 if fresh else 1
         self._building[id(program)] = (program, program.compiler.compile_seconds, program.compiler.programs_compiled)
         todo.append(program)
     self.stats.trace_seconds += time.perf_counter() - t0

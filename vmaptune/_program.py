@@ -298,7 +298,7 @@ class Program:
   def has_convolution(self) -> bool:
     """Whether :meth:`run`, once lowered, holds a convolution (False before)."""
     if self._conv is None and self.lowered:
-      self._conv = "convolution" in self._lowered["run"].as_text()
+      self._conv = "stablehlo.convolution" in self._lowered["run"].as_text()  # the op, not a name
     return bool(self._conv)
 
   def step_flops(self) -> float | None:
