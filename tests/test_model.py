@@ -63,7 +63,7 @@ def test_a_convolution_is_not_compiled_at_the_quick_tier(images, monkeypatch):
   # Predicted from its parameters, a CNN's training looked a thousand times
   # shorter than it was, so it compiled without XLA's optimisations and
   # trained 8-13x slower (a 16-channel digits CNN: 100 s instead of 9 s).
-  from vmaptune import _compiler, _population
+  from vmaptune import _building, _compiler
 
   assert _compiler.tier_for(0.01) == "quick"
   assert _compiler.tier_for(0.01, convolution=True) == "short"
@@ -74,7 +74,7 @@ def test_a_convolution_is_not_compiled_at_the_quick_tier(images, monkeypatch):
     chosen.append((seconds, _compiler.tier_for(seconds, *args, **kw)))
     return chosen[-1][1]
 
-  monkeypatch.setattr(_population, "tier_for", tier_for)
+  monkeypatch.setattr(_building, "tier_for", tier_for)
   vt.search(lambda c, rngs: CNN(rngs, 16), images, SPACE, num_configs=2, num_steps=10, rounds=1,
             verbose=False, compilation_cache=False)
   # 20 lane-steps of a 16-channel CNN: XLA counts about 2e7 FLOPs a lane-step.

@@ -181,6 +181,23 @@ def compile_threads(platform: str) -> int:
   return 1 if platform == "cpu" else 4
 
 
+def lowering_pool(platform: str):
+  """One background thread that traces and lowers programs while the search
+  trains (None where programs compile in line: ``VMAPTUNE_COMPILE_THREADS=0``).
+
+  Lowering is Python and holds the GIL, so one thread: it takes one core
+  beside the devices' work, and the main thread only waits for a program's
+  lowering when that program is the next to train.
+  """
+  if compile_threads(platform) == 0:
+    return None
+  if -1 not in _POOLS:
+    import concurrent.futures  # noqa: PLC0415  (only when a pool is used)
+
+    _POOLS[-1] = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vmaptune-lower")
+  return _POOLS[-1]
+
+
 def compile_pool(platform: str):
   """The shared thread pool programs compile on (None: compile in line)."""
   n = compile_threads(platform)

@@ -24,19 +24,17 @@ import numpy as np
 
 from . import _faults
 from ._plan import Plan
-from ._compiler import CPU_CONV_FLOPS_PER_CORE, CPU_FLOPS_PER_CORE, compile_pool, tier_for
+from ._building import Builder
 from ._placement import DeviceData, host_leaf, lane_params, place_data, place_lanes, to_host, unhost
-from ._program import Program
-from ._routing import spread_order
-from ._slots import Chunk, ProgramRef, Slot, first_call_fits, lane_inputs, spread_lanes
+from ._slots import Chunk, ProgramRef, Slot, lane_inputs, spread_lanes
 from ._strategy import Cadence, LaneView, NewTrial
 from ._trial import Stats, Trial
 
 __all__ = ["Population", "Slot", "Chunk", "ProgramRef"]
 
 
-class Population:
-  """Device state per chunk, and each lane's trial.
+class Population(Builder):
+  """Device state per chunk, and each lane's trial (building its programs: :class:`Builder`).
 
   Args:
     plan: the search's plan (specs, programs, layouts, memory).
@@ -136,142 +134,6 @@ class Population:
 
   # Training ----------------------------------------------------------------
 
-  def prepare(self, limit: int | None = None) -> None:
-    """Lowers every chunk's program that is not built yet (on this thread: the
-    model, loss and optimizer of every bucket are validated before anything
-    compiles), then starts compiling them in the background (see
-    :func:`compile_pool`), so training the first chunk overlaps compiling the
-    others. ``limit``: lower at most that many now (staggered: one per
-    segment, so the first chunk trains before every program is traced;
-    a program whose chunk could not finish a trial is lowered, not compiled,
-    until it could: :meth:`_first_call_fits`)."""
-    t0 = time.perf_counter()
-    todo, tried = [], 0
-    for chunk in self._build_order():
-      program = chunk.program
-      if limit is not None and tried >= limit:
-        break
-      if not program.compiled and id(program) not in self._building:
-        fresh = not program.lowered
-        try:
-          program.lower(lane_inputs(chunk, self.slots), self.data)
-        except Exception as e:  # noqa: BLE001 - diagnosed stage by stage
-          self.plan.diagnose(program.spec, e)
-        if chunk.tier is not None:  # a replay, or a resumed chunk: the tier it ran at
-          program.tier = chunk.tier
-        elif not any(k.startswith("run:") for k in program._compiled):  # a program built before keeps its tier
-          program.tier = tier_for(self._predicted_seconds(program), program.has_convolution())
-        fits = not self.staggered or self._first_call_fits(chunk)
-        tried += fresh or fits  # a deferred program lowered before counts only once it compiles
-        if not fits:
-          continue
-        self._building[id(program)] = (program, program.compiler.compile_seconds, program.compiler.programs_compiled)
-        todo.append(program)
-    self.stats.trace_seconds += time.perf_counter() - t0
-    self._lowered_now += todo
-    unbuilt = any(not (c.program.compiled or c.program.lowered) for c in self.chunks)
-    if not self._logged and not unbuilt:
-      self._logged = True
-      signature_of = {id(c.program): c.signature for c in self.chunks}
-      built = self._lowered_now
-      fresh = sum(signature_of.get(id(p)) not in self._signatures_seen for p in built)
-      self.stats.programs_by_round.append({
-          "round": len(self.stats.programs_by_round), "programs": len(signature_of), "compiled": len(built),
-          "new_signatures": fresh, "new_layouts": len(built) - fresh})
-      self._signatures_seen |= {c.signature for c in self.chunks}
-      self._lowered_now = []
-    pool = compile_pool(self.plan.devices[0].platform)
-    if pool is not None:
-      for program in todo:
-        program.compile_on(pool)
-    if todo and self.on_compile is not None:
-      self.on_compile(self._compile_status())
-
-  def _build_order(self) -> list[Chunk]:
-    """The chunks in the order their programs are built: staggered, the
-    buckets in :func:`spread_order` (the first few span the widths and
-    depths, the cheapest first); else as they come."""
-    if not self.staggered:
-      return list(self.chunks)
-    program = {c.signature: c.program for c in self.chunks}  # a bucket's cost: its last chunk's program's
-    sigs = list(program)
-    costs = [self._predicted_seconds(program[s], lowered=False) for s in sigs]
-    rank = {sigs[i]: r for r, i in enumerate(spread_order(sigs, costs))}
-    return sorted(self.chunks, key=lambda c: rank[c.signature])
-
-  def _first_call_fits(self, chunk: Chunk) -> bool:
-    """Staggered, on CPU: a chunk that has not trained starts only if its
-    first call and one lane's trial fit (:func:`first_call_fits`)."""
-    left = self.time_left()
-    if chunk.state is not None or left is None or self.plan.devices[0].platform != "cpu":
-      return True
-    return first_call_fits(chunk, self.chunks, self.slots, len(self.plan.devices), left)
-
-  def _predicted_seconds(self, program: Program, lowered: bool = True) -> float:
-    """Estimated seconds ``program`` trains in this search: its lanes' steps to
-    come (``steps_ahead``) at ~6 FLOPs per parameter and example at a CPU
-    core's measured rate; with convolutions (many FLOPs per parameter), at
-    least XLA's count at their rate, unless not ``lowered`` (for ordering)."""
-    if self.plan.devices[0].platform != "cpu":
-      return float("inf")
-    abstract = program.spec.abstract_state
-    params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract.params)) if abstract is not None else 0
-    seconds = 6.0 * params * program.spec.batch_size / CPU_FLOPS_PER_CORE
-    if lowered and program.has_convolution() and (counted := program.step_flops()):
-      seconds = max(seconds, counted / CPU_CONV_FLOPS_PER_CORE)
-    seconds_per_step = seconds / len(self.plan.devices)
-    steps = sum(c.lanes * self.steps_ahead(c) for c in self.chunks if c.program is program)
-    return steps * seconds_per_step
-
-  def _compile_status(self) -> tuple[int, int]:
-    done = sum(p.compiled for p, _, _ in self._building.values())
-    return done, len(self._building)
-
-  def cancel_compiles(self) -> None:
-    """The search is over: background compiles not started yet are dropped."""
-    for chunk in self.chunks:
-      chunk.program.cancel()
-
-  def _started(self, chunk: Chunk) -> bool:
-    """Staggered: the chunk has trained before, or its program is compiled."""
-    if chunk.state is not None:
-      return True
-    program = chunk.program
-    future = program._future
-    return program.compiled or (future is not None and future.done())
-
-  def _ready(self, chunk: Chunk) -> None:
-    """Waits for (or runs) a chunk's program's compile; the wait is compile wall time."""
-    program = chunk.program
-    tier = chunk.tier or program.tier
-    if "start" in program._compiled and f"run:{tier}" in program._compiled:
-      return
-    if not self.staggered and (not program.lowered or id(program) not in self._building):
-      self.prepare()
-    while not program.lowered:  # staggered: in build order up to this one, not every program
-      self.prepare(limit=1)
-    if id(program) not in self._building:  # (staggered: lowered, not compiled, as it did not fit then)
-      self._building[id(program)] = (program, program.compiler.compile_seconds, program.compiler.programs_compiled)
-    t0 = time.perf_counter()
-    if self.on_compile is not None:
-      self.on_compile(self._compile_status())
-    program.wait()
-    program.tier = chunk.tier or program.tier
-    if not program.compiled:
-      program.compile()
-    self.stats.compile_wall_seconds += time.perf_counter() - t0
-    self._book_compiles()
-
-  def _book_compiles(self) -> None:
-    """Adds finished compiles (summed XLA time) to the stats."""
-    for key, (program, seconds, count) in list(self._building.items()):
-      if program.compiled:
-        self.stats.compile_seconds += program.compiler.compile_seconds - seconds
-        self.stats.programs_compiled += program.compiler.programs_compiled - count
-        del self._building[key]
-    if self.on_compile is not None:
-      self.on_compile(self._compile_status() if self._building else None)
-
   def advance(self, sequential: bool, on_call: Callable[[str, int], None] | None = None,
               on_done: Callable[[int], None] | None = None) -> None:
     """Trains to the strategy's next decision point.
@@ -298,9 +160,10 @@ class Population:
       if self.staggered:
         fit = [j for j in run if self._first_call_fits(self.chunks[j])]
         run = [j for j in fit if self._started(self.chunks[j])]
-        if not run and fit:  # none ready: wait for the first built
+        if not run and fit:  # none ready: wait for the first built, if its build fits
           built = {id(c): r for r, c in enumerate(self._build_order())}
-          run = [min(fit, key=lambda j: built[id(self.chunks[j])])]
+          first = min(fit, key=lambda j: built[id(self.chunks[j])])
+          run = [first] if self._build_fits(self.chunks[first]) else []
         if not run:  # only chunks whose first call would not fit: wait for the deadline
           time.sleep(0.05)
         self._advanced = set(run) if len(run) < len(self.chunks) else None

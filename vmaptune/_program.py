@@ -152,6 +152,17 @@ def _start(init, state: LaneState, inputs: LaneInputs, mask) -> LaneState:
 # --------------------------------------------------------------------------
 
 
+def _trace_context():
+  """JAX's configuration as it affects tracing, on this thread (None if this
+  JAX does not say)."""
+  try:
+    from jax._src import config  # noqa: PLC0415
+
+    return config.trace_context()
+  except Exception:  # noqa: BLE001 - a JAX without it: lower on the caller's thread
+    return None
+
+
 def _shard_map(fn, mesh, in_specs, out_specs):
   if hasattr(jax, "shard_map"):
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
@@ -206,6 +217,9 @@ class Program:
     self._lowered: dict[str, Any] = {}   # "start", "run": jax Lowered
     self._compiled: dict[str, Any] = {}  # "start", "run:<tier>": executables
     self._future = None
+    self._lowering = None  # a background lower(): lower_on()
+    #: Lowers on the calling thread only (see :meth:`lower_on`).
+    self.foreground = False
     self._exploit = None
     self._flops: Any = ...  # step_flops(), once asked
     self._conv: bool | None = None  # has_convolution(), once asked
@@ -349,11 +363,46 @@ class Program:
     if not self.compiled and self._future is None:
       self._future = pool.submit(self.compile)
 
+  def lower_on(self, pool, inputs: LaneInputs, data: DeviceData) -> None:
+    """Lowers on ``pool`` (a one-thread executor) in the background;
+    :meth:`wait_lowered` collects it (and raises its error).
+
+    JAX's configuration contexts (``with jax.numpy_rank_promotion(...)``,
+    x64, matmul precision) are per thread: if the thread that lowers does
+    not see the caller's, the program is left to lower on the caller's
+    thread (:attr:`foreground`)."""
+    if self.lowered or self._lowering is not None or self.foreground:
+      return
+    context = _trace_context()
+    if context is None:
+      self.foreground = True
+      return
+
+    def lower():
+      if _trace_context() != context:
+        self.foreground = True
+        return
+      self.lower(inputs, data)
+
+    self._lowering = pool.submit(lower)
+
+  @property
+  def lowering(self) -> bool:
+    """A background lowering is pending or running."""
+    return self._lowering is not None and not self._lowering.done()
+
+  def wait_lowered(self) -> None:
+    """Blocks until a background lowering is done (raises its error)."""
+    future, self._lowering = self._lowering, None
+    if future is not None:
+      future.result()
+
   def cancel(self) -> None:
-    """Drops a background compile that has not started (it compiles again when needed)."""
-    future = self._future
-    if future is not None and future.cancel():
-      self._future = None
+    """Drops a background compile or lowering that has not started (it runs again when needed)."""
+    for name in ("_future", "_lowering"):
+      future = getattr(self, name)
+      if future is not None and future.cancel():
+        setattr(self, name, None)
 
   def wait(self) -> None:
     """Blocks until a background compile is done (raises its error)."""
@@ -365,6 +414,7 @@ class Program:
     self.wait()
     self.tier = tier
     if not self.compiled:
+      self.wait_lowered()
       self.lower(inputs, data)
       self.compile()
 
