@@ -650,3 +650,26 @@ def test_a_program_whose_first_call_would_not_fit_does_not_start():
   assert pop._first_call_fits(wide)
   pop.chunks, pop.plan = [trained, wide], NS(devices=[NS(platform="gpu")])  # accelerators: cost barely varies
   assert pop._first_call_fits(wide)
+
+
+def test_on_cpu_lanes_of_chunks_not_trained_do_not_keep_a_freed_lane_from_a_new_trial():
+  # A lane whose chunk has not trained (its program compiling, or never to
+  # start) costs nothing yet: charged as training, five of them kept a 10 s
+  # CNN search's only trained lane idle, and the search ended 3 s early.
+  from types import SimpleNamespace as NS
+
+  strat = Adaptive()
+  cfg = {"learning_rate": 1e-2, "b1": 0.9, "hidden": 16}
+  ctx = _ctx(timeout=8.0, num_steps=100, signature=lambda c: (("hidden", c["hidden"]),),
+             drawer=NS(refill=lambda sig, region, rng: dict(cfg)))
+  enc = _tpe.Encoder(SPACE)
+  trials = {i: [list(enc.encode(cfg)[0]), [], 0, math.inf, math.inf, "running", {}] for i in range(6)}
+  trials[0][2:6] = [100, 1.0, 1.0, "ok"]
+  state = AdaptiveState(trials, {}, {}, 6, 6, vt.Region.full(SPACE).to_json(), retired=[])
+  lanes = [LaneView(0, 0, 0, NewTrial(0, cfg, 0, 0), (("hidden", 16),), 100, 1.0, False, True, 1e-3)]
+  lanes += [LaneView(i, i, 0, NewTrial(i, cfg, i, 0), (("hidden", 16 + i),), 0, math.nan, False, False)
+            for i in range(1, 6)]
+  # 300 population steps fit at the last segment's pace (one lane): a 100-step trial fits beside
+  # the lanes that train; charged with the five that do not, it would not (300 / 6 < 100).
+  decision, state = strat.next(ctx, state, lanes, [0], [], Clock(100, remaining=300, left=5.0))
+  assert isinstance(decision.refill[0], NewTrial) and not decision.done

@@ -300,7 +300,11 @@ class Adaptive(Pacing):
     released, state = self._release(ctx, state, lanes, clock, costs, paced, can_start)
     busy = len(lanes) - len(ended) - len(dropped) + len(released)
     gone = set(ended) | set(dropped)
-    load = (costs.load(v for v in lanes if v.slot not in gone)
+    # Lanes whose chunk has not trained cost nothing until it starts, and on
+    # CPU it starts only if a trial fits (``Population._first_call_fits``):
+    # charged here, five such lanes kept a 10 s CNN search's only trained
+    # lane from a new trial, and it ended 3 s early with nothing training.
+    load = (costs.load(v for v in lanes if v.slot not in gone and v.started)
             + [(sig, costs.bucket(sig)) for sig in (ctx.signature(t.config) for t in released.values())])
     dropped.update(released)
     if self._over(ctx, clock, load, paced):
