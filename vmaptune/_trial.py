@@ -121,7 +121,10 @@ class Stats:
 
   Attributes:
     wall_seconds: the whole call.
-    trace_seconds: tracing and lowering programs to XLA (the host, before compiling).
+    trace_seconds: tracing and lowering programs to XLA on the calling thread,
+      or waiting for the background thread that lowers them (with a
+      ``timeout``, programs after the first lower there while lanes train:
+      that part overlaps training and is not counted).
     compile_seconds: XLA compilation, summed over programs.
     compile_wall_seconds: wall time the search spent waiting for XLA
       compilation (less than ``compile_seconds`` when programs compile
