@@ -473,14 +473,15 @@ def test_on_cpu_lanes_on_other_devices_train_at_once(devices, started):
 def test_a_lanes_training_time_is_charged_by_its_chunks_measured_time(small_digits):
   # A wide three-layer MLP beside a four-unit one: each chunk's call is timed on its own, so a wide
   # lane's seconds per step are several times a narrow lane's (split evenly, they would be equal).
-  space = dict(SPACE, hidden=vt.choice([4, 1024]), num_layers=3)
+  # 256 units: 7x measured on the 2-core Intel CPU, in 3 s (1,024 units: 9x, in 12 s).
+  space = dict(SPACE, hidden=vt.choice([4, 256]), num_layers=3)
   r = vt.search(mlp_fn, small_digits, space, strategy="adaptive", num_configs=8, num_steps=40, rounds=2,
                 seed=0, verbose=False)
   per_step = {}
-  for h in (4, 1024):
+  for h in (4, 256):
     ts = [t for t in r.trials if t.config["hidden"] == h and t.steps > 0]
     per_step[h] = sum(t.seconds for t in ts) / sum(t.steps for t in ts)
-  assert per_step[1024] > 2 * per_step[4]  # measured: 4.4-4.8x (evenly split: 1x)
+  assert per_step[256] > 2 * per_step[4]  # measured: 6.8-11x (evenly split: 1x)
   assert sum(t.seconds for t in r.trials) <= r.stats.train_seconds + 1e-6
 
 
