@@ -16,7 +16,8 @@ import time
 import jax
 import numpy as np
 
-from ._compiler import CPU_CONV_FLOPS_PER_CORE, CPU_FLOPS_PER_CORE, compile_pool, lowering_pool, tier_for
+from ._compiler import (CPU_CONV_FLOPS_PER_CORE, CPU_FLOPS_PER_CORE, compile_pool, expected_compile_seconds,
+                        lowering_pool, tier_for)
 from ._program import Program
 from ._routing import spread_order
 from ._slots import Chunk, first_call_fits, lane_inputs
@@ -74,7 +75,7 @@ class Builder:
         tried += fresh or fits  # a deferred program lowered before counts only once it compiles
         if not fits:
           continue
-        self._building[id(program)] = (program, program.compiler.compile_seconds, program.compiler.programs_compiled)
+        self._track(program)
         todo.append(program)
     self.stats.trace_seconds += time.perf_counter() - t0
     self._lowered_now += todo
@@ -126,9 +127,7 @@ class Builder:
     left = self.time_left()
     if left is None or chunk.program.compiled or all(c.state is None for c in self.chunks):
       return True
-    s = self.stats
-    build = s.compile_seconds / s.programs_compiled if s.programs_compiled else 2.0
-    build += 0.0 if chunk.program.lowered else 1.0
+    build = expected_compile_seconds(self.stats) + (0.0 if chunk.program.lowered else 1.0)
     return build <= left / 2
 
   def _predicted_seconds(self, program: Program, lowered: bool = True) -> float:
@@ -173,16 +172,13 @@ class Builder:
     if not self.staggered and (not program.lowered or id(program) not in self._building):
       self.prepare()
     while not program.lowered:  # staggered: in build order up to this one, not every program
-      if program._lowering is not None:  # lowering in the background: the wait is tracing time
+      if program.lowering:  # in the background: the wait is tracing time (prepare collects it)
         t0 = time.perf_counter()
-        try:
-          program.wait_lowered()
-        except Exception as e:  # noqa: BLE001 - diagnosed stage by stage
-          self.plan.diagnose(program.spec, e)
+        program.join_lowering()
         self.stats.trace_seconds += time.perf_counter() - t0
       self.prepare(limit=1)
     if id(program) not in self._building:  # (staggered: lowered, not compiled, as it did not fit then)
-      self._building[id(program)] = (program, program.compiler.compile_seconds, program.compiler.programs_compiled)
+      self._track(program)
     t0 = time.perf_counter()
     if self.on_compile is not None:
       self.on_compile(self._compile_status())
@@ -192,6 +188,10 @@ class Builder:
       program.compile()
     self.stats.compile_wall_seconds += time.perf_counter() - t0
     self._book_compiles()
+
+  def _track(self, program: Program) -> None:
+    """``program`` is compiling: its compile counters now, to book the difference (:meth:`_book_compiles`)."""
+    self._building[id(program)] = (program, program.compiler.compile_seconds, program.compiler.programs_compiled)
 
   def _book_compiles(self) -> None:
     """Adds finished compiles (summed XLA time) to the stats."""

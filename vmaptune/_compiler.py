@@ -85,6 +85,18 @@ CPU_FLOPS_PER_CORE = 60e9
 CPU_CONV_FLOPS_PER_CORE = 6e9
 
 
+#: A program's compile time before any is measured, for time-budget estimates.
+UNMEASURED_COMPILE_SECONDS = 2.0
+
+
+def expected_compile_seconds(stats) -> float:
+  """A program's compile time by a search's ``Stats`` so far: the mean of
+  its compiles (:data:`UNMEASURED_COMPILE_SECONDS` before any)."""
+  if stats.programs_compiled:
+    return stats.compile_seconds / stats.programs_compiled
+  return UNMEASURED_COMPILE_SECONDS
+
+
 def tier_for(seconds: float, convolution: bool = False) -> str:
   """The compile tier of a program predicted to train ``seconds`` in all
   (``VMAPTUNE_COMPILE_TIER=quick|short|long`` fixes it instead). A program
@@ -167,7 +179,7 @@ class Compiler:
     return self.compile(self.lower(fn, args, **kw), tier)
 
 
-_POOLS: dict[int, Any] = {}
+_POOLS: dict[Any, Any] = {}  # compile pools by thread count; "lower": the lowering thread
 
 
 def compile_threads(platform: str) -> int:
@@ -191,11 +203,11 @@ def lowering_pool(platform: str):
   """
   if compile_threads(platform) == 0:
     return None
-  if -1 not in _POOLS:
+  if "lower" not in _POOLS:
     import concurrent.futures  # noqa: PLC0415  (only when a pool is used)
 
-    _POOLS[-1] = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vmaptune-lower")
-  return _POOLS[-1]
+    _POOLS["lower"] = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vmaptune-lower")
+  return _POOLS["lower"]
 
 
 def compile_pool(platform: str):

@@ -26,6 +26,7 @@ import jax
 from . import _faults
 from ._check import model_digest
 from ._checkpoint import CheckpointError, Checkpointer, CheckpointMismatch, fingerprint_diff
+from ._compiler import expected_compile_seconds
 from ._lane import lane_init, stack_inputs
 from ._plan import Plan
 from ._placement import host_leaf, unhost
@@ -260,9 +261,7 @@ class _Run:
       c = self.strategy.cadence(self.ctx, sig)
       if not plan.program(sig, plan.fit_lanes(sig, plan.capacity(1)), c.evals_per_call).compiled:
         programs.add(sig)
-    s = self.stats
-    per_program = s.compile_seconds / s.programs_compiled if s.programs_compiled else 2.0
-    estimate = (lane_steps / self._pace.lane_steps_per_second + len(programs) * per_program
+    estimate = (lane_steps / self._pace.lane_steps_per_second + len(programs) * expected_compile_seconds(self.stats)
                 + self._pace.host_seconds)
     return time.perf_counter() + estimate <= self.deadline
 

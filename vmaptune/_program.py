@@ -22,6 +22,7 @@ emptied by ``vt.clear_cache``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 from typing import Any, Mapping
@@ -390,6 +391,12 @@ class Program:
   def lowering(self) -> bool:
     """A background lowering is pending or running."""
     return self._lowering is not None and not self._lowering.done()
+
+  def join_lowering(self) -> None:
+    """Blocks until a background lowering has ended; its outcome stays for
+    :meth:`wait_lowered`."""
+    if self._lowering is not None:
+      concurrent.futures.wait([self._lowering])
 
   def wait_lowered(self) -> None:
     """Blocks until a background lowering is done (raises its error)."""
