@@ -7,7 +7,8 @@ to confirm it. Methods:
 
   * ``zoom``:      random sampling + zoom, ``search(rounds=3, num_configs=32, strategy="zoom")``;
   * ``adaptive``:  TPE refills + median pruning, ``strategy="adaptive"`` (what ``"auto"``, the
-                   default, picks at this size): 10 lanes for 9.6 trial-lengths of population time;
+                   default, picks at this size): 10 lanes for 9.6 trial-lengths of population time
+                   (``--adaptive min_finished=10`` passes settings to ``vt.Adaptive`` instead);
   * ``halving``:   successive halving with refill, ``strategy=vt.Halving(eta=3, min_fraction=1/9)``
                    (rungs at S/9, S/3, S; 32 lanes for 3*S steps of global time);
   * ``pbt``:       population based training, ``strategy=vt.PBT(ready=S // 4)``
@@ -80,11 +81,12 @@ NEEDS_OPTUNA = ("tpe", "halving_tpe", "optuna", "optuna_eq")
 STRATEGIES = ("adaptive", "halving", "pbt", "halving_tpe")  # decided on the host between segments
 
 
-def method_name(method: str, rounds: int, num_configs: int, steps: int) -> str:
+def method_name(method: str, rounds: int, num_configs: int, steps: int, adaptive: dict | None = None) -> str:
+  adaptive = adaptive or {}
   trials = rounds * num_configs
   return {
       "zoom": f"vt random + zoom {rounds}x{num_configs}",
-      "adaptive": "vt adaptive (TPE + median), auto lanes",
+      "adaptive": "vt adaptive (TPE + median), auto lanes" + "".join(f", {k}={v}" for k, v in adaptive.items()),
       "halving": f"vt halving eta3 1/9, {num_configs} lanes",
       "pbt": f"vt PBT ready {steps // 4}, {num_configs} lanes",
       "sobol": f"vt Sobol + zoom {rounds}x{num_configs}",
@@ -113,7 +115,15 @@ def parse_args(argv):
   p.add_argument("--tasks", default="digits,diabetes")
   p.add_argument("--methods", default=",".join(METHODS))
   p.add_argument("--without", default="", help="treat these packages as missing, e.g. optuna")
+  p.add_argument("--adaptive", default="", metavar="KEY=VALUE,...",
+                 help="settings of the adaptive method's vt.Adaptive, e.g. min_finished=10 (default: its defaults)")
   args = p.parse_args(argv)
+  try:
+    args.adaptive = {k.strip(): float(v) if "." in v else int(v)
+                     for k, v in (kv.split("=") for kv in args.adaptive.split(",") if kv)}
+    vt.Adaptive(**args.adaptive)
+  except (ValueError, TypeError) as e:
+    p.error(f"--adaptive: {e}")
   args.seeds = args.seeds or (2 if args.quick else 5)
   args.steps = args.steps or (72 if args.quick else 540)
   args.cache = args.cache or ("shared" if args.quick else "fresh")
@@ -159,7 +169,7 @@ def run_vmaptune(method, model_fn, data, args, seed):
   elif method in ("sobol", "tpe"):
     kw.update(sampler=method, strategy="zoom")
   elif method == "adaptive":
-    kw["strategy"] = "adaptive"
+    kw["strategy"] = vt.Adaptive(**args.adaptive) if args.adaptive else "adaptive"
   else:
     kw["strategy"] = "zoom"
   t0 = time.perf_counter()
@@ -375,12 +385,12 @@ def main(argv=None) -> int:
     raise SystemExit(f"unknown methods {unknown}; choose from {METHODS}")
   optuna = C.optional("optuna")
   budget = args.rounds * args.num_configs * args.steps
-  names = {m: method_name(m, args.rounds, args.num_configs, args.steps) for m in METHODS}
+  names = {m: method_name(m, args.rounds, args.num_configs, args.steps, args.adaptive) for m in METHODS}
   record = C.header()
   record.update(
       benchmark="strategies", mode="quick" if args.quick else "full",
       settings={"seeds": args.seeds, "first_seed": args.first_seed, "steps": args.steps, "rounds": args.rounds, "num_configs": args.num_configs,
-                "budget_lane_steps": budget, "tasks": tasks, "methods": methods, "method_names": names,
+                "budget_lane_steps": budget, "adaptive": args.adaptive, "tasks": tasks, "methods": methods, "method_names": names,
                 "halving": {"eta": 3, "min_fraction": 1 / 9, "rungs": [args.steps // 9, args.steps // 3, args.steps]},
                 "pbt": {"ready": args.steps // 4, "fraction": 0.25, "resample_probability": 0.25},
                 "optuna": {"sampler": "TPESampler(seed)", "pruner": "MedianPruner() (n_startup_trials=5, "

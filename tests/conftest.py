@@ -77,7 +77,19 @@ def _on_duration(event, duration, **kw):
 jax.monitoring.register_event_duration_secs_listener(_on_duration)
 
 
+def pytest_sessionfinish(session):
+  # An xdist worker hands its count to the controller (pytest_testnodedown).
+  if hasattr(session.config, "workeroutput"):
+    session.config.workeroutput["xla_compiles"] = dict(_COMPILE)
+
+
+def pytest_testnodedown(node, error):
+  theirs = getattr(node, "workeroutput", {}).get("xla_compiles", {})
+  _COMPILE["n"] += theirs.get("n", 0)
+  _COMPILE["s"] += theirs.get("s", 0.0)
+
+
 def pytest_terminal_summary(terminalreporter):
   terminalreporter.write_line(
-      f"XLA backend compiles: {_COMPILE['n']} taking {_COMPILE['s']:.1f}s"
+      f"XLA backend compiles: {_COMPILE['n']} taking {_COMPILE['s']:.1f}s (every worker's, summed)"
   )

@@ -653,6 +653,45 @@ def test_a_program_whose_first_call_would_not_fit_does_not_start():
   assert pop._first_call_fits(wide)
 
 
+def test_with_a_timeout_on_cpu_shapes_whose_trial_could_not_finish_build_last():
+  # Before lowering, a bucket's pace is predicted from the trained convolutional chunk nearest in
+  # FLOPs by parameter count, scaled by them: a trial predicted past the time left builds after
+  # the others (a 40 s CNN search lowered a shape that never fitted second, the best shape last).
+  from types import SimpleNamespace as NS
+
+  from vmaptune._population import Population
+  from vmaptune._slots import late_buckets
+
+  sig = lambda w, d: (("hidden", w), ("layers", d))
+  flops = {sig(8, 1): 1e6, sig(32, 1): 4e6, sig(8, 2): 5e6, sig(32, 2): 60e6}
+
+  def chunk(s, state=None, step_seconds=math.nan, members=(0,), conv=True):
+    return NS(signature=s, program=NS(s=s, has_convolution=lambda: conv), state=state, step_seconds=step_seconds,
+              members=list(members), cadence=NS(steps_per_call=100, budget=500))
+
+  slots = [NS(idle=False) for _ in range(3)]
+  trained = chunk(sig(8, 1), state=object(), step_seconds=1e-3, members=(0, 1, 2))  # 3 lanes, 2 devices
+  chunks = [trained] + [chunk(s) for s in flops if s != sig(8, 1)]
+  # A lane alone on a device: 2 ms a step at 1 MFLOP, so 32 x 2 takes 120 ms: 60 s a trial.
+  assert late_buckets(chunks, slots, 2, 30.0, flops) == {sig(32, 2)}
+  assert late_buckets(chunks, slots, 2, 3.5, flops) == {sig(32, 1), sig(8, 2), sig(32, 2)}
+  assert late_buckets(chunks, slots, 2, 100.0, flops) == set()
+  assert late_buckets(chunks[1:], slots, 2, 1.0, flops) == set()  # nothing trained: no prediction
+  mlp = chunk(sig(8, 1), state=object(), step_seconds=1e-3, members=(0, 1, 2), conv=False)
+  assert late_buckets([mlp] + chunks[1:], slots, 2, 1.0, flops) == set()  # no convolution: no prediction
+  # The build order: the cheapest first, then the farthest, among the shapes that could finish.
+  pop = object.__new__(Population)
+  pop.plan = NS(devices=[NS(platform="cpu")] * 2)
+  pop.slots, pop.chunks, pop.staggered = slots, chunks, True
+  pop._param_flops = lambda program: flops[program.s]
+  pop._predicted_seconds = lambda program, lowered=True: flops[program.s]
+  order = lambda: [c.signature for c in pop._build_order()]
+  pop.time_left = lambda: None  # no timeout: nothing is late
+  assert order() == [sig(8, 1), sig(32, 2), sig(32, 1), sig(8, 2)]
+  pop.time_left = lambda: 30.0
+  assert order() == [sig(8, 1), sig(32, 1), sig(8, 2), sig(32, 2)]
+
+
 def test_on_cpu_lanes_of_chunks_not_trained_do_not_keep_a_freed_lane_from_a_new_trial():
   # A lane whose chunk has not trained (its program compiling, or never to
   # start) costs nothing yet: charged as training, five of them kept a 10 s

@@ -20,7 +20,7 @@ from ._compiler import (CPU_CONV_FLOPS_PER_CORE, CPU_FLOPS_PER_CORE, compile_poo
                         lowering_pool, tier_for)
 from ._program import Program
 from ._routing import spread_order
-from ._slots import Chunk, first_call_fits, lane_inputs
+from ._slots import Chunk, first_call_fits, lane_inputs, late_buckets
 
 __all__ = ["Builder"]
 
@@ -100,13 +100,23 @@ class Builder:
   def _build_order(self) -> list[Chunk]:
     """The chunks in the order their programs are built: staggered, the
     buckets in :func:`spread_order` (the first few span the widths and
-    depths, the cheapest first); else as they come."""
+    depths, the cheapest first); else as they come. With a timeout on CPU,
+    once a chunk has trained, the buckets whose trial could not finish in
+    the time left (:func:`late_buckets`) come after the others."""
     if not self.staggered:
       return list(self.chunks)
     program = {c.signature: c.program for c in self.chunks}  # a bucket's cost: its last chunk's program's
     sigs = list(program)
     costs = [self._predicted_seconds(program[s], lowered=False) for s in sigs]
-    rank = {sigs[i]: r for r, i in enumerate(spread_order(sigs, costs))}
+    left = self.time_left()
+    late = set()
+    if left is not None and self.plan.devices[0].platform == "cpu":
+      late = late_buckets(self.chunks, self.slots, len(self.plan.devices), left,
+                          {s: self._param_flops(program[s]) for s in sigs})
+    order = []
+    for group in ([i for i, s in enumerate(sigs) if s not in late], [i for i, s in enumerate(sigs) if s in late]):
+      order += [group[k] for k in spread_order([sigs[i] for i in group], [costs[i] for i in group])]
+    rank = {sigs[i]: r for r, i in enumerate(order)}
     return sorted(self.chunks, key=lambda c: rank[c.signature])
 
   def _first_call_fits(self, chunk: Chunk) -> bool:
@@ -137,14 +147,20 @@ class Builder:
     least XLA's count at their rate, unless not ``lowered`` (for ordering)."""
     if self.plan.devices[0].platform != "cpu":
       return float("inf")
-    abstract = program.spec.abstract_state
-    params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract.params)) if abstract is not None else 0
-    seconds = 6.0 * params * program.spec.batch_size / CPU_FLOPS_PER_CORE
+    seconds = self._param_flops(program) / CPU_FLOPS_PER_CORE
     if lowered and program.has_convolution() and (counted := program.step_flops()):
       seconds = max(seconds, counted / CPU_CONV_FLOPS_PER_CORE)
     seconds_per_step = seconds / len(self.plan.devices)
     steps = sum(c.lanes * self.steps_ahead(c) for c in self.chunks if c.program is program)
     return steps * seconds_per_step
+
+  @staticmethod
+  def _param_flops(program: Program) -> float:
+    """A lane-step's FLOPs by parameter count: ~6 per parameter and example
+    (0 when the model's shapes are not known yet)."""
+    abstract = program.spec.abstract_state
+    params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract.params)) if abstract is not None else 0
+    return 6.0 * params * program.spec.batch_size
 
   def _compile_status(self) -> tuple[int, int]:
     done = sum(p.compiled for p, _, _ in self._building.values())

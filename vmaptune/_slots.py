@@ -18,7 +18,7 @@ from ._program import Program
 from ._strategy import Cadence, NewTrial
 from ._trial import Trial
 
-__all__ = ["ProgramRef", "Slot", "Chunk", "lane_inputs", "spread_lanes", "first_call_fits"]
+__all__ = ["ProgramRef", "Slot", "Chunk", "lane_inputs", "spread_lanes", "first_call_fits", "late_buckets"]
 
 
 class ProgramRef(NamedTuple):
@@ -184,3 +184,39 @@ def first_call_fits(chunk: Chunk, chunks: Sequence[Chunk], slots: Sequence[Slot]
   pace = min(paces)[1]
   return (pace * chunk.cadence.steps_per_call * -(-busy(chunk) // devices) <= left / 2
           and pace * chunk.cadence.budget <= left)
+
+
+def late_buckets(chunks: Sequence[Chunk], slots: Sequence[Slot], devices: int, left: float,
+                 flops: dict) -> set:
+  """The buckets whose one lane's trial would not finish in ``left`` seconds,
+  on CPU, before their programs are lowered: ``flops`` maps each bucket's
+  signature to a lane-step's FLOPs estimated from its parameter count, and
+  the pace is the trained chunk's nearest in that estimate, scaled by it (as
+  :func:`first_call_fits` does with XLA's counts once lowered). Their
+  programs are built after the others'. Nothing trained yet: none.
+
+  Only programs with convolutions predict: there a lane-step's cost follows
+  its parameters, while a small MLP's lanes cost mostly fixed overheads
+  (from a digits MLP's first call, parameters predicted one bucket's trial
+  past the 6.9 s left of a search that trained 69,000 lane-steps in 10 s).
+
+  In a 40 s digits-CNN search the build order put two 32-channel
+  convolutions (a trial alone about 35 s) second: its program lowered for
+  2 s beside the training and never started, and the shapes after it came
+  seconds later. From an 8-channel one-convolution CNN, parameters predict
+  it at 58x the cost a lane-step (measured: 42x).
+  """
+  busy = lambda c: sum(not slots[i].idle for i in c.members)
+  paces = [(flops[c.signature], c.step_seconds * min(devices, max(1, busy(c)))) for c in chunks
+           if c.state is not None and math.isfinite(c.step_seconds) and flops.get(c.signature)
+           and c.program.has_convolution()]
+  if not paces:
+    return set()
+  budget = {c.signature: c.cadence.budget for c in chunks}
+  late = set()
+  for sig, f in flops.items():
+    if f:
+      ref, pace = min(paces, key=lambda p: abs(math.log(f / p[0])))
+      if pace * f / ref * budget[sig] > left:
+        late.add(sig)
+  return late
