@@ -174,15 +174,10 @@ def first_call_fits(chunk: Chunk, chunks: Sequence[Chunk], slots: Sequence[Slot]
   FLOPs: from an 8-channel CNN, 32 and 16 channels were predicted at 103 and
   27 ms a step (measured: 75 and 25). Nothing trained yet: it starts.
   """
-  flops = chunk.program.step_flops()
-  busy = lambda c: sum(not slots[i].idle for i in c.members)
-  paces = [(abs(math.log(flops / ref)), c.step_seconds * min(devices, max(1, busy(c))) * flops / ref)
-           for c in chunks if c.state is not None and math.isfinite(c.step_seconds) and flops
-           and (ref := c.program.step_flops())]
-  if not paces:
+  pace = _pace(chunks, slots, devices, lambda c: c.program.step_flops(), chunk.program.step_flops())
+  if pace is None:
     return True
-  pace = min(paces)[1]
-  return (pace * chunk.cadence.steps_per_call * -(-busy(chunk) // devices) <= left / 2
+  return (pace * chunk.cadence.steps_per_call * -(-_busy(chunk, slots) // devices) <= left / 2
           and pace * chunk.cadence.budget <= left)
 
 
@@ -206,17 +201,26 @@ def late_buckets(chunks: Sequence[Chunk], slots: Sequence[Slot], devices: int, l
   seconds later. From an 8-channel one-convolution CNN, parameters predict
   it at 58x the cost a lane-step (measured: 42x).
   """
-  busy = lambda c: sum(not slots[i].idle for i in c.members)
-  paces = [(flops[c.signature], c.step_seconds * min(devices, max(1, busy(c)))) for c in chunks
-           if c.state is not None and math.isfinite(c.step_seconds) and flops.get(c.signature)
-           and c.program.has_convolution()]
-  if not paces:
-    return set()
+  cost = lambda c: flops.get(c.signature) if c.program.has_convolution() else None
   budget = {c.signature: c.cadence.budget for c in chunks}
   late = set()
   for sig, f in flops.items():
-    if f:
-      ref, pace = min(paces, key=lambda p: abs(math.log(f / p[0])))
-      if pace * f / ref * budget[sig] > left:
-        late.add(sig)
+    pace = _pace(chunks, slots, devices, cost, f)
+    if pace is not None and pace * budget[sig] > left:
+      late.add(sig)
   return late
+
+
+def _busy(chunk: Chunk, slots: Sequence[Slot]) -> int:
+  return sum(not slots[i].idle for i in chunk.members)
+
+
+def _pace(chunks: Sequence[Chunk], slots: Sequence[Slot], devices: int, cost, of) -> float | None:
+  """A lane's predicted seconds a step on its device (a chunk's lanes share
+  the devices) for a lane-step costing ``of``: the measured pace of the
+  trained chunk nearest in ``cost`` (a chunk's lane-step cost, falsy if
+  unknown), scaled by the ratio; None if there is none (or ``of`` is
+  unknown)."""
+  paces = [(abs(math.log(of / ref)), c.step_seconds * min(devices, max(1, _busy(c, slots))) * of / ref)
+           for c in chunks if c.state is not None and math.isfinite(c.step_seconds) and of and (ref := cost(c))]
+  return min(paces)[1] if paces else None
