@@ -33,6 +33,20 @@ def _same_trials(a, b):
     np.testing.assert_array_equal(s.curve, t.curve)
 
 
+def _crash_then_resume(monkeypatch, small_digits, space, kw, failpoint):
+  """The search crashed at ``failpoint`` (a checkpoint save), then run again from its checkpoint."""
+  from vmaptune import _faults
+
+  monkeypatch.setenv("VMAPTUNE_FAILPOINT", failpoint)
+  _faults.reset()
+  with pytest.raises(_faults.SimulatedCrash):
+    vt.search(mlp_fn, small_digits, space, **kw)
+  monkeypatch.delenv("VMAPTUNE_FAILPOINT")
+  resumed = vt.search(mlp_fn, small_digits, space, **kw)
+  assert resumed.stats.resumed_from
+  return resumed
+
+
 def test_adaptive_spends_the_zoom_budget_on_more_trials_and_stops_the_worse(adaptive):
   # 8 configs x 3 rounds x 40 steps, as zoom would train, spread over 8 lanes.
   st = adaptive.stats
@@ -80,13 +94,80 @@ def test_adaptive_refills_keep_their_lanes_bucket_and_concentrate(small_digits):
   by_lane = {}
   for t in sorted(r.trials, key=lambda t: t.id):
     by_lane.setdefault((t.bucket, t.lane), set()).add(t.config["hidden"])
-  assert all(len(widths) == 1 for widths in by_lane.values())
+  assert all(len(widths) == 1 for widths in by_lane.values())  # a lane runs its program's shape only
   assert r.stats.programs_compiled <= 2  # one per bucket, whatever the refills
   first = [math.log(t.config["learning_rate"]) for t in r.trials if t.id < 4]
   late = [math.log(t.config["learning_rate"]) for t in r.trials if t.id >= len(r.trials) // 2]
   best = math.log(r.best_trial.config["learning_rate"])
   # Model-based refills sit closer to the best learning rate than the first design does.
   assert np.median(np.abs(np.asarray(late) - best)) < np.median(np.abs(np.asarray(first) - best))
+
+
+SHAPES = {"learning_rate": vt.loguniform(3e-3, 3e-2), "hidden": vt.choice([2, 32])}
+SHAPES_KW = dict(num_configs=8, num_steps=20, rounds=6, seed=1, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def moving(small_digits):
+  return vt.search(mlp_fn, small_digits, SHAPES, strategy=vt.Adaptive(lanes=4), **SHAPES_KW)
+
+
+def test_lanes_follow_the_proposals_to_the_better_shape(moving, small_digits):
+  # Two units cannot tell ten digits apart. Pinned, half the lanes run them to the end; the
+  # proposals move lanes to the 32-unit program (spare lanes of it, idle until then).
+  def share(r):
+    return sum(t.steps for t in r.trials if t.config["hidden"] == 32) / sum(t.steps for t in r.trials)
+
+  pinned = vt.search(mlp_fn, small_digits, SHAPES, strategy=vt.Adaptive(lanes=4, move_lanes=False), **SHAPES_KW)
+  assert share(pinned) <= 0.55
+  assert share(moving) >= 0.65
+  assert moving.stats.lane_steps <= 8 * 6 * 20
+  assert moving.stats.programs_compiled <= 2  # a bucket's spare lanes run its program
+  by_lane = {}
+  for t in moving.trials:
+    by_lane.setdefault((t.bucket, t.lane), set()).add(t.config["hidden"])
+  assert all(len(widths) == 1 for widths in by_lane.values())
+  # A trial that ran in a spare lane replays bit for bit and matches its run alone.
+  late = [t for t in moving.trials if t.status == "ok" and t.config["hidden"] == 32][-1]
+  assert moving.retrain(late).score == late.score
+  alone = vt.train(mlp_fn, small_digits, late.config, seed=late.seed, split_seed=1, num_steps=20, verbose=False)
+  assert alone.score == pytest.approx(late.score, rel=2e-3)
+
+
+def test_a_search_whose_lanes_move_resumes_to_the_uninterrupted_result(moving, small_digits, tmp_path,
+                                                                        monkeypatch):
+  kw = dict(SHAPES_KW, strategy=vt.Adaptive(lanes=4), checkpoint_dir=tmp_path / "ckpt", checkpoint_every=40)
+  resumed = _crash_then_resume(monkeypatch, small_digits, SHAPES, kw, "adaptive:saved@2=crash")
+  _same_trials(resumed, moving)
+
+
+def test_a_freed_lane_idles_and_its_proposal_starts_in_a_spare_lane_of_its_shape():
+  from vmaptune._sampling import Drawer
+
+  space = {"learning_rate": vt.loguniform(1e-3, 1e-1), "hidden": vt.choice([8, 16])}
+  drawer = Drawer(space, sampler="random", seed=0, maximize=False, signature_keys=["hidden"], max_buckets=8,
+                  capacity=lambda n: n)
+  ctx = _ctx(num_steps=100, drawer=drawer, space=space, signature=lambda c: (("hidden", c["hidden"]),))
+
+  class To16(Adaptive):  # every model-based proposal wants 16 units
+    def _propose(self, ctx, state, signatures, rng, free=False):
+      return [{"learning_rate": 1e-2, "hidden": 16 if free else dict(sig)["hidden"]} for sig in signatures]
+
+  strat = To16(lanes=4)
+  trials, state = strat.init(ctx)
+  # Each shape gets room for all four lanes, in chunks of the largest bucket's lanes (2).
+  assert strat.chunk_lanes(state) == 2 and len(trials) == 8 and strat.held(state) == [4, 5, 6, 7]
+  assert sorted(state.layout[:4]) == [0, 0, 1, 1] and sorted(state.layout[4:]) == [0, 0, 1, 1]
+  shape = {s: state.shapes[b]["hidden"] for s, b in enumerate(state.layout)}
+  lanes = [LaneView(t.id, 0, 0, t, (("hidden", t.config["hidden"]),), 100, 1.0, False) for t in trials[:4]]
+  freed = next(v.slot for v in lanes if shape[v.slot] == 8)
+  decision, state = strat.next(ctx, state, lanes, [freed], [], Clock(100))
+  target = min(s for s in range(4, 8) if shape[s] == 16)
+  assert decision.refill[freed] is None
+  assert decision.refill[target].config["hidden"] == 16 and set(decision.refill) == {freed, target}
+  pinned = To16(lanes=4, move_lanes=False)
+  trials, state = pinned.init(ctx)
+  assert len(trials) == 4 and pinned.chunk_lanes(state) is None and pinned.held(state) == []
 
 
 def test_adaptive_enqueued_configs_start_first(small_digits):
@@ -107,16 +188,8 @@ def test_adaptive_survives_diverging_configs(small_digits):
 @pytest.mark.parametrize("at", [3, 9])
 def test_adaptive_crashed_mid_run_resumes_to_the_uninterrupted_result(at, adaptive, small_digits, tmp_path,
                                                                       monkeypatch):
-  from vmaptune import _faults
-
   kw = dict(KW, strategy="adaptive", checkpoint_dir=tmp_path / "ckpt", checkpoint_every=8)
-  monkeypatch.setenv("VMAPTUNE_FAILPOINT", f"adaptive:saved@{at}=crash")
-  _faults.reset()
-  with pytest.raises(_faults.SimulatedCrash):
-    vt.search(mlp_fn, small_digits, SPACE, **kw)
-  monkeypatch.delenv("VMAPTUNE_FAILPOINT")
-  resumed = vt.search(mlp_fn, small_digits, SPACE, **kw)
-  assert resumed.stats.resumed_from
+  resumed = _crash_then_resume(monkeypatch, small_digits, SPACE, kw, f"adaptive:saved@{at}=crash")
   assert 0 < resumed.stats.lane_steps < adaptive.stats.lane_steps
   _same_trials(resumed, adaptive)
   for u, v in zip(jax.tree.leaves(resumed.best_params), jax.tree.leaves(adaptive.best_params)):
@@ -125,20 +198,13 @@ def test_adaptive_crashed_mid_run_resumes_to_the_uninterrupted_result(at, adapti
 
 @pytest.mark.parametrize("every", [None, 8])
 def test_adaptive_with_a_timeout_checkpoints_and_resumes(every, small_digits, tmp_path, monkeypatch):
-  from vmaptune import _faults
-
   # Default checkpoints (every trial-length) with a timeout, and checkpoints after the first segment,
   # when a chunk may not have trained yet: on resume its lanes have no score and are not "diverged".
   space = dict(SPACE, hidden=vt.choice([8, 16]))
   kw = dict(num_configs=8, num_steps=40, timeout=6.0, verbose=False, checkpoint_dir=tmp_path / "ckpt",
             checkpoint_every=every)
-  monkeypatch.setenv("VMAPTUNE_FAILPOINT", "adaptive:saved@1=crash")
-  _faults.reset()
-  with pytest.raises(_faults.SimulatedCrash):
-    vt.search(mlp_fn, small_digits, space, **kw)
-  monkeypatch.delenv("VMAPTUNE_FAILPOINT")
-  r = vt.search(mlp_fn, small_digits, space, **kw)
-  assert r.stats.resumed_from and r.best_trial.status == "ok"
+  r = _crash_then_resume(monkeypatch, small_digits, space, kw, "adaptive:saved@1=crash")
+  assert r.best_trial.status == "ok"
   assert not [t for t in r.trials if t.status == "diverged" and t.steps == 0]
 
 
@@ -474,9 +540,10 @@ def test_a_lanes_training_time_is_charged_by_its_chunks_measured_time(small_digi
   # A wide three-layer MLP beside a four-unit one: each chunk's call is timed on its own, so a wide
   # lane's seconds per step are several times a narrow lane's (split evenly, they would be equal).
   # 256 units: 7x measured on the 2-core Intel CPU, in 3 s (1,024 units: 9x, in 12 s).
+  # Lanes pinned to their shapes: moved, a lane left alone among idle ones pays for their compute.
   space = dict(SPACE, hidden=vt.choice([4, 256]), num_layers=3)
-  r = vt.search(mlp_fn, small_digits, space, strategy="adaptive", num_configs=8, num_steps=40, rounds=2,
-                seed=0, verbose=False)
+  r = vt.search(mlp_fn, small_digits, space, strategy=vt.Adaptive(move_lanes=False), num_configs=8, num_steps=40,
+                rounds=2, seed=0, verbose=False)
   per_step = {}
   for h in (4, 256):
     ts = [t for t in r.trials if t.config["hidden"] == h and t.steps > 0]

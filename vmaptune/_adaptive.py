@@ -15,8 +15,16 @@ design over the whole space with each structural value balanced across lanes
 (random before model-based, coarse before fine); TPE works in each
 hyperparameter's sampling coordinate (log for ``loguniform``, ``log(1 - x)``
 for ``reverse_loguniform``); a tenth of the refills stay uniformly random.
-A lane keeps its program: a refill's structural values (those that change the
-compiled program, such as layer widths) are pinned to the lane's and TPE
+Without a timeout, lanes follow the proposals between programs: each model
+shape (bucket) gets room for every lane, in chunks of the first population's
+largest bucket (a chunk whose lanes all idle is skipped), and a refill TPE
+proposes for another shape starts in a free lane of that shape's program
+while the freed lane idles; random refills draw a shape at random too, so the
+shapes TPE left keep being tried. Pinned to their programs' shapes, four of
+ten lanes spent 40% of a digits search's lane-steps on the narrowest width,
+which Optuna's sequential TPE gave up after a few trials. With a timeout
+(where lanes are started and charged by their programs' measured pace) a lane
+keeps its program: structural values are pinned to the lane's and TPE
 proposes the rest conditioned on them.
 """
 
@@ -58,6 +66,11 @@ class AdaptiveState(NamedTuple):
     held: with a timeout on CPU, the first population's trials not started
       yet, ``[trial id, config, seed]`` in the order they start (a first
       trial's slot is its id).
+    layout: when lanes follow the proposals, each slot's bucket (an index
+      into ``shapes``); slots from ``lanes`` on start idle (None: lanes keep
+      their programs).
+    shapes: a config of each bucket, in order (its signature is the bucket's).
+    chunk: the lanes of a chunk when lanes follow the proposals.
   """
 
   trials: dict
@@ -69,6 +82,9 @@ class AdaptiveState(NamedTuple):
   retired: list | None = None
   short: int = 0
   held: list | None = None
+  layout: list | None = None
+  shapes: list | None = None
+  chunk: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +118,9 @@ class Adaptive(Pacing):
     n_startup: refills are random until this many trials have a score
       (None: the number of lanes, at least 8).
     tpe: the TPE settings (:class:`vmaptune.TPEModel`).
+    move_lanes: without a timeout, a refill may go to another model shape's
+      program (see the module's docstring); False pins each lane to its
+      first program's shape.
 
   >>> import vmaptune as vt
   >>> vt.Adaptive(lanes=16).lanes
@@ -116,6 +135,7 @@ class Adaptive(Pacing):
   random_fraction: float = 0.1
   n_startup: int | None = None
   tpe: TPEModel = TPEModel()
+  move_lanes: bool = True
 
   name: ClassVar[str] = "adaptive"
   sequential: ClassVar[bool] = False
@@ -133,6 +153,8 @@ class Adaptive(Pacing):
       raise ValueError(f"Adaptive: `percentile` must lie in (0, 100), got {self.percentile!r}.")
     if isinstance(self.min_finished, bool) or not isinstance(self.min_finished, int) or self.min_finished < 1:
       raise ValueError(f"Adaptive: `min_finished` must be a positive int, got {self.min_finished!r}.")
+    if not isinstance(self.move_lanes, bool):
+      raise TypeError(f"Adaptive: `move_lanes` must be a bool, got {self.move_lanes!r}.")
     if not isinstance(self.tpe, TPEModel):
       raise TypeError(f"Adaptive: `tpe` must be a vmaptune.TPEModel, got {self.tpe!r}.")
 
@@ -206,11 +228,21 @@ class Adaptive(Pacing):
         buckets.setdefault(ctx.signature(t.config), []).append(t)
       turns = itertools.zip_longest(*(ts[1:] for ts in buckets.values()))
       held = [[t.id, t.config, t.seed] for turn in turns for t in turn if t is not None]
-    return trials, AdaptiveState(records, {}, {}, len(trials), len(trials), region.to_json(), held=held)
+    state = AdaptiveState(records, {}, {}, len(trials), len(trials), region.to_json(), held=held)
+    if self.move_lanes and ctx.timeout is None:
+      trials, state = _spare_lanes(ctx, trials, state)
+    return trials, state
 
   def held(self, state: AdaptiveState) -> list[int]:
-    """The slots of the first population that start idle (see ``_release``)."""
+    """The slots of the first population that start idle: held lanes (see
+    ``_release``), or the spare lanes that proposals may move to."""
+    if state.layout is not None:
+      return list(range(state.lanes, len(state.layout)))
     return [trial_id for trial_id, *_ in state.held or ()]
+
+  def chunk_lanes(self, state: AdaptiveState) -> int | None:
+    """The lanes a program wants (None: the largest bucket's trials)."""
+    return state.chunk
 
   # Decisions ---------------------------------------------------------------
 
@@ -334,18 +366,45 @@ class Adaptive(Pacing):
       return Decision(refill={**dropped, **idle}, report=report and not done, done=done), state
     slots = sorted((s for s in ended if s not in idle), key=lambda s: (by_slot[s].chunk, by_slot[s].lane))
     rng = np.random.default_rng([ctx.seed, Stream.ADAPTIVE, elapsed])
-    configs = self._propose(ctx, state, [by_slot[s].signature for s in slots], rng)
+    signatures = [by_slot[s].signature for s in slots]
+    configs = self._propose(ctx, state, signatures, rng, free=state.layout is not None)
+    targets = slots
+    if state.layout is not None:
+      targets, configs = self._place(ctx, state, lanes, ended, signatures, configs, rng)
     enc = Encoder(ctx.space)
-    refill, next_id = {**dropped, **idle}, state.next_id
-    for slot, config in zip(slots, configs):
+    refill, next_id = {**dropped, **idle, **{s: None for s in slots}}, state.next_id
+    for slot, config in zip(targets, configs):
       refill[slot] = NewTrial(next_id, config, trial_seed(ctx.seed, Stream.REFILL, next_id), elapsed // ctx.num_steps)
       state.trials[next_id] = _record(enc, config)
       next_id += 1
     return Decision(refill=refill, report=report), state._replace(next_id=next_id)
 
+  def _place(self, ctx: Context, state: AdaptiveState, lanes: Sequence[LaneView], ended: Sequence[int],
+             signatures: Sequence[tuple], configs: Sequence[dict], rng: np.random.Generator):
+    """The slot each proposal starts in: the lowest free slot of its shape's
+    bucket (so the busy lanes gather in a bucket's first chunks and the
+    others idle and are skipped). A proposal for a shape with no program in
+    this population is drawn again with the freed lane's shape pinned."""
+    index = {ctx.signature(config): b for b, config in enumerate(state.shapes)}
+    busy = {v.slot for v in lanes} - set(ended)
+    free = [s for s in range(len(state.layout)) if s not in busy]
+    targets, out = [], []
+    for sig, config in zip(signatures, configs):
+      b = index.get(ctx.signature(config))
+      if b is None:
+        config, = self._propose(ctx, state, [sig], rng)
+        b = index[sig]
+      slot = next(s for s in free if state.layout[s] == b)
+      free.remove(slot)
+      targets.append(slot)
+      out.append(config)
+    return targets, out
+
   def _propose(self, ctx: Context, state: AdaptiveState, signatures: Sequence[tuple],
-               rng: np.random.Generator) -> list[dict]:
-    """One config per freed lane, keeping the lane's structural values."""
+               rng: np.random.Generator, free: bool = False) -> list[dict]:
+    """One config per freed lane, keeping the lane's structural values
+    (``free``: TPE proposes them too, and random refills after the first
+    ones draw a shape of ``state.shapes`` at random)."""
     enc = Encoder(ctx.space)
     observed = [rec for rec in state.trials.values() if rec[_STEP] > 0]
     n_startup = self.n_startup if self.n_startup is not None else max(8, state.lanes)
@@ -362,8 +421,10 @@ class Adaptive(Pacing):
     region = Region.full(ctx.space)
     modelled = []  # (position, fixed values, pins) of the refills TPE proposes
     for sig in signatures:
-      fixed = {k: v for k, v in sig if k in ctx.space}
+      fixed = {} if free else {k: v for k, v in sig if k in ctx.space}
       if fitted is None or rng.random() < self.random_fraction:
+        if free and fitted is not None:  # a random shape too: shapes TPE left keep being tried
+          sig = ctx.signature(state.shapes[int(rng.integers(len(state.shapes)))])
         out.append(ctx.drawer.refill(sig, region, rng))
         continue
       pins = enc.pins({**_space.complete(ctx.space, ctx.drawer.refill(sig, region, rng)), **fixed}, fixed)
@@ -374,6 +435,29 @@ class Adaptive(Pacing):
       for (i, fixed, _), (u, c) in zip(modelled, points):
         out[i] = _space.complete(ctx.space, enc.decode(u, c), fixed)
     return out
+
+
+def _spare_lanes(ctx: Context, trials: list[NewTrial], state: AdaptiveState):
+  """The first population with room in every bucket for every lane: spare
+  slots (idle from the start) after the trials, each bucket's in chunks of
+  the largest bucket's trials. One bucket: unchanged."""
+  buckets: dict[tuple, list[NewTrial]] = {}
+  for t in trials:
+    buckets.setdefault(ctx.signature(t.config), []).append(t)
+  if len(buckets) < 2:
+    return trials, state
+  chunk = max(len(ts) for ts in buckets.values())
+  room = chunk * -(-len(trials) // chunk)
+  trials, layout, next_id = list(trials), [None] * len(trials), len(trials)
+  for b, ts in enumerate(buckets.values()):
+    for t in ts:
+      layout[t.id] = b
+    for _ in range(room - len(ts)):  # placeholders: never started as such (their slots idle)
+      trials.append(NewTrial(next_id, ts[0].config, ts[0].seed, 0))
+      layout.append(b)
+      next_id += 1
+  shapes = [ts[0].config for ts in buckets.values()]
+  return trials, state._replace(next_id=next_id, layout=layout, shapes=shapes, chunk=chunk)
 
 
 def _record(enc: Encoder, config: dict) -> list:

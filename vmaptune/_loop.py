@@ -117,7 +117,7 @@ class _Run:
         self._restore(*found)
       else:
         trials, self.state = strategy.init(self.ctx)
-        self.population.start(trials)
+        self.population.start(trials, strategy.chunk_lanes(self.state) if hasattr(strategy, "chunk_lanes") else None)
         held = strategy.held(self.state) if hasattr(strategy, "held") else ()
         if held:  # lanes that start later, as the strategy decides: idle until refilled
           self.population.refill({slot: None for slot in held})

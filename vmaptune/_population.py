@@ -79,16 +79,18 @@ class Population(Builder):
 
   # Layout ------------------------------------------------------------------
 
-  def start(self, trials: Sequence[NewTrial]) -> None:
+  def start(self, trials: Sequence[NewTrial], lanes: int | None = None) -> None:
     """A new generation: ``trials`` grouped into buckets and chunks, every
     lane to be initialised at its chunk's first call. Every bucket is
-    validated before anything compiles."""
+    validated before anything compiles. ``lanes``: the lanes a program
+    wants (default: the largest bucket's trials); a bucket with more trials
+    takes several chunks of the same program."""
     buckets: "collections.OrderedDict[tuple, list[int]]" = collections.OrderedDict()
     for i, t in enumerate(trials):
       buckets.setdefault(self.plan.routing.signature(t.config), []).append(i)
     for sig in buckets:
       self.plan.spec(sig)
-    wanted = self.capacity(max(len(v) for v in buckets.values()))
+    wanted = self.capacity(lanes or max(len(v) for v in buckets.values()))
     self.slots, self.chunks = [None] * len(trials), []  # type: ignore[list-item]
     self._logged, self._lowered_now = False, []
     for bucket, (sig, members) in enumerate(buckets.items()):
