@@ -31,6 +31,7 @@ proposes the rest conditioned on them.
 from __future__ import annotations
 
 import bisect
+import collections
 import dataclasses
 import itertools
 import math
@@ -387,16 +388,17 @@ class Adaptive(Pacing):
     this population is drawn again with the freed lane's shape pinned."""
     index = {ctx.signature(config): b for b, config in enumerate(state.shapes)}
     busy = {v.slot for v in lanes} - set(ended)
-    free = [s for s in range(len(state.layout)) if s not in busy]
+    free: dict[int, collections.deque] = collections.defaultdict(collections.deque)
+    for s, b in enumerate(state.layout):  # ascending: each bucket's lowest free slot first
+      if s not in busy:
+        free[b].append(s)
     targets, out = [], []
     for sig, config in zip(signatures, configs):
       b = index.get(ctx.signature(config))
       if b is None:
         config, = self._propose(ctx, state, [sig], rng)
         b = index[sig]
-      slot = next(s for s in free if state.layout[s] == b)
-      free.remove(slot)
-      targets.append(slot)
+      targets.append(free[b].popleft())  # a bucket has a slot for every lane: never empty
       out.append(config)
     return targets, out
 
