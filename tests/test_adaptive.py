@@ -165,6 +165,16 @@ def test_a_freed_lane_idles_and_its_proposal_starts_in_a_spare_lane_of_its_shape
   target = min(s for s in range(4, 8) if shape[s] == 16)
   assert decision.refill[freed] is None
   assert decision.refill[target].config["hidden"] == 16 and set(decision.refill) == {freed, target}
+  # A proposal for a shape with no program here is drawn again with the freed lane's shape pinned.
+  class ToAbsent(To16):
+    def _propose(self, ctx, state, signatures, rng, free=False):
+      return [{"learning_rate": 1e-2, "hidden": 64 if free else dict(sig)["hidden"]} for sig in signatures]
+
+  strat = ToAbsent(lanes=4)
+  trials, state = strat.init(ctx)
+  lanes = [LaneView(t.id, 0, 0, t, (("hidden", t.config["hidden"]),), 100, 1.0, False) for t in trials[:4]]
+  decision, _ = strat.next(ctx, state, lanes, [freed], [], Clock(100))
+  assert list(decision.refill) == [freed] and decision.refill[freed].config["hidden"] == 8
   pinned = To16(lanes=4, move_lanes=False)
   trials, state = pinned.init(ctx)
   assert len(trials) == 4 and pinned.chunk_lanes(state) is None and pinned.held(state) == []
