@@ -250,5 +250,9 @@ class Strategy(Protocol):
   # Optional: ``held(state) -> [slot]``, lanes of the first population that
   # start idle (no steps trained, not in the views; on CPU an idle lane in a
   # running chunk is skipped, so it costs nothing) until a later decision
-  # refills them with their trial (the adaptive strategy on CPU with a timeout).
+  # refills them with their trial (the adaptive strategy on CPU with a timeout),
+  # or with a trial of their program's shape (its spare lanes without one).
+  # Optional: ``chunk_lanes(state) -> int | None``, the lanes a program of the
+  # first population wants (None: its largest bucket's trials); a bucket with
+  # more trials takes several chunks of one program.
 
