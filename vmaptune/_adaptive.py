@@ -71,7 +71,6 @@ class AdaptiveState(NamedTuple):
       into ``shapes``); slots from ``lanes`` on start idle (None: lanes keep
       their programs).
     shapes: a config of each bucket, in order (its signature is the bucket's).
-    chunk: the lanes of a chunk when lanes follow the proposals.
   """
 
   trials: dict
@@ -85,7 +84,6 @@ class AdaptiveState(NamedTuple):
   held: list | None = None
   layout: list | None = None
   shapes: list | None = None
-  chunk: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,8 +240,12 @@ class Adaptive(Pacing):
     return [trial_id for trial_id, *_ in state.held or ()]
 
   def chunk_lanes(self, state: AdaptiveState) -> int | None:
-    """The lanes a program wants (None: the largest bucket's trials)."""
-    return state.chunk
+    """The lanes a program wants (None: the largest bucket's trials). Lanes
+    that follow the proposals: the first population's largest bucket, for
+    every bucket's spare slots too."""
+    if state.layout is None:
+      return None
+    return max(collections.Counter(state.layout[:state.lanes]).values())
 
   # Decisions ---------------------------------------------------------------
 
@@ -459,7 +461,7 @@ def _spare_lanes(ctx: Context, trials: list[NewTrial], state: AdaptiveState):
       layout.append(b)
       next_id += 1
   shapes = [ts[0].config for ts in buckets.values()]
-  return trials, state._replace(next_id=next_id, layout=layout, shapes=shapes, chunk=chunk)
+  return trials, state._replace(next_id=next_id, layout=layout, shapes=shapes)
 
 
 def _record(enc: Encoder, config: dict) -> list:
