@@ -11,7 +11,7 @@ import pytest
 
 import vmaptune as vt
 from vmaptune import _options, _pacing, _program, _tpe
-from vmaptune._adaptive import Adaptive, AdaptiveState
+from vmaptune._adaptive import Adaptive, AdaptiveState, _percentile
 from vmaptune._strategy import Clock, LaneView, NewTrial
 
 from _models import mlp_fn
@@ -426,11 +426,17 @@ def test_with_a_timeout_on_cpu_one_lane_per_bucket_starts_and_the_rest_as_the_pa
   assert dict(decision.refill) == {}
   decision, state = strat.next(ctx, state, lanes, [], [], Clock(40, remaining=10**5, left=8.0))
   assert list(decision.refill) == held[2:] and state.held == []
-  # In the second half, lanes still held are given up, unreported.
+  # Once half the time left at the first pace has passed, lanes still held are given up, unreported.
   _, state = strat.init(ctx)
+  decision, state = strat.next(ctx, state, lanes[:2], [], [], Clock(20, remaining=90, left=9.0))
+  assert dict(decision.refill) == {} and state.paced_left == 9.0
   decision, state = strat.next(ctx, state, lanes[:2], [], [], Clock(60, remaining=10**5, left=4.0))
   assert dict(decision.refill) == {} and state.held == [] and state.retired == sorted(held)
   assert [state.trials[s][5] for s in held] == ["unused"] * 6
+  # A first pace after half the timeout (a slow first compile) still starts the lanes that fit.
+  _, state = strat.init(ctx)
+  decision, state = strat.next(ctx, state, lanes[:2], [], [], Clock(60, remaining=10**5, left=4.0))
+  assert list(decision.refill) == held and state.held == [] and not state.retired
   # A CPU search resumed on an accelerator starts every held lane at once.
   _, state = strat.init(ctx)
   gpu = dataclasses.replace(ctx, accelerator=True)
@@ -627,6 +633,14 @@ def test_pruner_compares_with_finished_trials_at_the_same_step():
   assert ended == [(0, {"status": "ok"})]
   assert state.finished_at[20] == [9.0] and state.finished_at[100] == [5.0]
   assert state.trials[0][5] == "ok"
+
+
+def test_the_pruners_percentile_is_numpys_bit_for_bit():
+  rng = np.random.default_rng(0)
+  for n in (1, 2, 3, 4, 10, 57):
+    scores = sorted(rng.normal(size=n).tolist())
+    for q in (10.0, 33.3, 50.0, 75.0):
+      assert _percentile(scores, q) == float(np.percentile(scores, q))
 
 
 def test_tpe_proposals_concentrate_on_the_good_region_and_keep_pins():
