@@ -396,7 +396,7 @@ def test_with_a_timeout_on_cpu_one_lane_per_bucket_starts_and_the_rest_as_the_pa
                   capacity=lambda n: n)
   sig = lambda c: (("hidden", c["hidden"]),)
   ctx = _ctx(space=space, timeout=10.0, num_steps=100, accelerator=accelerator, drawer=drawer, signature=sig)
-  strat = Adaptive()
+  strat = Adaptive(move_lanes=False)  # held lanes alone (spare lanes: the moving tests)
   trials, state = strat.init(ctx)
   assert len(trials) == 8
   if accelerator:  # more lanes cost little more there: all start
@@ -442,6 +442,45 @@ def test_with_a_timeout_on_cpu_one_lane_per_bucket_starts_and_the_rest_as_the_pa
   gpu = dataclasses.replace(ctx, accelerator=True)
   decision, state = strat.next(gpu, state, lanes[:2], [], [], Clock(20, remaining=10**5, left=9.0))
   assert list(decision.refill) == held and state.held == []
+
+
+def test_with_a_timeout_on_cpu_a_proposal_moves_only_to_a_measured_shape_whose_trial_fits():
+  from vmaptune._sampling import Drawer
+
+  space = {"learning_rate": vt.loguniform(1e-3, 1e-1), "hidden": vt.choice([8, 16])}
+  drawer = Drawer(space, sampler="random", seed=0, maximize=False, signature_keys=["hidden"], max_buckets=8,
+                  capacity=lambda n: n)
+  sig = lambda c: (("hidden", c["hidden"]),)
+  ctx = _ctx(num_steps=100, drawer=drawer, space=space, signature=sig, timeout=10.0)
+
+  class To16(Adaptive):  # every model-based proposal wants 16 units
+    def _propose(self, ctx, state, signatures, rng, free=False):
+      return [{"learning_rate": 1e-2, "hidden": 16 if free else dict(sig)["hidden"]} for sig in signatures]
+
+  strat = To16(lanes=4)
+  trials, state0 = strat.init(ctx)
+  held = [i for i, *_ in state0.held]
+  assert len(held) == 2 and strat.held(state0) == held + [4, 5, 6, 7]  # held lanes, then spare ones
+  shape = {s: state0.shapes[b]["hidden"] for s, b in enumerate(state0.layout)}
+  narrow, wide = (next(t for t in trials[:4] if t.id not in held and t.config["hidden"] == w) for w in (8, 16))
+  view = lambda t, seconds, started=True: LaneView(t.id, 0, 0, t, sig(t.config), 100 if t is narrow else 20,
+                                                   1.0, False, started, seconds)
+  # The wide shape measured and time to spare: the narrow lane's trial ended, its proposal starts in the
+  # lowest spare slot of 16 units (never a held one), and the freed lane idles.
+  state = state0._replace(trials=dict(state0.trials), held=list(state0.held))
+  decision, _ = strat.next(ctx, state, [view(narrow, 1e-4), view(wide, 3e-4)], [narrow.id], [],
+                           Clock(100, remaining=10**5, left=9.0))
+  target = min(s for s in range(4, 8) if shape[s] == 16)
+  assert decision.refill[narrow.id] is None and decision.refill[target].config["hidden"] == 16
+  # Its program not trained yet (no cost measured), or its trial too slow for the time left: the proposal
+  # is drawn again with the freed lane's shape, in the freed lane's bucket.
+  for lanes, clock in (([view(narrow, 1e-4), view(wide, math.nan, started=False)], Clock(100, remaining=10**5, left=9.0)),
+                       ([view(narrow, 1e-4), view(wide, 0.2)], Clock(100, remaining=10**5, left=9.0))):
+    state = state0._replace(trials=dict(state0.trials), held=list(state0.held))
+    decision, _ = strat.next(ctx, state, lanes, [narrow.id], [], clock)
+    new = {s: t for s, t in decision.refill.items() if t is not None and t.id >= len(trials)}  # not held ones
+    assert [t.config["hidden"] for t in new.values()] == [8]
+    assert shape[next(iter(new))] == 8 and not set(new) & set(held)
 
 
 def test_on_cpu_held_lanes_start_at_their_buckets_measured_cost():

@@ -15,17 +15,19 @@ design over the whole space with each structural value balanced across lanes
 (random before model-based, coarse before fine); TPE works in each
 hyperparameter's sampling coordinate (log for ``loguniform``, ``log(1 - x)``
 for ``reverse_loguniform``); a tenth of the refills stay uniformly random.
-Without a timeout, lanes follow the proposals between programs: each model
+Lanes follow the proposals between programs: each model
 shape (bucket) gets room for every lane, in chunks of the first population's
 largest bucket (a chunk whose lanes all idle is skipped), and a refill TPE
 proposes for another shape starts in a free lane of that shape's program
 while the freed lane idles; random refills draw a shape at random too, so the
 shapes TPE left keep being tried. Pinned to their programs' shapes, four of
 ten lanes spent 40% of a digits search's lane-steps on the narrowest width,
-which Optuna's sequential TPE gave up after a few trials. With a timeout
-(where lanes are started and charged by their programs' measured pace) a lane
-keeps its program: structural values are pinned to the lane's and TPE
-proposes the rest conditioned on them.
+which Optuna's sequential TPE gave up after a few trials. With a timeout on
+CPU (where lanes are started and charged by their programs' measured pace) a
+proposal moves only to a shape whose program has trained and whose trial fits
+in the time left at that shape's measured cost; otherwise it is drawn again
+with the freed lane's shape. ``move_lanes=False`` pins every lane to its
+first program's shape (TPE then proposes the rest conditioned on it).
 """
 
 from __future__ import annotations
@@ -121,9 +123,9 @@ class Adaptive(Pacing):
     n_startup: refills are random until this many trials have a score
       (None: the number of lanes, at least 8).
     tpe: the TPE settings (:class:`vmaptune.TPEModel`).
-    move_lanes: without a timeout, a refill may go to another model shape's
-      program (see the module's docstring); False pins each lane to its
-      first program's shape.
+    move_lanes: a refill may go to another model shape's program (see the
+      module's docstring); False pins each lane to its first program's
+      shape.
 
   >>> import vmaptune as vt
   >>> vt.Adaptive(lanes=16).lanes
@@ -232,16 +234,15 @@ class Adaptive(Pacing):
       turns = itertools.zip_longest(*(ts[1:] for ts in buckets.values()))
       held = [[t.id, t.config, t.seed] for turn in turns for t in turn if t is not None]
     state = AdaptiveState(records, {}, {}, len(trials), len(trials), region.to_json(), held=held)
-    if self.move_lanes and ctx.timeout is None:
+    if self.move_lanes:
       trials, state = _spare_lanes(ctx, trials, state)
     return trials, state
 
   def held(self, state: AdaptiveState) -> list[int]:
     """The slots of the first population that start idle: held lanes (see
-    ``_release``), or the spare lanes that proposals may move to."""
-    if state.layout is not None:
-      return list(range(state.lanes, len(state.layout)))
-    return [trial_id for trial_id, *_ in state.held or ()]
+    ``_release``) and the spare lanes that proposals may move to."""
+    spare = list(range(state.lanes, len(state.layout))) if state.layout is not None else []
+    return [trial_id for trial_id, *_ in state.held or ()] + spare
 
   def chunk_lanes(self, state: AdaptiveState) -> int | None:
     """The lanes a program wants (None: the largest bucket's trials). Lanes
@@ -377,7 +378,24 @@ class Adaptive(Pacing):
     configs = self._propose(ctx, state, signatures, rng, free=state.layout is not None)
     targets = slots
     if state.layout is not None:
-      targets, configs = self._place(ctx, state, lanes, ended, signatures, configs, rng)
+      fits = None
+      if costs.by_slot and clock.remaining is not None:
+        # On CPU with a timeout a proposal moves only to a shape whose
+        # program has trained (its cost measured) and whose trial fits
+        # beside the others at that cost (else it keeps the freed lane's shape).
+        seconds = {v.signature: v.step_seconds for v in lanes if v.started and math.isfinite(v.step_seconds)}
+
+        def fits(slot: int, sig: tuple) -> bool:
+          if sig not in costs.by_signature or not alone_fits(ctx, clock, seconds.get(sig, math.nan), ctx.num_steps):
+            return False
+          moved = list(load)
+          moved.remove(costs.load([by_slot[slot]])[0])  # the freed lane's trial, charged above
+          moved.append((sig, costs.by_signature[sig]))
+          if not self._fits(ctx, clock, ctx.num_steps, moved, paced):
+            return False
+          load[:] = moved
+          return True
+      targets, configs = self._place(ctx, state, lanes, ended, slots, configs, rng, fits, reserved=dropped)
     enc = Encoder(ctx.space)
     refill, next_id = {**dropped, **idle, **{s: None for s in slots}}, state.next_id
     for slot, config in zip(targets, configs):
@@ -387,21 +405,28 @@ class Adaptive(Pacing):
     return Decision(refill=refill, report=report), state._replace(next_id=next_id)
 
   def _place(self, ctx: Context, state: AdaptiveState, lanes: Sequence[LaneView], ended: Sequence[int],
-             signatures: Sequence[tuple], configs: Sequence[dict], rng: np.random.Generator):
+             slots: Sequence[int], configs: Sequence[dict], rng: np.random.Generator, fits=None,
+             reserved=()):
     """The slot each proposal starts in: the lowest free slot of its shape's
     bucket (so the busy lanes gather in a bucket's first chunks and the
     others idle and are skipped). A proposal for a shape with no program in
-    this population is drawn again with the freed lane's shape pinned."""
+    this population is drawn again with the freed lane's shape pinned, as
+    is one for another shape that ``fits`` (with a timeout on CPU) rejects.
+    Held and given-up slots are never free, nor ``reserved`` ones (held
+    lanes starting at this decision)."""
     index = {ctx.signature(config): b for b, config in enumerate(state.shapes)}
-    busy = {v.slot for v in lanes} - set(ended)
+    busy = (({v.slot for v in lanes} - set(ended)) | set(state.retired or ()) | {i for i, *_ in state.held or ()}
+            | set(reserved))
+    signature_of = {v.slot: v.signature for v in lanes}
     free: dict[int, collections.deque] = collections.defaultdict(collections.deque)
     for s, b in enumerate(state.layout):  # ascending: each bucket's lowest free slot first
       if s not in busy:
         free[b].append(s)
     targets, out = [], []
-    for sig, config in zip(signatures, configs):
+    for slot, config in zip(slots, configs):
+      sig = signature_of[slot]
       b = index.get(ctx.signature(config))
-      if b is None:
+      if b is None or (fits is not None and ctx.signature(config) != sig and not fits(slot, ctx.signature(config))):
         config, = self._propose(ctx, state, [sig], rng)
         b = index[sig]
       targets.append(free[b].popleft())  # a bucket has a slot for every lane: never empty

@@ -218,7 +218,7 @@ class Pacing:
     if state.paced_left is not None and clock.left is not None and clock.left < state.paced_left / 2:
       for trial_id, *_ in held:
         state.trials[trial_id][_STATUS] = "unused"
-      return {}, state._replace(held=[], retired=sorted(list(state.retired or ()) + self.held(state)))
+      return {}, state._replace(held=[], retired=sorted(list(state.retired or ()) + [i for i, *_ in held]))
     if ctx.accelerator:
       return start(held), state._replace(held=[])
     live = live_lanes(state, lanes)
