@@ -42,7 +42,7 @@ from typing import ClassVar, NamedTuple, Sequence
 import numpy as np
 
 from . import _space
-from ._pacing import _BEST, _C, _CHECKS, _SCORE, _STATUS, _STEP, _U, Costs, Pacing, alone_fits
+from ._pacing import _BEST, _C, _CHECKS, _SCORE, _STATUS, _STEP, _U, Costs, Pacing, alone_fits, slowest_step
 from ._region import Region
 from ._sampling import Stream, trial_seed
 from ._strategy import Cadence, Clock, Context, Decision, LaneView, NewTrial
@@ -383,7 +383,7 @@ class Adaptive(Pacing):
         # On CPU with a timeout a proposal moves only to a shape whose
         # program has trained (its cost measured) and whose trial fits
         # beside the others at that cost (else it keeps the freed lane's shape).
-        seconds = {v.signature: v.step_seconds for v in lanes if v.started and math.isfinite(v.step_seconds)}
+        seconds = slowest_step(lanes)
 
         def fits(slot: int, sig: tuple) -> bool:
           if sig not in costs.by_signature or not alone_fits(ctx, clock, seconds.get(sig, math.nan), ctx.num_steps):
@@ -424,9 +424,9 @@ class Adaptive(Pacing):
         free[b].append(s)
     targets, out = [], []
     for slot, config in zip(slots, configs):
-      sig = signature_of[slot]
-      b = index.get(ctx.signature(config))
-      if b is None or (fits is not None and ctx.signature(config) != sig and not fits(slot, ctx.signature(config))):
+      sig, wanted = signature_of[slot], ctx.signature(config)
+      b = index.get(wanted)
+      if b is None or (fits is not None and wanted != sig and not fits(slot, wanted)):
         config, = self._propose(ctx, state, [sig], rng)
         b = index[sig]
       targets.append(free[b].popleft())  # a bucket has a slot for every lane: never empty

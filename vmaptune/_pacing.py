@@ -231,10 +231,7 @@ class Pacing:
     signatures = [ctx.signature(config) for _, config, _ in held]
     cost = [costs.by_signature.get(sig) if costs.by_signature else 1.0 for sig in signatures]
     # A bucket whose trial cannot finish alone in the time left starts no lane.
-    seconds: dict[tuple, float] = {}
-    for v in lanes:
-      if v.started and math.isfinite(v.step_seconds):
-        seconds[v.signature] = max(seconds.get(v.signature, 0.0), v.step_seconds)
+    seconds = slowest_step(lanes)
     cost = [None if not alone_fits(ctx, clock, seconds.get(sig, math.nan), ctx.num_steps) else c
             for sig, c in zip(signatures, cost)]
     if all(c is not None for c in cost) and self._fits(ctx, clock, 2 * need, load + list(zip(signatures, cost)),
@@ -253,6 +250,16 @@ class Pacing:
       return {}, state
     chosen = set(go)
     return start([held[k] for k in go]), state._replace(held=[e for k, e in enumerate(held) if k not in chosen])
+
+
+def slowest_step(lanes: Sequence[LaneView]) -> dict[tuple, float]:
+  """Each bucket's measured seconds a lane-step, its slowest chunk's (the
+  pace :func:`alone_fits` judges a new trial of that bucket by)."""
+  seconds: dict[tuple, float] = {}
+  for v in lanes:
+    if v.started and math.isfinite(v.step_seconds):
+      seconds[v.signature] = max(seconds.get(v.signature, 0.0), v.step_seconds)
+  return seconds
 
 
 def alone_fits(ctx: Context, clock: Clock, step_seconds: float, steps: int) -> bool:
