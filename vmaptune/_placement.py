@@ -64,15 +64,16 @@ def place_lanes(tree, mesh) -> Any:
   """Host arrays whose leading axis is lanes, on the mesh's devices (sharded
   over them when several); typed keys are placed as key data and rewrapped."""
   devices = list(mesh.devices.flat)
-
-  def one(h):
-    if is_key(h):
-      return jax.random.wrap_key_data(one(jax.random.key_data(h)), impl=h.dtype._impl)
-    if len(devices) == 1:
-      return jax.device_put(h, devices[0])
-    return put_global(h, _devices.lane_sharding(mesh))
-
-  return jax.tree.map(one, tree)
+  target = devices[0] if len(devices) == 1 else _devices.lane_sharding(mesh)
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = [is_key(h) for h in leaves]
+  raw = [jax.random.key_data(h) if k else h for h, k in zip(leaves, keys)]
+  if jax.process_count() == 1:
+    placed = jax.device_put(raw, target)  # one batched transfer: a call per leaf cost ~0.45 ms each
+  else:
+    placed = [put_global(h, target) for h in raw]
+  placed = [jax.random.wrap_key_data(p, impl=h.dtype._impl) if k else p for p, h, k in zip(placed, leaves, keys)]
+  return jax.tree.unflatten(treedef, placed)
 
 
 class DeviceData(NamedTuple):
