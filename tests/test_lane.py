@@ -157,6 +157,38 @@ def test_whole_runs_at_moderate_learning_rate_agree(small_digits, lane_batch):
 # --------------------------------------------------------------------------
 
 
+def test_start_compiles_on_its_own_thread_beside_run(small_digits, monkeypatch):
+  # The start program (0.6-0.8 s at XLA level 0 on the 2-core CPU) does not
+  # wait for the training program's compile, nor it for start's.
+  import threading
+
+  from vmaptune import _compiler, _devices, _placement, _program
+
+  spec, ds = _spec(small_digits, hidden=11)
+  mesh = _devices.make_mesh(jax.devices())
+  n = len(jax.devices())
+  program = _program.Program(spec, _program.Layout(n, n, 1), mesh, evals_per_call=1)
+  data = _placement.place_data(ds, 512, mesh)
+  inputs = _placement.place_lanes(_lane.stack_inputs(range(n), [{"learning_rate": 1e-3}] * n, [0.0] * n,
+                                                     [4] * n, spec), mesh)
+  threads = {}
+  compile = _compiler.Compiler.compile
+
+  def record(self, lowered, tier="long"):
+    threads[tier] = threading.current_thread().name
+    return compile(self, lowered, tier)
+
+  monkeypatch.setattr(_compiler.Compiler, "compile", record)
+  program.lower(inputs, data)
+  program.tier = "short"
+  program.compile()
+  assert threads == {"init": "vmaptune-start_0", "short": threading.current_thread().name}
+  assert program.compiled and program.compiler.programs_compiled == 1
+  state = program.start(program.zeros(inputs), inputs, _placement.place_lanes(np.ones(n, bool), mesh), data)
+  _, (scores, _, steps) = program.run(state, data, 4)
+  assert np.isfinite(np.asarray(scores)).all() and (np.asarray(steps) == 4).all()
+
+
 def test_lanes_without_steps_left_are_skipped_and_kept_bit_for_bit(small_digits):
   # Held, idle and finished lanes (budget reached) neither train nor run a
   # validation pass: their state comes back bit for bit and their scores are

@@ -185,6 +185,16 @@ class Layout:
     return self.num_lanes // self.num_devices
 
 
+_START_POOL = []
+
+
+def _start_pool():
+  """One thread that compiles start programs beside their training program."""
+  if not _START_POOL:
+    _START_POOL.append(concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vmaptune-start"))
+  return _START_POOL[0]
+
+
 def _scalar(v: int) -> np.ndarray:
   return np.asarray(v, np.int32)
 
@@ -348,16 +358,21 @@ class Program:
 
   def compile(self) -> None:
     """XLA-compiles :meth:`start` and :meth:`run` at ``tier`` (releases the GIL: thread-safe)."""
+    start = None
     if "start" not in self._compiled:
-      self._compiled["start"] = self.compiler.compile(self._lowered["start"], "init")
+      start = _start_pool().submit(self.compiler.compile, self._lowered["start"], "init")
     key = f"run:{self.tier}"
-    if key not in self._compiled:
-      compiled = self.compiler.compile(self._lowered["run"], self.tier)
-      try:
-        self.memory = compiled.memory_analysis()
-      except Exception:  # pragma: no cover - not every backend reports it
-        self.memory = None
-      self._compiled[key] = compiled
+    try:
+      if key not in self._compiled:
+        compiled = self.compiler.compile(self._lowered["run"], self.tier)
+        try:
+          self.memory = compiled.memory_analysis()
+        except Exception:  # pragma: no cover - not every backend reports it
+          self.memory = None
+        self._compiled[key] = compiled
+    finally:
+      if start is not None:
+        self._compiled["start"] = start.result()
 
   def compile_on(self, pool) -> None:
     """Compiles on ``pool`` (a ``concurrent.futures`` executor) in the background."""
