@@ -150,7 +150,7 @@ def test_a_freed_lane_idles_and_its_proposal_starts_in_a_spare_lane_of_its_shape
   ctx = _ctx(num_steps=100, drawer=drawer, space=space, signature=lambda c: (("hidden", c["hidden"]),))
 
   class To16(Adaptive):  # every model-based proposal wants 16 units
-    def _propose(self, ctx, state, signatures, rng, free=False):
+    def _propose(self, ctx, state, signatures, rng, free=False, model=None):
       return [{"learning_rate": 1e-2, "hidden": 16 if free else dict(sig)["hidden"]} for sig in signatures]
 
   strat = To16(lanes=4)
@@ -167,7 +167,7 @@ def test_a_freed_lane_idles_and_its_proposal_starts_in_a_spare_lane_of_its_shape
   assert decision.refill[target].config["hidden"] == 16 and set(decision.refill) == {freed, target}
   # A proposal for a shape with no program here is drawn again with the freed lane's shape pinned.
   class ToAbsent(To16):
-    def _propose(self, ctx, state, signatures, rng, free=False):
+    def _propose(self, ctx, state, signatures, rng, free=False, model=None):
       return [{"learning_rate": 1e-2, "hidden": 64 if free else dict(sig)["hidden"]} for sig in signatures]
 
   strat = ToAbsent(lanes=4)
@@ -178,6 +178,38 @@ def test_a_freed_lane_idles_and_its_proposal_starts_in_a_spare_lane_of_its_shape
   pinned = To16(lanes=4, move_lanes=False)
   trials, state = pinned.init(ctx)
   assert len(trials) == 4 and pinned.chunk_lanes(state) is None and pinned.held(state) == []
+
+
+def test_a_decision_fits_tpe_once_whatever_its_redraws(monkeypatch):
+  # Ranking every trial and fitting the densities is the costly part of a
+  # proposal: a decision fits once, and the proposals drawn again (here every
+  # one: each wants a shape with no program) reuse that fit.
+  from vmaptune._pacing import _BEST, _SCORE, _STATUS, _STEP
+  from vmaptune._sampling import Drawer
+
+  space = {"learning_rate": vt.loguniform(1e-3, 1e-1), "hidden": vt.choice([8, 16])}
+  drawer = Drawer(space, sampler="random", seed=0, maximize=False, signature_keys=["hidden"], max_buckets=8,
+                  capacity=lambda n: n)
+  ctx = _ctx(num_steps=100, drawer=drawer, space=space, signature=lambda c: (("hidden", c["hidden"]),))
+
+  class ToAbsent(Adaptive):
+    def _propose(self, ctx, state, signatures, rng, free=False, model=None):
+      out = super()._propose(ctx, state, signatures, rng, free, model)
+      return [dict(c, hidden=64) for c in out] if free else out
+
+  fits = []
+  fit = _tpe.TPEModel.fit
+  monkeypatch.setattr(_tpe.TPEModel, "fit", lambda self, *a: fits.append(1) or fit(self, *a))
+  strat = ToAbsent(lanes=4, n_startup=2, random_fraction=0.0)
+  trials, state = strat.init(ctx)
+  for t, score in zip(trials[:4], [0.5, 0.4, 0.3, 0.2]):  # four finished trials: TPE proposes
+    rec = state.trials[t.id]
+    rec[_STEP], rec[_SCORE], rec[_BEST], rec[_STATUS] = 100, score, score, "ok"
+  lanes = [LaneView(t.id, 0, 0, t, (("hidden", t.config["hidden"]),), 100, 1.0, False) for t in trials[:4]]
+  decision, _ = strat.next(ctx, state, lanes, [0, 1, 2, 3], [], Clock(100))
+  refills = [t for t in decision.refill.values() if t is not None]
+  assert len(refills) == 4 and {t.config["hidden"] for t in refills} <= {8, 16}  # all drawn again
+  assert len(fits) == 1
 
 
 def test_adaptive_enqueued_configs_start_first(small_digits):
@@ -459,7 +491,7 @@ def test_with_a_timeout_on_cpu_a_proposal_moves_only_to_a_measured_shape_whose_t
   ctx = _ctx(num_steps=100, drawer=drawer, space=space, signature=sig, timeout=10.0)
 
   class To16(Adaptive):  # every model-based proposal wants 16 units
-    def _propose(self, ctx, state, signatures, rng, free=False):
+    def _propose(self, ctx, state, signatures, rng, free=False, model=None):
       return [{"learning_rate": 1e-2, "hidden": 16 if free else dict(sig)["hidden"]} for sig in signatures]
 
   strat = To16(lanes=4)
