@@ -184,6 +184,13 @@ def test_start_compiles_on_its_own_thread_beside_run(small_digits, monkeypatch):
   program.compile()
   assert threads == {"init": "vmaptune-start_0", "short": threading.current_thread().name}
   assert program.compiled and program.compiler.programs_compiled == 1
+  # Without background compiles (VMAPTUNE_COMPILE_THREADS=0), both compile in line.
+  monkeypatch.setenv("VMAPTUNE_COMPILE_THREADS", "0")
+  inline = _program.Program(spec, _program.Layout(n, n, 1), mesh, evals_per_call=1)
+  inline.lower(inputs, data)
+  inline.tier = "short"
+  inline.compile()
+  assert set(threads.values()) == {threading.current_thread().name} and inline.compiled
   state = program.start(program.zeros(inputs), inputs, _placement.place_lanes(np.ones(n, bool), mesh), data)
   _, (scores, _, steps) = program.run(state, data, 4)
   assert np.isfinite(np.asarray(scores)).all() and (np.asarray(steps) == 4).all()

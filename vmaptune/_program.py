@@ -34,7 +34,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from . import _devices
-from ._compiler import Compiler, quiet_donation
+from ._compiler import Compiler, quiet_donation, start_pool
 from ._lane import LaneInputs, LaneState, TrainSpec, lane_check, lane_eval, lane_init, lane_perm, lane_step
 from ._placement import DeviceData, abstract, is_key, place_lanes, unhost
 
@@ -183,16 +183,6 @@ class Layout:
   @property
   def lanes_per_device(self) -> int:
     return self.num_lanes // self.num_devices
-
-
-_START_POOL = []
-
-
-def _start_pool():
-  """One thread that compiles start programs beside their training program."""
-  if not _START_POOL:
-    _START_POOL.append(concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vmaptune-start"))
-  return _START_POOL[0]
 
 
 def _scalar(v: int) -> np.ndarray:
@@ -360,7 +350,11 @@ class Program:
     """XLA-compiles :meth:`start` and :meth:`run` at ``tier`` (releases the GIL: thread-safe)."""
     start = None
     if "start" not in self._compiled:
-      start = _start_pool().submit(self.compiler.compile, self._lowered["start"], "init")
+      pool = start_pool(self.platform)  # beside run's compile (None: in line)
+      if pool is None:
+        self._compiled["start"] = self.compiler.compile(self._lowered["start"], "init")
+      else:
+        start = pool.submit(self.compiler.compile, self._lowered["start"], "init")
     key = f"run:{self.tier}"
     try:
       if key not in self._compiled:
