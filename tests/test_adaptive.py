@@ -753,6 +753,29 @@ def test_tpe_densities_are_normalised_on_the_unit_cube():
   assert enc.numeric == ["x"]
 
 
+def test_tpe_bad_group_is_capped_evenly_in_rank_and_still_ranks_proposals():
+  # A timed search on a CPU observes thousands of trials: the bad density
+  # keeps max_bad of them, from the first after the good group to the worst.
+  space = {"x": vt.uniform(0.0, 1.0), "w": vt.choice([8, 16])}
+  enc = _tpe.Encoder(space)
+  rng = np.random.default_rng(1)
+  U, C = enc.random(rng, 2000)
+  loss = (U[:, 0] - 0.7) ** 2
+  order = np.argsort(loss)
+  U, C = U[order], C[order]
+  model = _tpe.TPEModel()
+  assert model.max_bad == 250
+  good, bad = model.fit(enc, U, C)
+  assert good.n == model.max_good and bad.n == model.max_bad
+  np.testing.assert_array_equal(bad.U[0], U[good.n])
+  np.testing.assert_array_equal(bad.U[-1], U[-1])
+  assert np.all(np.diff((bad.U[:, 0] - 0.7) ** 2) >= 0)  # still in rank order
+  _, full = dataclasses.replace(model, max_bad=10_000).fit(enc, U, C)
+  assert full.n == 2000 - good.n
+  props = np.asarray([model.propose(rng, good, bad, np.full(1, np.nan), np.full(1, -1))[0][0] for _ in range(40)])
+  assert np.mean(np.abs(props - 0.7) < 0.1) > 0.8
+
+
 def test_auto_picks_adaptive_for_big_or_timed_searches_and_zoom_otherwise():
   auto = _options.auto_strategy
   assert isinstance(auto("random", 64, 3, 500, None), vt.Adaptive)

@@ -63,6 +63,7 @@ def reference(tmp_path_factory):
   return _single_process_reference(tmp_path_factory.mktemp("reference") / "ckpt")
 
 
+@pytest.mark.slow  # its path is the resumed launch of the next test, which checks the same
 def test_two_processes_match_one_process_with_two_devices(tmp_path, reference):
   codes, procs = _launch(tmp_path / "out.json", tmp_path / "ckpt")
   assert codes == [0, 0], procs[0].stderr.read()[-2000:] + procs[1].stderr.read()[-2000:]
@@ -87,7 +88,11 @@ def test_killed_process_stops_the_other_and_the_search_resumes(tmp_path, referen
   committed = sorted(n for n in os.listdir(ckpt) if n.startswith("ckpt-") and ".tmp" not in n)
   assert committed  # process 0 committed checkpoints; nobody else wrote any
   codes, procs = _launch(out, ckpt)
-  assert codes == [0, 0], procs[0].stderr.read()[-2000:]
+  assert codes == [0, 0], procs[0].stderr.read()[-2000:] + procs[1].stderr.read()[-2000:]
   resumed = read(out)
   assert resumed["resumed_from"] == str(ckpt)
+  # Two processes of two devices resume and finish the search of one process
+  # of four: the same per-device program, the same trials and curves.
+  assert resumed["devices"] == 4
   same_search(resumed, reference)
+  assert (ckpt / "LATEST").exists()
