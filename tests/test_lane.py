@@ -105,6 +105,7 @@ def _spec(small_digits, hidden=16, batch=32):
   return spec, ds
 
 
+@pytest.mark.slow  # its path: test_first_steps_match_a_single_run (a step's parameters, lanes against single runs)
 def test_batched_gradients_match_single_lane_gradients(small_digits):
   spec, ds = _spec(small_digits)
   n = 4
