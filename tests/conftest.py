@@ -31,7 +31,6 @@ jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import vmaptune  # noqa: E402,F401  (after the device count is fixed)
@@ -51,11 +50,11 @@ def no_compile(monkeypatch):
 
 @pytest.fixture(scope="session")
 def digits():
-  """scikit-learn's digits, features scaled to [0, 1] (1797 x 64, 10 classes)."""
-  from sklearn.datasets import load_digits
+  """scikit-learn's digits, features scaled to [0, 1] (1797 x 64, 10 classes),
+  read as the demo reads them (without importing scikit-learn)."""
+  from vmaptune._demo import load_digits
 
-  x, y = load_digits(return_X_y=True)
-  return (x / 16.0).astype(np.float32), y.astype(np.int32)
+  return load_digits()
 
 
 @pytest.fixture(scope="session")

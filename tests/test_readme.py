@@ -3,6 +3,8 @@
 import pathlib
 import re
 
+import numpy as np
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -44,3 +46,24 @@ def test_demo_runs_end_to_end(capsys, tmp_path, monkeypatch):
   assert "Top 5 trials" in out and "Best config:" in out and "Wall time" in out
   assert "learning_rate =" in out
   assert (report / "report.html").stat().st_size > 10_000
+
+
+def test_demo_digits_are_scikit_learns_without_importing_it():
+  import subprocess
+  import sys
+
+  from sklearn.datasets import load_digits
+
+  from vmaptune import _demo
+
+  x, y = _demo.load_digits()
+  want_x, want_y = load_digits(return_X_y=True)
+  assert x.dtype == np.float32 and y.dtype == np.int32
+  np.testing.assert_array_equal(x, (want_x / 16.0).astype(np.float32))
+  np.testing.assert_array_equal(y, want_y)
+  # In a fresh process the loader leaves scikit-learn (and SciPy) unimported.
+  code = ("import sys; from vmaptune._demo import load_digits; x, y = load_digits(); "
+          "print(x.shape, sorted(m for m in ('sklearn', 'scipy') if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       cwd=str(ROOT)).stdout
+  assert out.strip() == "(1797, 64) []"
