@@ -34,9 +34,10 @@ def load_digits():
 
   Read straight from the file scikit-learn ships
   (``sklearn/datasets/data/digits.csv.gz``, as its ``load_digits`` reads
-  it) without importing scikit-learn: the import (SciPy and the rest) took
-  2.1 s of a demo process on the 2-core CPU, the file 0.2 s. Where the file
-  is not there (a scikit-learn that moved it), scikit-learn's loader.
+  it) without importing scikit-learn: in a process that had imported
+  vmaptune, scikit-learn's import and loader (SciPy and the rest) took
+  1.6 s on the 2-core CPU, reading the file 0.01 s. Where the file is not
+  there (a scikit-learn that moved it), scikit-learn's loader.
   """
   import importlib.util
   import os
