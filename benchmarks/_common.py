@@ -326,6 +326,18 @@ def diabetes(val_fraction: float = 0.2, seed: int = 0) -> tuple[dict, str]:
   return {"train": (f((xt - mx) / sx), f((yt - my) / sy)), "val": (f((xv - mx) / sx), f((yv - my) / sy))}, source
 
 
+def breast_cancer(val_fraction: float = 0.2, seed: int = 0) -> tuple[dict, str]:
+  """scikit-learn's breast cancer (569 x 30, 2 classes), x standardised with
+  the training split's statistics (needs scikit-learn: no synthetic stand-in)."""
+  from sklearn import datasets
+
+  x, y = datasets.load_breast_cancer(return_X_y=True)
+  (xt, yt), (xv, yv) = _split(np.asarray(x, np.float64), y.astype(np.int32), val_fraction, seed)
+  mx, sx = xt.mean(0), xt.std(0) + 1e-12
+  f = lambda a: ((a - mx) / sx).astype(np.float32)
+  return {"train": (f(xt), yt), "val": (f(xv), yv)}, "sklearn breast cancer"
+
+
 def mnist_like(n_train: int = 10_000, n_val: int = 256, seed: int = 0) -> tuple[dict, str]:
   """Synthetic data of MNIST's shape (784 features in [0, 1], 10 classes)."""
   x, y = synthetic_classification(n_train + n_val, 784, 10, seed=seed)

@@ -97,11 +97,8 @@ def load(task: str, seed: int) -> dict:
     (xt, yt), (xv, yv) = C._split(x, y, 0.2, seed)
     return {"train": (xt, yt), "val": (xv, yv)}
   if task == "breast_cancer":
-    x, y = datasets.load_breast_cancer(return_X_y=True)
-    (xt, yt), (xv, yv) = C._split(np.asarray(x, np.float64), y.astype(np.int32), 0.2, seed)
-    mx, sx = xt.mean(0), xt.std(0) + 1e-12
-    f = lambda a: ((a - mx) / sx).astype(np.float32)
-    return {"train": (f(xt), yt), "val": (f(xv), yv)}
+    data, _ = C.breast_cancer(0.2, seed)
+    return data
   if task == "diabetes":
     data, _ = C.diabetes(0.2, seed)
     return data

@@ -30,6 +30,14 @@ score (zoom/sobol/tpe: every trial completes; halving: ``result.best_trial``,
 which ranks only trials that finished the full S steps; PBT: the best lane's
 final score; Optuna: the best COMPLETE trial, pruned trials excluded).
 
+Each run keeps a trace of (seconds, lane-steps, best completed so far): vmaptune's
+at each search callback (zoom: each round; the adaptive strategy and halving:
+each trial-length of population time), Optuna's after each trial. The JSON holds
+every trace (best so far against lane-steps and wall time); the second table
+gives the median best so far at a quarter, a half and all of the budget. With
+``optuna_eq`` in the run, each vmaptune method's row counts the seeds on which
+its best is lower than Optuna's at equal lane-steps (paired: same seed).
+
 Wall time: with ``--cache fresh`` (the default of a full run) each method's
 first seed starts from an empty program cache (``vt.clear_cache()``: it pays
 its own compiles, "cold"); later seeds reuse the programs compiled in this
@@ -51,7 +59,8 @@ over the population size (``--sweep 32,256,1024``: diabetes, one width, S =
 grows with the number of lanes, as on an accelerator.
 
 Tasks as in ``quality.py``: digits (validation cross-entropy) and diabetes
-(validation MSE, standardised y).
+(validation MSE, standardised y); ``--tasks breast_cancer`` adds scikit-learn's
+breast cancer (569 x 30, binary, standardised x, validation cross-entropy).
 
     PYTHONPATH=. python benchmarks/strategies.py [--quick] [--out PATH]
 """
@@ -77,6 +86,9 @@ import vmaptune as vt  # noqa: E402
 METHODS = ("zoom", "adaptive", "halving", "pbt", "sobol", "tpe", "halving_tpe", "optuna", "optuna_eq")
 VMAPTUNE_METHODS = ("zoom", "adaptive", "halving", "pbt", "sobol", "tpe", "halving_tpe")
 OPTUNA_METHODS = ("optuna", "optuna_eq")
+# quality.py's tasks, and a binary classification (not in the default --tasks)
+TASKS = {**Q.TASKS, "breast_cancer": {"load": C.breast_cancer, "in": 30, "out": 2,
+                                      "score": "validation cross-entropy"}}
 NEEDS_OPTUNA = ("tpe", "halving_tpe", "optuna", "optuna_eq")
 STRATEGIES = ("adaptive", "halving", "pbt", "halving_tpe")  # decided on the host between segments
 
@@ -112,7 +124,7 @@ def parse_args(argv):
                  help="fresh: clear the program cache before each method (default); shared: never (--quick)")
   p.add_argument("--sweep", default=None,
                  help="population sizes for the host-overhead sweep (default 32,256,1024; --quick: none)")
-  p.add_argument("--tasks", default="digits,diabetes")
+  p.add_argument("--tasks", default="digits,diabetes", help=f"comma-separated, from {tuple(TASKS)}")
   p.add_argument("--methods", default=",".join(METHODS))
   p.add_argument("--without", default="", help="treat these packages as missing, e.g. optuna")
   p.add_argument("--adaptive", default="", metavar="KEY=VALUE,...",
@@ -172,8 +184,14 @@ def run_vmaptune(method, model_fn, data, args, seed):
     kw["strategy"] = vt.Adaptive(**args.adaptive) if args.adaptive else "adaptive"
   else:
     kw["strategy"] = "zoom"
+  trace = []  # (seconds, lane-steps, best completed so far) at each callback: best-so-far curves
   t0 = time.perf_counter()
-  result = vt.search(model_fn, data, Q.space(), **kw)
+
+  def track(partial):
+    ok = [t.score for t in partial.trials if t.status == "ok" and math.isfinite(t.score)]
+    trace.append([time.perf_counter() - t0, int(partial.stats.lane_steps), min(ok) if ok else math.inf])
+
+  result = vt.search(model_fn, data, Q.space(), callbacks=[track], **kw)
   wall = time.perf_counter() - t0
   s = result.stats
   best = result.best_trial  # ranks only "ok" trials: for halving, those that finished all S steps
@@ -183,7 +201,7 @@ def run_vmaptune(method, model_fn, data, args, seed):
          "diverged": sum(t.status == "diverged" for t in result.trials),
          "best_config": result.best_config, "best_steps": int(best.steps),
          "train_s": s.train_seconds, "compile_s": s.compile_seconds, "trace_s": s.trace_seconds,
-         "programs_compiled": s.programs_compiled}
+         "programs_compiled": s.programs_compiled, "trace": trace + [[wall, int(s.lane_steps), float(best.score)]]}
   if method in STRATEGIES:
     out.update(stats_split(s))
   return out
@@ -228,6 +246,13 @@ def run_optuna(optuna, method, model_fn, data, args, seed):
       raise optuna.TrialPruned()
     return run.score
 
+  trace = []  # (seconds, lane-steps, best completed so far) after each trial
+
+  def track(study, trial):
+    done = [t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
+            and t.value is not None and math.isfinite(t.value)]
+    trace.append([time.perf_counter() - t0, tally["lane_steps"], min(done) if done else math.inf])
+
   def stop_at_budget(study, _trial):
     if budget - tally["lane_steps"] < steps:  # the next trial could overrun the budget
       study.stop()
@@ -236,9 +261,9 @@ def run_optuna(optuna, method, model_fn, data, args, seed):
                               pruner=optuna.pruners.MedianPruner(), direction="minimize")
   t0 = time.perf_counter()
   if method == "optuna":
-    study.optimize(objective, n_trials=args.rounds * args.num_configs)
+    study.optimize(objective, n_trials=args.rounds * args.num_configs, callbacks=[track])
   else:
-    study.optimize(objective, n_trials=100 * args.rounds * args.num_configs, callbacks=[stop_at_budget])
+    study.optimize(objective, n_trials=100 * args.rounds * args.num_configs, callbacks=[track, stop_at_budget])
   wall = time.perf_counter() - t0
   complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
   finite = [t for t in complete if t.value is not None and math.isfinite(t.value)]
@@ -251,7 +276,7 @@ def run_optuna(optuna, method, model_fn, data, args, seed):
           "trials": len(study.trials), "completed": len(complete) - tally["diverged"], "stopped": tally["pruned"],
           "diverged": tally["diverged"], "best_config": cfg, "best_steps": steps if best else None,
           "train_s": tally["train_s"], "optuna_s": wall - tally["train_s"], "compile_s": None, "trace_s": None,
-          "programs_compiled": None}
+          "programs_compiled": None, "trace": trace}
 
 
 # --------------------------------------------------------------------------
@@ -264,8 +289,22 @@ def _median(values):
   return float(np.median(values)) if values else None
 
 
+FRACTIONS = (0.25, 0.5, 1.0)  # of the lane-step budget, for the best-so-far columns
+
+
+def best_at(trace, lane_steps: float) -> float:
+  """The best completed trial's score once ``lane_steps`` were trained (inf before any)."""
+  best = math.inf
+  for _, steps, b in trace:
+    if steps > lane_steps:
+      break
+    best = b
+  return best
+
+
 def summarize(task, method, name, results, budget):
   best = np.asarray([r["best"] for r in results], np.float64)
+  so_far = {f"at_{f:g}": float(np.median([best_at(r["trace"], f * budget) for r in results])) for f in FRACTIONS}
   walls = [r["wall_s"] for r in results]
   lane_steps = [r["lane_steps"] for r in results]
   return {"task": task, "method": method, "name": name, "median": float(np.median(best)),
@@ -275,7 +314,7 @@ def summarize(task, method, name, results, budget):
           "wall_median": float(np.median(walls)), "wall_seed0": walls[0],
           "wall_warm": _median(walls[1:]), "trials": _median([r["trials"] for r in results]),
           "completed": _median([r["completed"] for r in results]),
-          "diverged": _median([r["diverged"] for r in results])}
+          "diverged": _median([r["diverged"] for r in results]), **so_far}
 
 
 def overhead_row(task, method, name, results, zoom_rate, zoom_host):
@@ -379,6 +418,8 @@ def main(argv=None) -> int:
   C.pretend_missing(args.without.split(","))
   t_start = time.perf_counter()
   tasks = [t for t in args.tasks.split(",") if t]
+  if any(t not in TASKS for t in tasks):
+    raise SystemExit(f"unknown tasks {[t for t in tasks if t not in TASKS]}; choose from {tuple(TASKS)}")
   methods = [m for m in args.methods.split(",") if m]
   unknown = [m for m in methods if m not in METHODS]
   if unknown:
@@ -410,7 +451,7 @@ def main(argv=None) -> int:
         f"budget {args.rounds} x {args.num_configs} x {args.steps} = {budget:,} lane-steps per search", flush=True)
   rows, overhead = [], []
   for task in tasks:
-    spec = Q.TASKS[task]
+    spec = TASKS[task]
     data, source = spec["load"]()
     model_fn = C.model_fn_for(spec["in"], spec["out"], Q.WIDTHS[-1])
     print(f"{task}: {source}; score = best completed trial's final {spec['score']}", flush=True)
@@ -441,6 +482,11 @@ def main(argv=None) -> int:
           f"{task} / {names[method]}: median best {row['median']:.4g} [{row['min']:.4g}, {row['max']:.4g}], "
           f"{row['lane_steps']:,} lane-steps, wall {row['wall_seed0']:.1f} s seed 0, "
           f"{C.fmt(row['wall_warm'])} s warm")
+    ref = {r["seed"]: r["best"] for r in per_method.get("optuna_eq", ())}
+    for row in rows:  # paired by seed against Optuna at equal lane-steps (same split, same seed)
+      if row["task"] == task and row["method"] in VMAPTUNE_METHODS and ref:
+        paired = [r for r in per_method[row["method"]] if r["seed"] in ref]
+        row["paired_wins"] = f"{sum(r['best'] < ref[r['seed']] for r in paired)}/{len(paired)}"
     zoom = per_method.get("zoom")
     zoom_rate = zoom_host = None
     if zoom:
@@ -463,9 +509,13 @@ def main(argv=None) -> int:
 
   print()
   cols = [("task", "task"), ("name", "method"), ("lane_steps", "lane-steps"), ("budget_share", "x budget"),
-          ("median", "median best"), ("min", "min"), ("max", "max"), ("completed", "completed trials"),
+          ("median", "median best"), ("min", "min"), ("max", "max"), ("paired_wins", "lower than Optuna ="),
+          ("completed", "completed trials"),
           ("wall_median", "wall s median"), ("wall_seed0", "wall s seed 0"), ("wall_warm", "wall s warm")]
   print(C.table(rows, cols))
+  print("\nBest so far (median over seeds) once a quarter, a half and all of the lane-step budget was trained:\n")
+  print(C.table(rows, [("task", "task"), ("name", "method")]
+                + [(f"at_{f:g}", f"{f:g} x budget") for f in FRACTIONS]))
   unequal = [r for r in record["runs"] if r["method"] in VMAPTUNE_METHODS and r["method"] != "adaptive"
              and r["lane_steps"] != budget]
   shares = [r["lane_steps"] / budget for r in record["runs"] if r["method"] == "adaptive"]
@@ -478,7 +528,11 @@ def main(argv=None) -> int:
   else:
     notes.append(f"every vmaptune search trained exactly {budget:,} lane-steps (result.stats.lane_steps)")
   notes.append("best = the best completed trial's final validation score (lower is better); median and "
-               f"min-max over {args.seeds} seed(s); lane-steps: median over seeds (Optuna's vary with pruning)")
+               f"min-max over {args.seeds} seed(s); lane-steps: median over seeds (Optuna's vary with pruning); "
+               "lower than Optuna =: seeds on which the method's best is lower than optuna_eq's (same seed); "
+               "best so far: from each run's trace (vmaptune: at each search callback, about once a "
+               "trial-length of population time; zoom and batched TPE: after each round, a third of the budget; PBT: at "
+               "the end; Optuna: after each trial), inf before the first trace point with a completed trial")
   if args.cache == "fresh":
     notes.append("wall s seed 0: cold, from an empty program cache (each method compiles its own programs); "
                  "warm: median of later seeds, programs cached in this process; median: over all seeds")
