@@ -33,6 +33,7 @@ import functools
 import importlib
 import inspect
 import json
+import math
 import os
 import platform
 import resource
@@ -244,6 +245,17 @@ def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]])
   line = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
   sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
   return "\n".join([line(head), sep] + [line(b) for b in body])
+
+
+def best_at(trace: Sequence[Sequence[float]], seconds: float | None = None, lane_steps: float | None = None) -> float:
+  """The best so far at a point of a run's trace of ``(seconds, lane-steps,
+  best so far)`` rows (inf before the first)."""
+  best = math.inf
+  for t, steps, b in trace:
+    if (seconds is not None and t > seconds) or (lane_steps is not None and steps > lane_steps):
+      break
+    best = b
+  return best
 
 
 def peak_rss_mb() -> float:

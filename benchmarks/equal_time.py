@@ -320,16 +320,6 @@ def parse_args(argv):
   return args
 
 
-def best_at(trace, seconds=None, lane_steps=None) -> float:
-  """The best so far at a point of a run's trace."""
-  best = math.inf
-  for t, steps, b in trace:
-    if (seconds is not None and t > seconds) or (lane_steps is not None and steps > lane_steps):
-      break
-    best = b
-  return best
-
-
 def within(run: dict) -> float:
   """The run's best among trials finished within its budget: Optuna does not
   interrupt a trial at its ``timeout`` (a slow model's can end well past it),
@@ -339,7 +329,7 @@ def within(run: dict) -> float:
   budget = run["budget"]
   if run["method"] != "optuna" and run["call_s"] <= 1.02 * budget:
     return run["best"]
-  return best_at(run["trace"], seconds=budget)
+  return C.best_at(run["trace"], seconds=budget)
 
 
 def summarize(record: dict) -> None:

@@ -248,10 +248,11 @@ def run_optuna(optuna, method, model_fn, data, args, seed):
 
   trace = []  # (seconds, lane-steps, best completed so far) after each trial
 
-  def track(study, trial):
-    done = [t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
-            and t.value is not None and math.isfinite(t.value)]
-    trace.append([time.perf_counter() - t0, tally["lane_steps"], min(done) if done else math.inf])
+  def track(_study, trial):
+    best = trace[-1][2] if trace else math.inf
+    if trial.state == optuna.trial.TrialState.COMPLETE and trial.value is not None and math.isfinite(trial.value):
+      best = min(best, trial.value)
+    trace.append([time.perf_counter() - t0, tally["lane_steps"], best])
 
   def stop_at_budget(study, _trial):
     if budget - tally["lane_steps"] < steps:  # the next trial could overrun the budget
@@ -292,19 +293,9 @@ def _median(values):
 FRACTIONS = (0.25, 0.5, 1.0)  # of the lane-step budget, for the best-so-far columns
 
 
-def best_at(trace, lane_steps: float) -> float:
-  """The best completed trial's score once ``lane_steps`` were trained (inf before any)."""
-  best = math.inf
-  for _, steps, b in trace:
-    if steps > lane_steps:
-      break
-    best = b
-  return best
-
-
 def summarize(task, method, name, results, budget):
   best = np.asarray([r["best"] for r in results], np.float64)
-  so_far = {f"at_{f:g}": float(np.median([best_at(r["trace"], f * budget) for r in results])) for f in FRACTIONS}
+  so_far = {f"at_{f:g}": float(np.median([C.best_at(r["trace"], lane_steps=f * budget) for r in results])) for f in FRACTIONS}
   walls = [r["wall_s"] for r in results]
   lane_steps = [r["lane_steps"] for r in results]
   return {"task": task, "method": method, "name": name, "median": float(np.median(best)),
@@ -418,8 +409,9 @@ def main(argv=None) -> int:
   C.pretend_missing(args.without.split(","))
   t_start = time.perf_counter()
   tasks = [t for t in args.tasks.split(",") if t]
-  if any(t not in TASKS for t in tasks):
-    raise SystemExit(f"unknown tasks {[t for t in tasks if t not in TASKS]}; choose from {tuple(TASKS)}")
+  unknown_tasks = [t for t in tasks if t not in TASKS]
+  if unknown_tasks:
+    raise SystemExit(f"unknown tasks {unknown_tasks}; choose from {tuple(TASKS)}")
   methods = [m for m in args.methods.split(",") if m]
   unknown = [m for m in methods if m not in METHODS]
   if unknown:
