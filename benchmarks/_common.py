@@ -258,6 +258,21 @@ def best_at(trace: Sequence[Sequence[float]], seconds: float | None = None, lane
   return best
 
 
+def paired_wins(mine: Mapping[Any, float], ref: Mapping[Any, float]) -> str:
+  """``"wins/n (p ...)"``: on how many of the shared seeds ``mine`` is lower
+  than ``ref``, and the two-sided sign test's p-value (ties left out): how
+  often a method no better than the reference would win this unevenly. At 20
+  seeds 5 wins give p = 0.04, 9 give 0.82; a median a few thousandths apart
+  with p above 0.3 is a draw."""
+  from scipy.stats import binomtest  # scipy comes with jax
+
+  seeds = [s for s in mine if s in ref]
+  wins = sum(mine[s] < ref[s] for s in seeds)
+  decided = sum(mine[s] != ref[s] for s in seeds)
+  p = binomtest(wins, decided).pvalue if decided else 1.0
+  return f"{wins}/{len(seeds)} (p {p:.2g})"
+
+
 def peak_rss_mb() -> float:
   """This process's peak resident set size (``ru_maxrss``: KiB on Linux)."""
   r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
