@@ -24,7 +24,10 @@ vmaptune's persistent compilation cache points at an empty folder in every
 run: each search pays its own compiles, as a user's first run does. A trace
 of (seconds, lane-steps, best so far) is kept for every run (Optuna: after
 each trial; vmaptune: at each callback, once per trial-length of population
-time), so the JSON holds best-so-far against wall time and lane-steps.
+time), so the JSON holds best-so-far against wall time and lane-steps, and
+each run's best config (``best_config``) for re-training it with other seeds
+(a search's best score is the luckiest of its trials' draws: see
+``strategies.py --retrain``).
 
 Tasks (scikit-learn's bundled data):
 
@@ -257,8 +260,16 @@ def run_optuna(task: dict) -> dict:
   study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed), pruner=optuna.pruners.MedianPruner())
   study.optimize(objective, timeout=budget)
   wall = time.perf_counter() - t0
+  finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and math.isfinite(t.value)]
+  best_config = None
+  if finished:
+    params = min(finished, key=lambda t: t.value).params
+    best_config = {"learning_rate": params["learning_rate"], "b1": 1.0 - params["one_minus_b1"],
+                   "hidden": fixed["hidden"] if fixed else params["hidden"],
+                   "num_layers": fixed["num_layers"] if fixed else params["num_layers"],
+                   "lr_decay": params["lr_decay"]}
   return {"best": tally["best"], "lane_steps": tally["lane_steps"], "trials": tally["trials"],
-          "completed": tally["completed"], "diverged": tally["diverged"], "call_s": wall,
+          "completed": tally["completed"], "diverged": tally["diverged"], "call_s": wall, "best_config": best_config,
           "process_to_end_s": time.perf_counter() - T_PROCESS, "trace": trace}
 
 
@@ -280,7 +291,7 @@ def run_vmaptune(task: dict) -> dict:
   callback(result)
   return {"best": min(ok) if ok else math.inf, "lane_steps": st.lane_steps, "trials": len(result.trials),
           "completed": len(ok), "diverged": sum(t.status == "diverged" for t in result.trials),
-          "strategy": result.options.get("strategy"), "call_s": wall,
+          "strategy": result.options.get("strategy"), "call_s": wall, "best_config": result.best_config if ok else None,
           "process_to_end_s": time.perf_counter() - T_PROCESS, "trace": trace,
           "phases": {"trace_s": st.trace_seconds, "compile_wall_s": st.compile_wall_seconds,
                      "train_s": st.train_seconds, "host_s": st.host_seconds, "segments": st.segments}}
