@@ -219,7 +219,7 @@ def run_optuna(task: dict) -> dict:
   model_fn = model_fn_for(name, data)
   widths = WIDTHS.get(name, (32, 64, 128))
   trainers: dict = {}
-  tally = {"lane_steps": 0, "best": math.inf, "trials": 0, "completed": 0, "diverged": 0}
+  tally = {"lane_steps": 0, "best": math.inf, "best_config": None, "trials": 0, "completed": 0, "diverged": 0}
   trace = []
 
   fixed = FIXED.get(name)
@@ -252,7 +252,8 @@ def run_optuna(task: dict) -> dict:
       if step + CHUNK < S and trial.should_prune():
         raise optuna.TrialPruned()
     tally["completed"] += 1
-    tally["best"] = min(tally["best"], value)
+    if value < tally["best"]:
+      tally["best"], tally["best_config"] = value, config
     trace.append([time.perf_counter() - t0, tally["lane_steps"], tally["best"]])
     return value
 
@@ -260,16 +261,8 @@ def run_optuna(task: dict) -> dict:
   study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed), pruner=optuna.pruners.MedianPruner())
   study.optimize(objective, timeout=budget)
   wall = time.perf_counter() - t0
-  finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and math.isfinite(t.value)]
-  best_config = None
-  if finished:
-    params = min(finished, key=lambda t: t.value).params
-    best_config = {"learning_rate": params["learning_rate"], "b1": 1.0 - params["one_minus_b1"],
-                   "hidden": fixed["hidden"] if fixed else params["hidden"],
-                   "num_layers": fixed["num_layers"] if fixed else params["num_layers"],
-                   "lr_decay": params["lr_decay"]}
   return {"best": tally["best"], "lane_steps": tally["lane_steps"], "trials": tally["trials"],
-          "completed": tally["completed"], "diverged": tally["diverged"], "call_s": wall, "best_config": best_config,
+          "completed": tally["completed"], "diverged": tally["diverged"], "call_s": wall, "best_config": tally["best_config"],
           "process_to_end_s": time.perf_counter() - T_PROCESS, "trace": trace}
 
 

@@ -49,9 +49,10 @@ config a method found is worth when trained again.
 Wall time: with ``--cache fresh`` (the default of a full run) each method's
 first seed starts from an empty program cache (``vt.clear_cache()``: it pays
 its own compiles, "cold"); later seeds reuse the programs compiled in this
-process ("warm"). ``--cache shared`` (the default of ``--quick``, which took 95-125 s on
-an Intel Xeon and 210 s on an AMD EPYC, 2 cores each: compiling is most of it) never clears it, so a
-method's first seed compiles only what earlier methods left uncompiled (Sobol
+process ("warm"). ``--cache shared`` (the default of ``--quick``, which took
+95-125 s on an Intel Xeon and 210 s on an AMD EPYC, 2 cores each: compiling is
+most of it) never clears it, so a method's first seed compiles only what
+earlier methods left uncompiled (Sobol
 and batched TPE reuse zoom's programs, PBT halving's segment programs, the
 equal-budget Optuna run the other's): there only the warm times compare.
 
@@ -532,14 +533,14 @@ def main(argv=None) -> int:
       print(f"  re-trained {len(cache)} best configs with {args.retrain} fresh seeds each "
             f"[{time.perf_counter() - t0:.0f} s]", flush=True)
       C.write_json(args.out, record)
-    ref = {r["seed"]: r["best"] for r in per_method.get("optuna_eq", ())}
-    ref_retrained = {r["seed"]: r.get("retrained") for r in per_method.get("optuna_eq", ())}
+    optuna_eq = per_method.get("optuna_eq", ())
     for row in rows:  # paired by seed against Optuna at equal lane-steps (same split, same seed)
-      if row["task"] == task and row["method"] in VMAPTUNE_METHODS and ref:
-        row["paired_wins"] = C.paired_wins({r["seed"]: r["best"] for r in per_method[row["method"]]}, ref)
-        if args.retrain and row["method"] != "pbt":
-          row["retrained_wins"] = C.paired_wins({r["seed"]: r["retrained"] for r in per_method[row["method"]]},
-                                                ref_retrained)
+      if row["task"] == task and row["method"] in VMAPTUNE_METHODS and optuna_eq:
+        for key, column in (("best", "paired_wins"), ("retrained", "retrained_wins")):
+          mine = {r["seed"]: r.get(key) for r in per_method[row["method"]]}
+          ref = {r["seed"]: r.get(key) for r in optuna_eq}
+          if None not in mine.values() and None not in ref.values():  # retrained: not with --retrain 0, nor PBT
+            row[column] = C.paired_wins(mine, ref)
     zoom = per_method.get("zoom")
     zoom_rate = zoom_host = None
     if zoom:
