@@ -9,6 +9,9 @@ to confirm it. Methods:
   * ``adaptive``:  TPE refills + median pruning, ``strategy="adaptive"`` (what ``"auto"``, the
                    default, picks at this size): 10 lanes for 9.6 trial-lengths of population time
                    (``--adaptive min_finished=10`` passes settings to ``vt.Adaptive`` instead);
+  * ``adaptive_rc``: the same lanes, searching the budget less ``TOP * SEEDS`` trial-lengths, then
+                   ``result.recheck(top=TOP, seeds=SEEDS)`` (``--recheck``, default 4,4): its config is the
+                   re-check's best mean, not the search's best draw (its best score is the shorter search's);
   * ``halving``:   successive halving with refill, ``strategy=vt.Halving(eta=3, min_fraction=1/9)``
                    (rungs at S/9, S/3, S; 32 lanes for 3*S steps of global time);
   * ``pbt``:       population based training, ``strategy=vt.PBT(ready=S // 4)``
@@ -93,20 +96,23 @@ import optax  # noqa: E402
 
 import vmaptune as vt  # noqa: E402
 
-METHODS = ("zoom", "adaptive", "halving", "pbt", "sobol", "tpe", "halving_tpe", "optuna", "optuna_eq")
-VMAPTUNE_METHODS = ("zoom", "adaptive", "halving", "pbt", "sobol", "tpe", "halving_tpe")
+METHODS = ("zoom", "adaptive", "adaptive_rc", "halving", "pbt", "sobol", "tpe", "halving_tpe", "optuna", "optuna_eq")
+VMAPTUNE_METHODS = ("zoom", "adaptive", "adaptive_rc", "halving", "pbt", "sobol", "tpe", "halving_tpe")
 OPTUNA_METHODS = ("optuna", "optuna_eq")
 # quality.py's tasks, and a binary classification (not in the default --tasks)
 TASKS = {**Q.TASKS, "breast_cancer": {"load": C.breast_cancer, "in": 30, "out": 2,
                                       "score": "validation cross-entropy"}}
 NEEDS_OPTUNA = ("tpe", "halving_tpe", "optuna", "optuna_eq")
-STRATEGIES = ("adaptive", "halving", "pbt", "halving_tpe")  # decided on the host between segments
+STRATEGIES = ("adaptive", "adaptive_rc", "halving", "pbt", "halving_tpe")  # decided on the host between segments
 
 
-def method_name(method: str, rounds: int, num_configs: int, steps: int, adaptive: dict | None = None) -> str:
+def method_name(method: str, rounds: int, num_configs: int, steps: int, adaptive: dict | None = None,
+                recheck: tuple = (4, 4)) -> str:
   adaptive = adaptive or {}
   trials = rounds * num_configs
+  top, seeds = recheck
   return {
+      "adaptive_rc": f"vt adaptive, {trials - top * seeds} lengths + recheck(top={top}, seeds={seeds})",
       "zoom": f"vt random + zoom {rounds}x{num_configs}",
       "adaptive": "vt adaptive (TPE + median), auto lanes" + "".join(f", {k}={v}" for k, v in adaptive.items()),
       "halving": f"vt halving eta3 1/9, {num_configs} lanes",
@@ -141,6 +147,9 @@ def parse_args(argv):
                  help="re-train each run's best config with K fresh seeds (the same for every method) and report "
                       "their mean: the config's expected score without the luck of the seed its search drew "
                       "(default 8; --quick 2; 0 skips)")
+  p.add_argument("--recheck", default="4,4", metavar="TOP,SEEDS",
+                 help="adaptive_rc: re-check the TOP configs with SEEDS fresh seeds (result.recheck) and pick by "
+                      "the mean; the search gets the budget less TOP * SEEDS trial-lengths (default 4,4)")
   p.add_argument("--adaptive", default="", metavar="KEY=VALUE,...",
                  help="settings of the adaptive method's vt.Adaptive, e.g. min_finished=10 (default: its defaults)")
   args = p.parse_args(argv)
@@ -150,6 +159,12 @@ def parse_args(argv):
     vt.Adaptive(**args.adaptive)
   except (ValueError, TypeError) as e:
     p.error(f"--adaptive: {e}")
+  try:
+    args.recheck = tuple(int(v) for v in args.recheck.split(","))
+    if len(args.recheck) != 2 or min(args.recheck) < 1 or args.recheck[0] * args.recheck[1] >= args.rounds * args.num_configs:
+      raise ValueError
+  except ValueError:
+    p.error(f"--recheck must be TOP,SEEDS, positive ints with TOP * SEEDS < rounds * num_configs, got {args.recheck}")
   if args.retrain is not None and args.retrain < 0:
     p.error(f"--retrain must be 0 or more, got {args.retrain}")
   args.retrain = (2 if args.quick else 8) if args.retrain is None else args.retrain
@@ -199,6 +214,12 @@ def run_vmaptune(method, model_fn, data, args, seed):
     kw.update(sampler=method, strategy="zoom")
   elif method == "adaptive":
     kw["strategy"] = vt.Adaptive(**args.adaptive) if args.adaptive else "adaptive"
+  elif method == "adaptive_rc":
+    # The same lanes as "adaptive"; the re-check's trial-lengths come out of the search's budget.
+    top, seeds = args.recheck
+    lanes = int(min(args.num_configs, max(8, round(args.num_configs * args.rounds / 10))))
+    kw.update(strategy=vt.Adaptive(**{"lanes": lanes, **args.adaptive}), rounds=1,
+              num_configs=args.rounds * args.num_configs - top * seeds)
   else:
     kw["strategy"] = "zoom"
   trace = []  # (seconds, lane-steps, best completed so far) at each callback: best-so-far curves
@@ -209,14 +230,20 @@ def run_vmaptune(method, model_fn, data, args, seed):
     trace.append([time.perf_counter() - t0, int(partial.stats.lane_steps), min(ok) if ok else math.inf])
 
   result = vt.search(model_fn, data, Q.space(), callbacks=[track], **kw)
-  wall = time.perf_counter() - t0
   s = result.stats
   best = result.best_trial  # ranks only "ok" trials: for halving, those that finished all S steps
-  out = {"best": float(best.score), "wall_s": wall, "lane_steps": int(s.lane_steps),
+  best_config, lane_steps, recheck = result.best_config, int(s.lane_steps), None
+  if method == "adaptive_rc":
+    check = result.recheck(top=args.recheck[0], seeds=args.recheck[1])
+    best_config, lane_steps = check.best_config, lane_steps + check.lane_steps
+    recheck = {"trials": [t.id for t in check.trials], "mean": check.mean.tolist(), "lane_steps": check.lane_steps,
+               "seconds": check.seconds, "picked_search_best": check.best_trial.id == best.id}
+  wall = time.perf_counter() - t0
+  out = {"best": float(best.score), "wall_s": wall, "lane_steps": lane_steps, "recheck": recheck,
          "trials": len(result.trials), "completed": sum(t.status == "ok" for t in result.trials),
          "stopped": sum(t.status == "stopped" for t in result.trials),
          "diverged": sum(t.status == "diverged" for t in result.trials),
-         "best_config": result.best_config, "best_steps": int(best.steps),
+         "best_config": best_config, "best_steps": int(best.steps),
          "train_s": s.train_seconds, "compile_s": s.compile_seconds, "trace_s": s.trace_seconds,
          "programs_compiled": s.programs_compiled, "trace": trace + [[wall, int(s.lane_steps), float(best.score)]]}
   if method in STRATEGIES:
@@ -468,7 +495,7 @@ def main(argv=None) -> int:
     raise SystemExit(f"unknown methods {unknown}; choose from {METHODS}")
   optuna = C.optional("optuna")
   budget = args.rounds * args.num_configs * args.steps
-  names = {m: method_name(m, args.rounds, args.num_configs, args.steps, args.adaptive) for m in METHODS}
+  names = {m: method_name(m, args.rounds, args.num_configs, args.steps, args.adaptive, args.recheck) for m in METHODS}
   record = C.header()
   record.update(
       benchmark="strategies", mode="quick" if args.quick else "full",
@@ -571,17 +598,20 @@ def main(argv=None) -> int:
   print("\nBest so far (median over seeds) once a quarter, a half and all of the lane-step budget was trained:\n")
   print(C.table(rows, [("task", "task"), ("name", "method")]
                 + [(f"at_{f:g}", f"{f:g} x budget") for f in FRACTIONS]))
-  unequal = [r for r in record["runs"] if r["method"] in VMAPTUNE_METHODS and r["method"] != "adaptive"
-             and r["lane_steps"] != budget]
-  shares = [r["lane_steps"] / budget for r in record["runs"] if r["method"] == "adaptive"]
-  if shares:
-    notes.append(f"adaptive trains at most the budget: {min(shares):.0%}-{max(shares):.0%} of it here (lanes whose "
-                 "trial ends in the last trial-length of population time idle rather than start what cannot finish)")
+  adaptive = ("adaptive", "adaptive_rc")  # train at most the budget (the re-check's lanes included)
+  unequal = [r for r in record["runs"] if r["method"] in VMAPTUNE_METHODS
+             and (r["lane_steps"] > budget if r["method"] in adaptive else r["lane_steps"] != budget)]
+  for method in adaptive:
+    shares = [r["lane_steps"] / budget for r in record["runs"] if r["method"] == method]
+    if shares:
+      notes.append(f"{method} trains at most the budget: {min(shares):.0%}-{max(shares):.0%} of it here (lanes whose "
+                   "trial ends in the last trial-length of population time idle rather than start what cannot finish)")
   if unequal:
     notes.append("UNEQUAL BUDGET: " + "; ".join(f"{r['task']}/{r['method']} seed {r['seed']}: {r['lane_steps']:,}"
                                                  for r in unequal))
   else:
-    notes.append(f"every vmaptune search trained exactly {budget:,} lane-steps (result.stats.lane_steps)")
+    notes.append(f"every vmaptune search trained exactly {budget:,} lane-steps, the adaptive ones at most that "
+                 "(result.stats.lane_steps)")
   notes.append("best = the best completed trial's final validation score (lower is better); median and "
                f"min-max over {args.seeds} seed(s); lane-steps: median over seeds (Optuna's vary with pruning); "
                "lower than Optuna =: seeds on which the method's best is lower than optuna_eq's (same seed), and "

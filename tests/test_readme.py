@@ -45,6 +45,7 @@ def test_demo_runs_end_to_end(capsys, tmp_path, monkeypatch):
   out = capsys.readouterr().out
   assert "Top 5 trials" in out and "Best config:" in out and "Wall time" in out
   assert "learning_rate =" in out
+  assert "re-checked with 4 fresh seeds" in out and "mean accuracy" in out
   assert (report / "report.html").stat().st_size > 10_000
 
 

@@ -16,6 +16,7 @@ _devices.configure_cpu_devices()
 from ._devices import enable_compilation_cache  # noqa: E402
 from ._trial import AllDivergedError, Run, Stats, Trial  # noqa: E402
 from ._result import SearchResult, load  # noqa: E402
+from ._recheck import Recheck  # noqa: E402
 from ._checkpoint import CheckpointError, CheckpointMismatch  # noqa: E402
 from ._plan import OutOfMemoryError  # noqa: E402
 from ._compiler import clear_cache  # noqa: E402
@@ -54,6 +55,7 @@ __all__ = [
     "integer",
     "choice",
     "SearchResult",
+    "Recheck",
     "Trial",
     "Run",
     "TrainState",

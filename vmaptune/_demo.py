@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
   d.add_argument("--steps", type=int, default=500, help="training steps per config (default 500)")
   d.add_argument("--seed", type=int, default=0, help="search seed (default 0)")
   d.add_argument("--sampler", choices=["random", "grid"], default="random")
+  d.add_argument("--recheck", type=int, nargs=2, metavar=("TOP", "SEEDS"), default=(5, 4),
+                 help="re-train the TOP configs with SEEDS fresh seeds each, in the search's programs, and rank "
+                      "them by the mean (default 5 4; 0 0 skips)")
   d.add_argument("--report", metavar="DIR", default=None, help="write an HTML report into DIR")
   d.add_argument("--no-cache", action="store_true", help="do not use the on-disk compilation cache")
   d.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -151,6 +154,13 @@ def run_demo(args: argparse.Namespace) -> int:
         f"on {s.num_devices} device(s)), compiling {s.compile_wall_seconds:.1f}s ({s.programs_compiled} "
         f"programs, {s.compile_seconds:.1f}s of XLA time), tracing {s.trace_seconds:.1f}s, "
         f"host {s.host_seconds:.1f}s")
+  top, seeds = args.recheck
+  if top > 0 and seeds > 0:
+    check = result.recheck(top=top, seeds=seeds)
+    print()
+    print(f"The top {len(check.trials)} re-checked with {seeds} fresh seeds each "
+          f"({check.seconds:.1f}s, no compile): the config to keep is trial {check.best_trial.id}")
+    print(check.table())
   if args.report:
     path = result.report(args.report)
     print(f"Report: {path}")

@@ -1,4 +1,5 @@
-"""Replaying a trial exactly, and a lane's parameters on the host."""
+"""Replaying a trial exactly, re-training configs with other seeds, and a
+lane's parameters on the host."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 
 from ._placement import lane_params, to_host
 from ._plan import Plan
-from ._population import Chunk, Population, Slot
+from ._population import Chunk, Population, ProgramRef, Slot
 from ._strategy import Cadence, NewTrial
 from ._trial import Run, Stats, Trial
 
@@ -47,3 +48,32 @@ class Replay:
                train_curve=r.train_curve, status=r.status, diverged_at=r.diverged_at, steps=r.steps,
                params=params, model_state=model_state, adapter=program.spec.adapter, metric_name=metric,
                maximize=maximize)
+
+  def scores(self, trials: list[Trial], seeds: list[int], maximize: bool) -> tuple[np.ndarray, int]:
+    """Each trial's config trained from scratch with each seed, for the
+    search's full budget: final scores, shape ``(len(trials), len(seeds))``,
+    and the lane-steps spent.
+
+    The pairs of a trial's program run in that program (same signature, lane
+    count and compile tier: already compiled), as many chunks of its width
+    as they need, on the search's data.
+    """
+    stats = Stats()
+    out = np.full((len(trials), len(seeds)), np.nan)
+    groups: dict[ProgramRef, list[int]] = {}
+    for row, t in enumerate(trials):
+      groups.setdefault(self.population.refs[t.id], []).append(row)
+    for ref, rows in groups.items():
+      budget = self.plan.steps_for(self.plan.batch_size(ref.signature))
+      cadence = Cadence(ref.eval_every, ref.evals_per_call, budget)
+      population = Population(self.plan, lambda sig: cadence, stats, lambda wanted: ref.lanes)
+      population._data = self.population.data
+      pairs = [(row, k) for row in rows for k in range(len(seeds))]
+      population.start([NewTrial(i, trials[row].config, seeds[k], trials[row].round)
+                        for i, (row, k) in enumerate(pairs)], lanes=ref.lanes)
+      for chunk in population.chunks:
+        chunk.tier = ref.tier
+      population.advance(sequential=True)
+      for i, (row, k) in enumerate(pairs):
+        out[row, k] = population.finish(i, {"status": "ok"}, maximize).score
+    return out, stats.lane_steps + stats.idle_lane_steps

@@ -7,24 +7,12 @@ records of ``_trial`` and the space; none of them imports this module.
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 
-from . import _importance, _io, _optuna, _report, _space
-from ._trial import AllDivergedError, Run, Stats, Trial, fmt, rank_trials
+from . import _importance, _io, _optuna, _recheck, _report, _space
+from ._trial import AllDivergedError, Run, Stats, Trial, fmt, optional, rank_trials
 
 __all__ = ["SearchResult", "load"]
-
-
-def _optional(module: str, extra: str):
-  try:
-    return importlib.import_module(module)
-  except ImportError:
-    raise ImportError(
-        f"this feature needs {module}; install it with "
-        f"`pip install 'vmaptune[{extra}]'` (or `pip install {module}`)."
-    ) from None
 
 
 class SearchResult:
@@ -52,6 +40,9 @@ class SearchResult:
     True
     >>> result.retrain(best).score == best.score          # exact replay
     True
+    >>> check = result.recheck(top=3, seeds=4)           # the top 3, each with 4 fresh seeds
+    >>> check.scores.shape, bool(check.mean[0] <= check.mean[-1])   # best mean first
+    ((3, 4), True)
     >>> type(result.best_model()).__name__                # the trained model, evaluation mode
     'Linear'
     >>> len(result.to_records()), len(result.to_pandas())
@@ -151,6 +142,36 @@ class SearchResult:
       raise TypeError(f"`trial` must be a Trial, a trial id or None, got {trial!r}.")
     return replay.run(trial, self.metric, self.maximize)
 
+  def recheck(self, top: int = 5, seeds: int | list[int] = 8, *, trials=None) -> "_recheck.Recheck":
+    """Trains the best configs again with fresh seeds and ranks them by the mean.
+
+    A search scores each config by one run, so its best score is the
+    minimum of many noisy draws and often a lucky seed. This re-trains the
+    ``top`` configs (or ``trials``) from scratch with every seed, all in the
+    compiled programs the search already has and on its validation split,
+    and ranks them by their mean score: the config to deploy is
+    ``result.recheck().best_config``. Each config gets the same seeds, so
+    configs of one shape are compared on the same initialisation and data
+    order. It costs ``top * seeds`` full trials of lane-steps, run a
+    program's width of lanes at a time, and no compile.
+
+    Args:
+      top: how many of the best healthy trials to re-check.
+      seeds: how many fresh seeds (drawn from the search's seed on a stream
+        of their own, not the trials', the same for every config), or a list
+        of seeds.
+      trials: re-check these instead of the top: Trials or trial ids.
+
+    Returns:
+      A :class:`vmaptune.Recheck`: ``trials`` best mean first,
+      ``scores`` (one row per config, one column per seed), ``mean``,
+      ``std``, ``best_config``, ``table()`` and ``to_pandas()``.
+
+    See the class's example.
+    """
+    replay = self._require_replay("recheck()")
+    return _recheck.recheck(self, replay, top=top, seeds=seeds, trials=trials)
+
   @property
   def best_params(self):
     """The best trial's ``(params, model_state)`` as host arrays, or None."""
@@ -198,7 +219,7 @@ class SearchResult:
   def to_pandas(self):
     """One row per trial: a column per hyperparameter, then score, round,
     status, seed and the rest. Needs pandas."""
-    pd = _optional("pandas", "pandas")
+    pd = optional("pandas", "pandas")
     return pd.DataFrame.from_records(self.to_records()).set_index("trial")
 
   def table(self, n: int = 5) -> str:

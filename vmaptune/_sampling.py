@@ -35,6 +35,7 @@ class Stream(enum.IntEnum):
   TPE_REFILL = 0xB0B    # TPE's seed for a halving segment's refills
   PBT = 0x9B7           # PBT: sources, perturbations, redraws
   ADAPTIVE = 0xADA      # adaptive: a decision's refills
+  RECHECK = 0x2EC4      # the fresh seeds of SearchResult.recheck
 
 
 def trial_seed(seed: int, round_index: int, position: int) -> int:

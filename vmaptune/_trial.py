@@ -10,12 +10,24 @@ all of them.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["Trial", "Run", "Stats", "AllDivergedError", "rank_trials", "better", "fmt"]
+__all__ = ["Trial", "Run", "Stats", "AllDivergedError", "rank_trials", "better", "fmt", "optional"]
+
+
+def optional(module: str, extra: str):
+  """Imports an optional dependency, or says which extra installs it."""
+  try:
+    return importlib.import_module(module)
+  except ImportError:
+    raise ImportError(
+        f"this feature needs {module}; install it with "
+        f"`pip install 'vmaptune[{extra}]'` (or `pip install {module}`)."
+    ) from None
 
 
 @dataclasses.dataclass
