@@ -159,7 +159,7 @@ def run_demo(args: argparse.Namespace) -> int:
     check = result.recheck(top=top, seeds=seeds)
     print()
     print(f"The top {len(check.trials)} re-checked with {seeds} fresh seeds each "
-          f"({check.seconds:.1f}s, no compile): the config to keep is trial {check.best_trial.id}")
+          f"({check.seconds:.1f}s): the config to keep is trial {check.best_trial.id}")
     print(check.table())
   if args.report:
     path = result.report(args.report)
