@@ -112,7 +112,8 @@ def method_name(method: str, rounds: int, num_configs: int, steps: int, adaptive
   trials = rounds * num_configs
   top, seeds = recheck
   return {
-      "adaptive_rc": f"vt adaptive, {trials - top * seeds} lengths + recheck(top={top}, seeds={seeds})",
+      "adaptive_rc": f"vt adaptive, {trials - top * seeds} lengths + recheck(top={top}, seeds={seeds})"
+                     + "".join(f", {k}={v}" for k, v in adaptive.items()),
       "zoom": f"vt random + zoom {rounds}x{num_configs}",
       "adaptive": "vt adaptive (TPE + median), auto lanes" + "".join(f", {k}={v}" for k, v in adaptive.items()),
       "halving": f"vt halving eta3 1/9, {num_configs} lanes",

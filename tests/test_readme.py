@@ -47,6 +47,10 @@ def test_demo_runs_end_to_end(capsys, tmp_path, monkeypatch):
   assert "learning_rate =" in out
   assert "re-checked with 4 fresh seeds" in out and "mean accuracy" in out
   assert (report / "report.html").stat().st_size > 10_000
+  # PBT has no config that ran alone: the demo says so instead of re-checking.
+  assert _demo.main(["demo", "--configs", "4", "--rounds", "2", "--steps", "20", "--quiet", "--no-cache",
+                     "--strategy", "pbt"]) == 0
+  assert "No re-check: PBT" in capsys.readouterr().out
 
 
 def test_demo_digits_are_scikit_learns_without_importing_it():

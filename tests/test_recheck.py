@@ -103,7 +103,8 @@ def test_tables(result):
     (dict(seeds=0), ValueError, "`seeds` must be a positive int"),
     (dict(seeds="8"), TypeError, "`seeds` must be"),
     (dict(seeds=[1, -1]), ValueError, r"ints in \[0, 2\*\*32\)"),
-    (dict(trials=[999]), ValueError, "trials 0 to 7"),
+    (dict(trials=[999]), ValueError, "no trial with id 999"),
+    (dict(seeds=[3, 3]), ValueError, "twice"),
     (dict(trials=3), TypeError, "non-empty list"),
     (dict(trials=[1, 1]), ValueError, "twice"),
     (dict(trials=["a"]), TypeError, "Trials or trial ids"),
@@ -112,6 +113,25 @@ def test_bad_input_is_refused_before_training(result, kwargs, error, match, monk
   monkeypatch.setattr(type(result._replay), "scores", lambda *a, **k: pytest.fail("trained"))
   with pytest.raises(error, match=match):
     result.recheck(**kwargs)
+
+
+def test_trials_are_found_by_id_not_position(result):
+  # An adaptive search's ids skip numbers (configs held back), as here.
+  import copy
+
+  gappy = copy.copy(result)
+  gappy.trials = result.trials[2:]
+  check = gappy.recheck(trials=[5], seeds=np.array([7, 8]))
+  assert check.trials[0] is result.trials[5] and check.seeds == [7, 8]
+  assert gappy.retrain(5).score == result.trials[5].score
+  with pytest.raises(ValueError, match="no trial with id 1"):
+    gappy.recheck(trials=[1])
+
+
+def test_a_trial_of_another_search_is_refused(result, data):
+  other = vt.search(mlp_fn, data, SPACE, num_configs=4, num_steps=STEPS, rounds=1, seed=6, verbose=False)
+  with pytest.raises(ValueError, match="not this search's trial"):
+    result.recheck(trials=[other.trials[0]])
 
 
 def test_needs_the_search_programs(result, tmp_path):

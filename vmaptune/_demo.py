@@ -155,7 +155,9 @@ def run_demo(args: argparse.Namespace) -> int:
         f"programs, {s.compile_seconds:.1f}s of XLA time), tracing {s.trace_seconds:.1f}s, "
         f"host {s.host_seconds:.1f}s")
   top, seeds = args.recheck
-  if top > 0 and seeds > 0:
+  if result.options["strategy"] == "pbt":
+    print("\n(No re-check: PBT lanes changed hyperparameters mid-run, so no config ran alone.)")
+  elif top > 0 and seeds > 0:
     check = result.recheck(top=top, seeds=seeds)
     print()
     print(f"The top {len(check.trials)} re-checked with {seeds} fresh seeds each "

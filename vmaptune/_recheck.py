@@ -129,19 +129,19 @@ def _check(result, top, seeds, trials) -> tuple[list[Trial], list[int]]:
     if not chosen:
       raise ValueError("recheck() found no healthy trial to re-check: every trial diverged or stopped early.")
   else:
+    if isinstance(trials, np.ndarray):
+      trials = trials.tolist()
     if isinstance(trials, (Trial, numbers.Integral)) or not isinstance(trials, Sequence) or not trials:
       raise TypeError(f"`trials` must be a non-empty list of Trials or trial ids, got {trials!r}.")
     chosen = []
     for t in trials:
-      if isinstance(t, numbers.Integral) and not isinstance(t, bool):
-        if not 0 <= int(t) < len(result.trials):
-          raise ValueError(f"`trials` holds id {t}, but the search has trials 0 to {len(result.trials) - 1}.")
-        t = result.trials[int(t)]
-      elif not isinstance(t, Trial):
+      if isinstance(t, bool) or not isinstance(t, (Trial, numbers.Integral)):
         raise TypeError(f"`trials` must hold Trials or trial ids, got {t!r}.")
-      chosen.append(t)
+      chosen.append(result._own_trial(t, "trials"))
     if len({t.id for t in chosen}) < len(chosen):
       raise ValueError(f"`trials` names a trial twice: {[t.id for t in chosen]}.")
+  if isinstance(seeds, np.ndarray):
+    seeds = seeds.tolist()
   if isinstance(seeds, numbers.Integral) and not isinstance(seeds, bool):
     if seeds < 1:
       raise ValueError(f"`seeds` must be a positive int (how many fresh seeds) or a list of seeds, got {seeds}.")
@@ -152,6 +152,8 @@ def _check(result, top, seeds, trials) -> tuple[list[Trial], list[int]]:
       if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 0 <= s < 2**32:
         raise ValueError(f"`seeds` must hold ints in [0, 2**32), got {s!r}.")
       seed_list.append(int(s))
+    if len(set(seed_list)) < len(seed_list):
+      raise ValueError(f"`seeds` names a seed twice: {seed_list}.")
   else:
     raise TypeError(f"`seeds` must be a positive int or a non-empty list of ints, got {seeds!r}.")
   return chosen, seed_list

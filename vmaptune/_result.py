@@ -136,11 +136,25 @@ class SearchResult:
           "vt.train(..., config=trial.schedule[0][1], seed=trial.seed, schedule=trial.schedule).")
     if trial is None:
       trial = self.best_trial
-    elif isinstance(trial, (int, np.integer)) and not isinstance(trial, bool):
-      trial = self.trials[int(trial)]
-    elif not isinstance(trial, Trial):
+    elif isinstance(trial, bool) or not isinstance(trial, (Trial, int, np.integer)):
       raise TypeError(f"`trial` must be a Trial, a trial id or None, got {trial!r}.")
+    else:
+      trial = self._own_trial(trial, "trial")
     return replay.run(trial, self.metric, self.maximize)
+
+  def _own_trial(self, trial: Trial | int, argument: str) -> Trial:
+    """This search's trial with that id (ids can skip numbers: an adaptive
+    search's held configs, a resumed one), or a ValueError naming ``argument``."""
+    tid = trial.id if isinstance(trial, Trial) else int(trial)
+    found = next((t for t in self.trials if t.id == tid), None)
+    if found is None:
+      raise ValueError(f"`{argument}`: this search has no trial with id {tid} "
+                       f"(its ids: {self.trials[0].id if self.trials else '-'} to "
+                       f"{max((t.id for t in self.trials), default='-')}, see result.trials).")
+    if isinstance(trial, Trial) and (trial.config != found.config or trial.seed != found.seed):
+      raise ValueError(f"`{argument}`: trial {tid} is not this search's trial {tid} (another config or seed); "
+                       "pass a trial of this result, or its id.")
+    return found
 
   def recheck(self, top: int = 5, seeds: int | list[int] = 8, *, trials=None) -> "_recheck.Recheck":
     """Trains the best configs again with fresh seeds and ranks them by the mean.
@@ -153,7 +167,9 @@ class SearchResult:
     ``result.recheck().best_config``. Each config gets the same seeds, so
     configs of one shape are compared on the same initialisation and data
     order. It costs ``top * seeds`` full trials of lane-steps, run a
-    program's width of lanes at a time, and no compile.
+    program's width of lanes at a time (rounded up to whole programs per
+    shape), and no compile while the search's programs are still in the
+    process's cache.
 
     Args:
       top: how many of the best healthy trials to re-check.
