@@ -134,6 +134,17 @@ def test_a_trial_of_another_search_is_refused(result, data):
     result.recheck(trials=[other.trials[0]])
 
 
+def test_a_recheck_mid_search_leaves_the_search_as_it_was(data):
+  # From a callback, the re-check shares the live population's programs and data.
+  kw = dict(num_configs=8, num_steps=STEPS, rounds=3, seed=5, strategy="adaptive", verbose=False)
+  plain = vt.search(mlp_fn, data, SPACE, **kw)
+  checks = []
+  probed = vt.search(mlp_fn, data, SPACE, callbacks=[lambda partial: checks.append(partial.recheck(top=2, seeds=2))],
+                     **kw)
+  assert len(checks) >= 2 and all(c.scores.shape == (2, 2) for c in checks)
+  assert [(t.config, t.score) for t in probed.trials] == [(t.config, t.score) for t in plain.trials]
+
+
 def test_needs_the_search_programs(result, tmp_path):
   loaded = vt.load(result.save(tmp_path / "r.vmaptune"))
   with pytest.raises(RuntimeError, match="recheck"):
