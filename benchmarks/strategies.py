@@ -80,11 +80,13 @@ breast cancer (569 x 30, binary, standardised x, validation cross-entropy).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -218,8 +220,9 @@ def run_vmaptune(method, model_fn, data, args, seed):
   elif method == "adaptive_rc":
     # The same lanes as "adaptive"; the re-check's trial-lengths come out of the search's budget.
     top, seeds = args.recheck
-    lanes = int(min(args.num_configs, max(8, round(args.num_configs * args.rounds / 10))))
-    kw.update(strategy=vt.Adaptive(**{"lanes": lanes, **args.adaptive}), rounds=1,
+    adaptive = vt.Adaptive(**args.adaptive)
+    default = SimpleNamespace(num_configs=args.num_configs, rounds=args.rounds, timeout=None, enqueue=())
+    kw.update(strategy=dataclasses.replace(adaptive, lanes=adaptive.num_lanes(default)), rounds=1,
               num_configs=args.rounds * args.num_configs - top * seeds)
   else:
     kw["strategy"] = "zoom"

@@ -17,7 +17,6 @@ initialisation and data order and their comparison is paired.
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 import time
 from typing import Sequence
@@ -25,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from ._sampling import Stream, trial_seed
-from ._trial import Trial, fmt, optional
+from ._trial import Trial, fmt, optional, text_table
 
 __all__ = ["Recheck", "recheck", "recheck_seeds"]
 
@@ -108,9 +107,7 @@ class Recheck:
     head = ["rank", "trial", f"mean {self.metric}", "std", "search", "diverged"] + names
     rows = [[str(r["rank"]), str(r["trial"]), f"{r['mean']:.5g}", f"{r['std']:.2g}", f"{r['search_score']:.5g}",
              str(r["diverged"])] + [fmt(r.get(k)) for k in names] for r in self.to_records()]
-    widths = [max(len(h), *(len(r[j]) for r in rows)) for j, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
-    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+    return text_table(head, rows)
 
   def __repr__(self) -> str:
     return (f"Recheck({len(self.trials)} configs x {len(self.seeds)} seeds, best trial {self.best_trial.id}: "
@@ -164,9 +161,8 @@ def recheck(result, replay, *, top: int = 5, seeds: int | Sequence[int] = 8,
   """See :meth:`SearchResult.recheck`."""
   chosen, seed_list = _check(result, top, seeds, trials)
   t0 = time.perf_counter()
+  # A diverged lane's score is already -inf/+inf (Slot.to_trial): it ranks last.
   scores, lane_steps = replay.scores(chosen, seed_list, result.maximize)
-  worst = -math.inf if result.maximize else math.inf
-  scores = np.where(np.isfinite(scores), scores, worst)
   mean = scores.mean(axis=1)
   # Best mean first; ties keep the search's order.
   order = sorted(range(len(chosen)), key=lambda i: (-mean[i] if result.maximize else mean[i], i))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _importance, _io, _optuna, _recheck, _report, _space
-from ._trial import AllDivergedError, Run, Stats, Trial, fmt, optional, rank_trials
+from ._trial import AllDivergedError, Run, Stats, Trial, fmt, optional, rank_trials, text_table
 
 __all__ = ["SearchResult", "load"]
 
@@ -247,9 +247,7 @@ class SearchResult:
         [str(i + 1), str(t.id), str(t.round), f"{t.score:.5g}"] + [fmt(t.config[k]) for k in names]
         for i, t in enumerate(top)
     ]
-    widths = [max(len(h), *(len(r[j]) for r in rows)) if rows else len(h) for j, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
-    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+    return text_table(head, rows)
 
   def __repr__(self) -> str:
     ok = sum(t.status == "ok" for t in self.trials)

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["Trial", "Run", "Stats", "AllDivergedError", "rank_trials", "better", "fmt", "optional"]
+__all__ = ["Trial", "Run", "Stats", "AllDivergedError", "rank_trials", "better", "fmt", "text_table", "optional"]
 
 
 def optional(module: str, extra: str):
@@ -118,6 +118,13 @@ def fmt(v: Any) -> str:
   if isinstance(v, float):
     return f"{v:.4g}"
   return repr(v)
+
+
+def text_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+  """Right-aligned fixed-width columns: the header, a rule, then the rows."""
+  widths = [max(len(h), *(len(r[j]) for r in rows)) if rows else len(h) for j, h in enumerate(head)]
+  line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
+  return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
 @dataclasses.dataclass
