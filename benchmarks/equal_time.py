@@ -16,7 +16,10 @@ Contenders:
   * ``auto``: ``vt.search(model_fn, data, space, num_steps=S, timeout=T)`` with
     every other argument at its default (``strategy="auto"``, which picks
     the adaptive strategy: TPE refills and median pruning over ``num_configs``
-    = 64 lanes).
+    = 64 lanes; ``recheck="auto"``: its top 4 configs re-trained with 4 fresh
+    seeds in the time it held back for them, keeping the best mean).
+  * ``auto_norc``: the same with ``recheck=None`` (the default before the
+    re-check: it keeps its best score's trial).
   * ``zoom`` / ``halving``: the same call with ``strategy="zoom"`` /
     ``strategy="halving"`` (``--methods``), for the record.
 
@@ -77,7 +80,7 @@ CHUNK = 100
 BATCH = 64
 TASKS = ("digits", "diabetes", "breast_cancer", "digits_cnn")
 EXTRA_TASKS = ("digits_cnn16",)
-METHODS = ("optuna", "auto", "zoom", "halving")
+METHODS = ("optuna", "auto", "auto_norc", "zoom", "halving")
 OUTPUTS = {"digits": 10, "diabetes": 1, "breast_cancer": 2, "digits_cnn": 10, "digits_cnn16": 10}
 WIDTHS = {"digits_cnn": (8, 16, 32)}
 FIXED = {"digits_cnn16": {"hidden": 16, "num_layers": 2}}  # the model's shape, not searched
@@ -276,8 +279,10 @@ def run_vmaptune(task: dict) -> dict:
     ok = [t.score for t in result.trials if t.status == "ok" and math.isfinite(t.score)]
     trace.append([time.perf_counter() - t0, result.stats.lane_steps, min(ok) if ok else math.inf])
 
+  extra = {"recheck": None} if method == "auto_norc" else {}
   result = vt.search(model_fn_for(name, data), data, space(name), num_steps=S, seed=seed, timeout=budget,
-                     strategy="auto" if method == "auto" else method, callbacks=[callback], verbose=False)
+                     strategy=method if method in ("zoom", "halving") else "auto", callbacks=[callback],
+                     verbose=False, **extra)
   wall = time.perf_counter() - t0
   st = result.stats
   ok = [t.score for t in result.trials if t.status == "ok" and math.isfinite(t.score)]
@@ -285,6 +290,10 @@ def run_vmaptune(task: dict) -> dict:
   return {"best": min(ok) if ok else math.inf, "lane_steps": st.lane_steps, "trials": len(result.trials),
           "completed": len(ok), "diverged": sum(t.status == "diverged" for t in result.trials),
           "strategy": result.options.get("strategy"), "call_s": wall, "best_config": result.best_config if ok else None,
+          "kept": result.best_score if ok else math.inf,
+          "recheck": None if result.rechecked is None else {
+              "size": list(result.rechecked.scores.shape), "seconds": result.rechecked.seconds,
+              "kept_best_score": result.best_trial.id == result.ranked()[0].id},
           "process_to_end_s": time.perf_counter() - T_PROCESS, "trace": trace,
           "phases": {"trace_s": st.trace_seconds, "compile_wall_s": st.compile_wall_seconds,
                      "train_s": st.train_seconds, "host_s": st.host_seconds, "segments": st.segments}}
@@ -307,6 +316,10 @@ def parse_args(argv):
   p.add_argument("--tasks", default=None, help=f"comma-separated, from {TASKS}")
   p.add_argument("--methods", default="optuna,auto", help=f"comma-separated, from {METHODS}")
   p.add_argument("--out", default=C.default_out("equal_time"), help="JSON output path")
+  p.add_argument("--retrain", type=int, default=0, metavar="K",
+                 help="re-train each run's kept config (vmaptune: result.best_config; Optuna: its best trial's) "
+                      "alone with K fresh seeds (vt.train, seeds 10,000+k, the run's split) and report the mean: "
+                      "the config's worth without the luck of its search's draw (default 0: not run)")
   p.add_argument("--summarize", metavar="JSON", default=None,
                  help="print the tables of an earlier run's JSON (and rewrite its rows) instead of running")
   args = p.parse_args(argv)
@@ -336,6 +349,25 @@ def within(run: dict) -> float:
   return C.best_at(run["trace"], seconds=budget)
 
 
+def retrain(record: dict, k: int) -> None:
+  """Each run's kept config trained alone with ``k`` fresh seeds: its mean
+  final validation score (``inf`` if a seed diverged) as ``run["retrained"]``."""
+  record["settings"]["retrain"] = k
+  cache = {}
+  for r in record["runs"]:
+    if "error" in r or not r.get("best_config"):
+      continue
+    config = {"batch_size": BATCH, **FIXED.get(r["task"], {}), **r["best_config"]}
+    key = (r["task"], r["seed"], repr(sorted(config.items())))
+    if key not in cache:
+      data = load(r["task"], r["seed"])
+      model_fn = model_fn_for(r["task"], data)
+      cache[key] = float(np.mean([vt.train(model_fn, data, config, optimizer=optax.adam, seed=10_000 + j,
+                                           num_steps=S, verbose=False).score for j in range(k)]))
+    r["retrained"] = cache[key]
+  print(f"re-trained {len(cache)} kept configs with {k} fresh seeds each", flush=True)
+
+
 def summarize(record: dict) -> None:
   """The rows (medians over seeds, paired wins against Optuna) and their tables."""
   runs = [r for r in record["runs"] if "error" not in r]
@@ -361,6 +393,10 @@ def summarize(record: dict) -> None:
                "median_within": float(np.median(inside)),
                "beats_optuna_within": "-" if method == "optuna" else wins_inside,
                "seeds": len(ok)}
+        if all(r.get("retrained") is not None for r in ok + list(ref.values())):
+          row["retrained"] = float(np.median([r["retrained"] for r in ok]))
+          row["retrained_beats_optuna"] = "-" if method == "optuna" else C.paired_wins(
+              {r["seed"]: r["retrained"] for r in ok}, {s: r["retrained"] for s, r in ref.items()})
         record["rows"].append(row)
   print()
   print(C.table(record["rows"], [("budget_s", "budget s"), ("task", "task"), ("method", "method"),
@@ -368,14 +404,19 @@ def summarize(record: dict) -> None:
                                  ("lane_steps", "lane-steps"), ("trials", "trials"), ("completed", "completed"),
                                  ("max_call_s", "longest call s"), ("beats_optuna", "beats Optuna (paired)"),
                                  ("median_within", "median best within budget"),
-                                 ("beats_optuna_within", "beats Optuna within budget")]))
+                                 ("beats_optuna_within", "beats Optuna within budget"),
+                                 ("retrained", "kept config re-trained"),
+                                 ("retrained_beats_optuna", "re-trained beats Optuna")]))
   record["notes"][:] = [
       "best = the best completed trial's final validation loss (lower is better); median, min and max over "
       "seeds; lane-steps and trials: medians; 'beats Optuna': seeds where the method's best is lower than "
       "Optuna's on the same split, and the two-sided sign test's p (ties left out: both 0 on a split the model "
       "separates perfectly)",
       "within budget: only trials that finished within the budget count (Optuna does not interrupt a trial "
-      "at its timeout; 'longest call s' shows how far past it a run went)"]
+      "at its timeout; 'longest call s' shows how far past it a run went)",
+      "kept config re-trained (--retrain K): the median over seeds of the mean final validation loss of the "
+      "config each run keeps (vmaptune: result.best_config, the re-check's best mean when it re-checked; "
+      "Optuna: its best trial's), trained alone with K fresh seeds on the run's split; paired against Optuna's"]
 
 
 def main(argv=None) -> int:
@@ -417,6 +458,8 @@ def main(argv=None) -> int:
                 f"{r['lane_steps']:>9,} lane-steps  {r['trials']:>5} trials ({r['completed']} completed)  "
                 f"call {r['call_s']:.1f} s, process {r['process_seconds']:.1f} s  "
                 f"[{time.perf_counter() - t_start:.0f} s]", flush=True)
+  if args.retrain:
+    retrain(record, args.retrain)
   record["elapsed_s"] = time.perf_counter() - t_start
   summarize(record)
   return C.finish(args.out, record, record["notes"])

@@ -6,12 +6,14 @@ same space and model as ``quality.py``; ``result.stats.lane_steps`` is read back
 to confirm it. Methods:
 
   * ``zoom``:      random sampling + zoom, ``search(rounds=3, num_configs=32, strategy="zoom")``;
-  * ``adaptive``:  TPE refills + median pruning, ``strategy="adaptive"`` (what ``"auto"``, the
-                   default, picks at this size): 10 lanes for 9.6 trial-lengths of population time
-                   (``--adaptive min_finished=10`` passes settings to ``vt.Adaptive`` instead);
-  * ``adaptive_rc``: the same lanes, searching the budget less ``TOP * SEEDS`` trial-lengths, then
-                   ``result.recheck(top=TOP, seeds=SEEDS)`` (``--recheck``, default 4,4): its config is the
-                   re-check's best mean, not the search's best draw (its best score is the shorter search's);
+  * ``adaptive``:  the default search at this size, ``strategy="adaptive"`` (what ``"auto"`` picks):
+                   TPE refills + median pruning on 10 lanes, then (``recheck="auto"``) its top 4
+                   configs re-trained with 4 fresh seeds, those 16 trial-lengths taken out of the 96;
+                   it keeps the best mean (``--adaptive min_finished=10`` passes settings to
+                   ``vt.Adaptive``);
+  * ``adaptive_norc``: the same without the re-check (``recheck=None``: all 96 trial-lengths
+                   searched, the best score kept; the default before the re-check);
+  * ``adaptive_rc``: the same lanes with ``recheck=(TOP, SEEDS)`` (``--recheck``, default 4,4);
   * ``halving``:   successive halving with refill, ``strategy=vt.Halving(eta=3, min_fraction=1/9)``
                    (rungs at S/9, S/3, S; 32 lanes for 3*S steps of global time);
   * ``pbt``:       population based training, ``strategy=vt.PBT(ready=S // 4)``
@@ -80,13 +82,11 @@ breast cancer (569 x 30, binary, standardised x, validation cross-entropy).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
 import sys
 import time
-from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,14 +98,14 @@ import optax  # noqa: E402
 
 import vmaptune as vt  # noqa: E402
 
-METHODS = ("zoom", "adaptive", "adaptive_rc", "halving", "pbt", "sobol", "tpe", "halving_tpe", "optuna", "optuna_eq")
-VMAPTUNE_METHODS = ("zoom", "adaptive", "adaptive_rc", "halving", "pbt", "sobol", "tpe", "halving_tpe")
+METHODS = ("zoom", "adaptive", "adaptive_norc", "adaptive_rc", "halving", "pbt", "sobol", "tpe", "halving_tpe", "optuna", "optuna_eq")
+VMAPTUNE_METHODS = ("zoom", "adaptive", "adaptive_norc", "adaptive_rc", "halving", "pbt", "sobol", "tpe", "halving_tpe")
 OPTUNA_METHODS = ("optuna", "optuna_eq")
 # quality.py's tasks, and a binary classification (not in the default --tasks)
 TASKS = {**Q.TASKS, "breast_cancer": {"load": C.breast_cancer, "in": 30, "out": 2,
                                       "score": "validation cross-entropy"}}
 NEEDS_OPTUNA = ("tpe", "halving_tpe", "optuna", "optuna_eq")
-STRATEGIES = ("adaptive", "adaptive_rc", "halving", "pbt", "halving_tpe")  # decided on the host between segments
+STRATEGIES = ("adaptive", "adaptive_norc", "adaptive_rc", "halving", "pbt", "halving_tpe")  # decided on the host between segments
 
 
 def method_name(method: str, rounds: int, num_configs: int, steps: int, adaptive: dict | None = None,
@@ -114,10 +114,11 @@ def method_name(method: str, rounds: int, num_configs: int, steps: int, adaptive
   trials = rounds * num_configs
   top, seeds = recheck
   return {
-      "adaptive_rc": f"vt adaptive, {trials - top * seeds} lengths + recheck(top={top}, seeds={seeds})"
+      "adaptive_rc": f"vt adaptive, {trials - top * seeds} lengths + recheck=({top}, {seeds})"
                      + "".join(f", {k}={v}" for k, v in adaptive.items()),
       "zoom": f"vt random + zoom {rounds}x{num_configs}",
-      "adaptive": "vt adaptive (TPE + median), auto lanes" + "".join(f", {k}={v}" for k, v in adaptive.items()),
+      "adaptive": "vt adaptive (TPE + median), default recheck" + "".join(f", {k}={v}" for k, v in adaptive.items()),
+      "adaptive_norc": "vt adaptive, recheck=None" + "".join(f", {k}={v}" for k, v in adaptive.items()),
       "halving": f"vt halving eta3 1/9, {num_configs} lanes",
       "pbt": f"vt PBT ready {steps // 4}, {num_configs} lanes",
       "sobol": f"vt Sobol + zoom {rounds}x{num_configs}",
@@ -151,8 +152,8 @@ def parse_args(argv):
                       "their mean: the config's expected score without the luck of the seed its search drew "
                       "(default 8; --quick 2; 0 skips)")
   p.add_argument("--recheck", default="4,4", metavar="TOP,SEEDS",
-                 help="adaptive_rc: re-check the TOP configs with SEEDS fresh seeds (result.recheck) and pick by "
-                      "the mean; the search gets the budget less TOP * SEEDS trial-lengths (default 4,4)")
+                 help="adaptive_rc: search(recheck=(TOP, SEEDS)): re-check the TOP configs with SEEDS fresh seeds and "
+                      "keep the best mean; the search gets the budget less TOP * SEEDS trial-lengths (default 4,4)")
   p.add_argument("--adaptive", default="", metavar="KEY=VALUE,...",
                  help="settings of the adaptive method's vt.Adaptive, e.g. min_finished=10 (default: its defaults)")
   args = p.parse_args(argv)
@@ -215,15 +216,12 @@ def run_vmaptune(method, model_fn, data, args, seed):
     kw["strategy"] = vt.PBT(ready=args.steps // 4)
   elif method in ("sobol", "tpe"):
     kw.update(sampler=method, strategy="zoom")
-  elif method == "adaptive":
+  elif method in ("adaptive", "adaptive_norc", "adaptive_rc"):
+    # adaptive: as search's defaults (recheck="auto": (4, 4) at 96 trial-lengths, out of the budget);
+    # adaptive_norc: no re-check; adaptive_rc: recheck=(TOP, SEEDS) from --recheck.
     kw["strategy"] = vt.Adaptive(**args.adaptive) if args.adaptive else "adaptive"
-  elif method == "adaptive_rc":
-    # The same lanes as "adaptive"; the re-check's trial-lengths come out of the search's budget.
-    top, seeds = args.recheck
-    adaptive = vt.Adaptive(**args.adaptive)
-    default = SimpleNamespace(num_configs=args.num_configs, rounds=args.rounds, timeout=None, enqueue=())
-    kw.update(strategy=dataclasses.replace(adaptive, lanes=adaptive.num_lanes(default)), rounds=1,
-              num_configs=args.rounds * args.num_configs - top * seeds)
+    if method != "adaptive":
+      kw["recheck"] = None if method == "adaptive_norc" else tuple(args.recheck)
   else:
     kw["strategy"] = "zoom"
   trace = []  # (seconds, lane-steps, best completed so far) at each callback: best-so-far curves
@@ -235,19 +233,21 @@ def run_vmaptune(method, model_fn, data, args, seed):
 
   result = vt.search(model_fn, data, Q.space(), callbacks=[track], **kw)
   s = result.stats
-  best = result.best_trial  # ranks only "ok" trials: for halving, those that finished all S steps
-  best_config, lane_steps, recheck = result.best_config, int(s.lane_steps), None
-  if method == "adaptive_rc":
-    check = result.recheck(top=args.recheck[0], seeds=args.recheck[1])
-    best_config, lane_steps = check.best_config, lane_steps + check.lane_steps
+  # "best": the best single score found (the measure), whichever trial the search keeps;
+  # ranks only "ok" trials: for halving, those that finished all S steps.
+  best = result.ranked()[0]
+  kept = result.best_trial  # the re-check's best mean when the search re-checked, else the same trial
+  recheck, check = None, result.rechecked
+  if check is not None:
     recheck = {"trials": [t.id for t in check.trials], "mean": check.mean.tolist(), "lane_steps": check.lane_steps,
-               "seconds": check.seconds, "picked_search_best": check.best_trial.id == best.id}
+               "seconds": check.seconds, "picked_search_best": kept.id == best.id}
   wall = time.perf_counter() - t0
-  out = {"best": float(best.score), "wall_s": wall, "lane_steps": lane_steps, "recheck": recheck,
+  out = {"best": float(best.score), "kept": float(kept.score), "wall_s": wall, "lane_steps": int(s.lane_steps),
+         "recheck": recheck, "best_config": result.best_config,
          "trials": len(result.trials), "completed": sum(t.status == "ok" for t in result.trials),
          "stopped": sum(t.status == "stopped" for t in result.trials),
          "diverged": sum(t.status == "diverged" for t in result.trials),
-         "best_config": best_config, "best_steps": int(best.steps),
+         "best_steps": int(best.steps),
          "train_s": s.train_seconds, "compile_s": s.compile_seconds, "trace_s": s.trace_seconds,
          "programs_compiled": s.programs_compiled, "trace": trace + [[wall, int(s.lane_steps), float(best.score)]]}
   if method in STRATEGIES:
@@ -602,7 +602,7 @@ def main(argv=None) -> int:
   print("\nBest so far (median over seeds) once a quarter, a half and all of the lane-step budget was trained:\n")
   print(C.table(rows, [("task", "task"), ("name", "method")]
                 + [(f"at_{f:g}", f"{f:g} x budget") for f in FRACTIONS]))
-  adaptive = ("adaptive", "adaptive_rc")  # train at most the budget (the re-check's lanes included)
+  adaptive = ("adaptive", "adaptive_norc", "adaptive_rc")  # train at most the budget (the re-check's lanes included)
   unequal = [r for r in record["runs"] if r["method"] in VMAPTUNE_METHODS
              and (r["lane_steps"] > budget if r["method"] in adaptive else r["lane_steps"] != budget)]
   for method in adaptive:

@@ -58,6 +58,13 @@ def digits():
 
 
 @pytest.fixture(scope="session")
+def digits_split(digits):
+  """600 digits to train on and the next 200 to validate on, as a data dict."""
+  x, y = digits
+  return {"train": (x[:600], y[:600]), "val": (x[600:800], y[600:800])}
+
+
+@pytest.fixture(scope="session")
 def small_digits(digits):
   """The first 600 digits: enough to learn, quick to train."""
   x, y = digits

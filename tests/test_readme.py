@@ -41,11 +41,11 @@ def test_demo_runs_end_to_end(capsys, tmp_path, monkeypatch):
   monkeypatch.setenv("VMAPTUNE_CACHE_DIR", str(tmp_path / "cache"))
   report = tmp_path / "report"
   assert _demo.main(["demo", "--configs", "8", "--rounds", "2", "--steps", "30", "--quiet", "--no-cache",
-                     "--report", str(report)]) == 0
+                     "--strategy", "adaptive", "--recheck", "2", "2", "--report", str(report)]) == 0
   out = capsys.readouterr().out
   assert "Top 5 trials" in out and "Best config:" in out and "Wall time" in out
   assert "learning_rate =" in out
-  assert "re-checked with 4 fresh seeds" in out and "mean accuracy" in out
+  assert "The search re-checked its top 2 with 2 fresh seeds each" in out and "mean accuracy" in out
   assert (report / "report.html").stat().st_size > 10_000
   # PBT has no config that ran alone: the demo says so instead of re-checking.
   assert _demo.main(["demo", "--configs", "4", "--rounds", "2", "--steps", "20", "--quiet", "--no-cache",

@@ -18,9 +18,8 @@ STEPS = 40
 
 
 @pytest.fixture(scope="module")
-def data(digits):
-  x, y = digits
-  return {"train": (x[:600], y[:600]), "val": (x[600:800], y[600:800])}
+def data(digits_split):
+  return digits_split
 
 
 @pytest.fixture(scope="module")

@@ -99,7 +99,8 @@ class Adaptive(Pacing):
   searches of 80 trial-lengths or more, or with a ``timeout``).
 
   Without a ``timeout`` the search trains ``num_configs * rounds * num_steps``
-  lane-steps, as zoom would, but spends them on many more, mostly shorter,
+  lane-steps, as zoom would (less the trial-lengths its ``recheck`` takes),
+  but spends them on many more, mostly shorter,
   trials: ``lanes`` lanes (default: enough for about ten trial-lengths each,
   between 8 and ``num_configs``; ``num_configs`` with a ``timeout``) each run trial
   after trial. With a ``timeout`` it goes on until the time is spent; on a
@@ -197,12 +198,13 @@ class Adaptive(Pacing):
     return max(n, len(ctx.enqueue))  # every enqueued config starts at once
 
   def total_steps(self, ctx: Context) -> int | None:
-    """Population steps: ``num_configs * rounds`` trial-lengths spread over the lanes."""
+    """Population steps: ``num_configs * rounds`` trial-lengths, less those
+    held back for the re-check, spread over the lanes."""
     if ctx.timeout is not None:
       return None
     seg = self.segment_steps(ctx)
     lanes = self.num_lanes(ctx)
-    per_lane = ctx.num_configs * ctx.rounds * ctx.num_steps / lanes
+    per_lane = (ctx.num_configs * ctx.rounds - ctx.reserve) * ctx.num_steps / lanes
     return max(ctx.num_steps, seg * int(round(per_lane / seg)))
 
   def state_type(self) -> type:

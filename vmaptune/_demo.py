@@ -23,9 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
   d.add_argument("--steps", type=int, default=500, help="training steps per config (default 500)")
   d.add_argument("--seed", type=int, default=0, help="search seed (default 0)")
   d.add_argument("--sampler", choices=["random", "grid"], default="random")
-  d.add_argument("--recheck", type=int, nargs=2, metavar=("TOP", "SEEDS"), default=(5, 4),
-                 help="re-train the TOP configs with SEEDS fresh seeds each, in the search's programs, and rank "
-                      "them by the mean (default 5 4; 0 0 skips)")
+  d.add_argument("--recheck", type=int, nargs=2, metavar=("TOP", "SEEDS"), default=None,
+                 help="re-train the TOP configs with SEEDS fresh seeds each, in the search's programs, and keep "
+                      "the best mean (default: the search's recheck='auto', the top 4 with 4 seeds in an adaptive "
+                      "search, cut to fit a timeout; after a zoom search 5 with 4, shown only; 0 0 skips)")
   d.add_argument("--report", metavar="DIR", default=None, help="write an HTML report into DIR")
   d.add_argument("--no-cache", action="store_true", help="do not use the on-disk compilation cache")
   d.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -132,35 +133,48 @@ def run_demo(args: argparse.Namespace) -> int:
             f"{args.configs} configs x {args.rounds} rounds x {args.steps} steps of budget")
   print(f"vmaptune demo: {budget}, strategy {args.strategy!r}, on digits ({len(x)} images), "
         f"metric: validation accuracy", flush=True)
+  pbt = args.strategy == "pbt"
+  if args.recheck is None:
+    recheck = None if pbt else "auto"
+  else:
+    recheck = None if 0 in args.recheck or pbt else tuple(args.recheck)
   t0 = time.perf_counter()
   result = vt.search(
       demo_model_fn, (x, y), demo_space(), num_configs=args.configs, num_steps=args.steps,
       rounds=args.rounds, seed=args.seed, sampler=args.sampler, metric="accuracy", strategy=args.strategy,
       timeout=args.timeout, compilation_cache=False if args.no_cache else None, verbose=not args.quiet,
+      recheck=recheck,
   )
   wall = time.perf_counter() - t0
   print()
-  print("Top 5 trials")
+  print("Top 5 trials (by their one run's score)")
   print(result.table(5))
   print()
+  check = result.rechecked
+  if check is not None:
+    print(f"The search re-checked its top {len(check.trials)} with {len(check.seeds)} fresh seeds each "
+          f"({check.seconds:.1f}s) and keeps trial {result.best_trial.id}, the best mean:")
+    print(check.table())
+    print()
   print("Best config:")
   for k, v in result.best_config.items():
     print(f"  {k} = {v:.4g}" if isinstance(v, float) else f"  {k} = {v}")
   s = result.stats
   ok = sum(t.status == "ok" for t in result.trials)
-  print(f"Best validation accuracy: {result.best_score:.4f} (trial {result.best_trial.id} of {len(result.trials)}, "
+  print(f"Validation accuracy of the kept trial: {result.best_score:.4f} (trial {result.best_trial.id} of "
+        f"{len(result.trials)}, "
         f"{ok} trained to the end; strategy {result.options['strategy']!r})")
   print(f"Wall time: {wall:.1f}s: training {s.train_seconds:.1f}s ({s.lane_steps_per_second:,.0f} lane-steps/s "
         f"on {s.num_devices} device(s)), compiling {s.compile_wall_seconds:.1f}s ({s.programs_compiled} "
         f"programs, {s.compile_seconds:.1f}s of XLA time), tracing {s.trace_seconds:.1f}s, "
         f"host {s.host_seconds:.1f}s")
-  top, seeds = args.recheck
   if result.options["strategy"] == "pbt":
     print("\n(No re-check: PBT lanes changed hyperparameters mid-run, so no config ran alone.)")
-  elif top > 0 and seeds > 0:
+  elif check is None and args.recheck is None:  # a zoom search: re-check after it (the ranking only)
+    top, seeds = 5, 4
     check = result.recheck(top=top, seeds=seeds)
     print()
-    print(f"The top {len(check.trials)} re-checked with {seeds} fresh seeds each "
+    print(f"The top {len(check.trials)} re-checked after the search with {seeds} fresh seeds each "
           f"({check.seconds:.1f}s): the config to keep is trial {check.best_trial.id}")
     print(check.table())
   if args.report:

@@ -5,7 +5,9 @@ The file is a zip archive (any name; ``search.vmaptune`` reads well) holding:
 * ``vmaptune.json``: ``format`` (``"vmaptune.SearchResult"``),
   ``format_version`` (:data:`FORMAT_VERSION`), the metric and its direction,
   the space (each entry as :func:`vmaptune._space.to_json` writes it), the
-  regions, stats and options, and every trial's fields but its curves.
+  regions, stats and options, every trial's fields but its curves, and the
+  search's re-check (``recheck``: trial ids best mean first, seeds, scores;
+  null without one).
   JSON has no infinity or NaN: such floats are written as
   ``{"__float__": "inf"}`` (``"-inf"``, ``"nan"``), tuples as
   ``{"__tuple__": [...]}``.
@@ -32,6 +34,7 @@ import numpy as np
 
 from . import _space
 from ._codec import atomic_file, decode, encode
+from ._recheck import Recheck
 from ._region import Region
 from ._trial import Stats, Trial
 
@@ -227,7 +230,16 @@ def _write(result, writer: _Writer) -> dict:
       trials=trials,
       curves=curves,
       best_params=best_params,
+      recheck=_recheck_json(getattr(result, "rechecked", None)),
   )
+
+
+def _recheck_json(check) -> dict | None:
+  if check is None:
+    return None
+  return dict(trials=[int(t.id) for t in check.trials], seeds=[int(s) for s in check.seeds],
+              scores=[[float(v) for v in row] for row in check.scores], lane_steps=int(check.lane_steps),
+              seconds=float(check.seconds))
 
 
 # --------------------------------------------------------------------------
@@ -309,7 +321,16 @@ def _build(zf: zipfile.ZipFile, index: dict) -> dict:
       int(b["trial"]): (_load_tree(zf, b["params"]), _load_tree(zf, b["model_state"]))
       for b in index["best_params"]
   }
+  rechecked = None
+  if index.get("recheck"):  # absent in files from before search(recheck=...)
+    r = index["recheck"]
+    by_id = {t.id: t for t in trials}
+    rechecked = Recheck(trials=[by_id[i] for i in r["trials"]], seeds=list(r["seeds"]),
+                        scores=np.asarray(r["scores"], np.float64).reshape(len(r["trials"]), len(r["seeds"])),
+                        metric=index["metric"], maximize=index["maximize"], lane_steps=int(r["lane_steps"]),
+                        seconds=float(r["seconds"]))
   return dict(
       trials=trials, space=space, metric=index["metric"], maximize=index["maximize"],
       regions=regions, stats=stats, best_params=best_params or None, options=index["options"],
+      rechecked=rechecked,
   )

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 
-from . import _faults
+from . import _faults, _recheck
 from ._check import model_digest
 from ._checkpoint import CheckpointError, Checkpointer, CheckpointMismatch, fingerprint_diff
 from ._compiler import expected_compile_seconds
@@ -50,18 +50,26 @@ class Ledger:
   interrupted round's candidate never reaches the result.
   """
 
-  def __init__(self, maximize: bool):
+  def __init__(self, maximize: bool, keep: int = 1):
     self.maximize = maximize
+    self.keep = keep
     self.trials: list[Trial] = []
     self.best: Trial | None = None
+    #: ``{trial id: params}`` of the best trial and, with ``keep > 1``, the
+    #: next best finished ones (a re-check may keep one of them).
     self.best_params: dict[int, tuple] = {}
+    self.kept: list[Trial] = []
     self.candidate: tuple[Trial, tuple] | None = None
 
   def offer(self, trial: Trial, params: Callable[[], tuple]) -> None:
-    """Keeps ``params()`` if ``trial`` is healthy and better than any so far."""
+    """Keeps ``params()`` if ``trial`` is healthy and better than any so far
+    (or than the ``keep``-th best so far)."""
     if trial.status != "ok" or not math.isfinite(trial.score):
       return
-    current = self.candidate[0] if self.candidate is not None else self.best
+    if self.candidate is not None:
+      current = self.candidate[0]
+    else:
+      current = self.kept[-1] if len(self.kept) >= self.keep else None
     if current is None or better(trial, current, self.maximize):
       self.candidate = (trial, params())
 
@@ -69,9 +77,19 @@ class Ledger:
     """A finished trial; confirms the candidate if it is this one."""
     self.trials.append(trial)
     if self.candidate is not None and self.candidate[0].id == trial.id:
-      if trial.status == "ok" and (self.best is None or better(trial, self.best, self.maximize)):
-        self.best, self.best_params = trial, {trial.id: self.candidate[1]}
+      if trial.status == "ok":
+        self._keep(trial, self.candidate[1])
       self.candidate = None
+
+  def _keep(self, trial: Trial, params) -> None:
+    kept = rank_trials(self.kept + [trial], self.maximize)[:self.keep]
+    self.best_params = {t.id: params if t.id == trial.id else self.best_params[t.id] for t in kept}
+    self.kept = kept
+    self.best = kept[0]
+
+  def restore_best(self, trial: Trial, params) -> None:
+    """The best trial and its params, from a checkpoint (the others kept are not saved)."""
+    self.best, self.best_params, self.kept = trial, {trial.id: params}, [trial]
 
 
 class _Run:
@@ -80,7 +98,7 @@ class _Run:
   def __init__(self, *, ctx: Context, strategy: Strategy, plan: Plan, population: Population, stats: Stats,
                checkpointer: Checkpointer | None, fingerprint: dict | None, overwrite: bool,
                callbacks: Sequence[Callable], verbose: bool, metric: str, options: dict,
-               timeout: float | None = None):
+               timeout: float | None = None, recheck: tuple[int, int] | None = None):
     self.ctx = ctx
     self.strategy = strategy
     self.plan = plan
@@ -92,14 +110,16 @@ class _Run:
     self.callbacks = callbacks
     self.metric = metric
     self.options = options
-    self.ledger = Ledger(ctx.maximize)
+    self.recheck = recheck  # (top, seeds) to re-check at the end, or None
+    self.ledger = Ledger(ctx.maximize, recheck[0] if recheck else 1)
     self.progress = Progress(metric, verbose and jax.process_index() == 0)
     self.state: Any = None
     self.elapsed = 0      # population time: steps every lane could have trained
     self.horizons = 0     # decision points passed (a zoom round each)
     self.phase = "advance"
     self.timeout = timeout
-    self.deadline: float | None = None
+    self.deadline: float | None = None       # what the strategy plans to: the re-check's time held back
+    self.deadline_full: float | None = None  # the timeout's
     self.wall_before = 0.0  # wall seconds earlier runs of a resumed search used
     self._pace = _Pace()
 
@@ -122,7 +142,7 @@ class _Run:
         if held:  # lanes that start later, as the strategy decides: idle until refilled
           self.population.refill({slot: None for slot in held})
       if self.timeout is not None:  # a resumed search gets what is left of its budget
-        self.deadline = t_start + self.timeout - self.wall_before
+        self.deadline = self.deadline_full = t_start + self.timeout - self.wall_before
         # Trials that go at their own pace can start as their programs compile.
         self.population.staggered = getattr(strategy, "asynchronous", False)
         self.population.time_left = lambda: self.deadline - time.perf_counter()
@@ -148,7 +168,13 @@ class _Run:
         self.checkpointer.release()
     if not rank_trials(self.ledger.trials, self.ctx.maximize):
       raise AllDivergedError(self._no_result_message(), self.ledger.trials)
-    return self.snapshot(t_start, interrupted)
+    result = self.snapshot(t_start, interrupted)
+    if self.recheck is not None and not interrupted:
+      size = self.recheck
+      if self.deadline_full is not None:  # only what fits in the time left, by the trials' own measured time
+        size = _recheck.fit(result.top(size[0]), *size, self.deadline_full - time.perf_counter())
+      _recheck.settle(result, size, requested=self.recheck, t_start=t_start, verbose=self.progress.enabled)
+    return result
 
   def _no_result_message(self) -> str:
     trials = self.ledger.trials
@@ -241,6 +267,8 @@ class _Run:
   def _clock(self) -> Clock:
     """Population time, and with a timeout the steps that fit in the time left."""
     remaining = left = None
+    if self.deadline_full is not None and self.recheck is not None:
+      self.deadline = self.deadline_full - _recheck.reserve(self.ledger.kept, *self.recheck, self.timeout)
     if self.deadline is not None:
       left = self.deadline - time.perf_counter()
       if self._pace.steps_per_second:
@@ -422,7 +450,7 @@ class _Run:
       leaves, treedef = jax.tree.flatten((abstract.params, abstract.model_state))
       params = jax.tree.unflatten(treedef, [unhost(arrays[f"{name}/{j}"], a) for j, a in enumerate(leaves)])
       if name == "best":
-        self.ledger.best, self.ledger.best_params = trial, {trial.id: params}
+        self.ledger.restore_best(trial, params)
       else:
         self.ledger.candidate = (trial, params)
 

@@ -12,12 +12,18 @@ the compiled programs the search already has (no compile on the way), on the
 search's own validation split, and ranks them by the mean over the seeds.
 Every config gets the same seeds, so configs of one shape share their
 initialisation and data order and their comparison is paired.
+
+``search(recheck="auto")`` runs one at the end of an adaptive search
+(:func:`settle`), out of the search's own budget: with a ``timeout`` the
+loop holds back the estimated time (:func:`reserve`) and runs what fits
+(:func:`fit`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import numbers
+import sys
 import time
 from typing import Sequence
 
@@ -26,7 +32,7 @@ import numpy as np
 from ._sampling import Stream, trial_seed
 from ._trial import Trial, fmt, optional, text_table
 
-__all__ = ["Recheck", "recheck", "recheck_seeds"]
+__all__ = ["Recheck", "recheck", "recheck_seeds", "settle"]
 
 
 def recheck_seeds(search_seed: int, n: int) -> list[int]:
@@ -39,7 +45,8 @@ def recheck_seeds(search_seed: int, n: int) -> list[int]:
 @dataclasses.dataclass
 class Recheck:
   """The top configs of a search trained again with fresh seeds
-  (:meth:`SearchResult.recheck`).
+  (:meth:`SearchResult.recheck`, or ``result.rechecked`` when the search
+  ran one itself).
 
   Attributes:
     trials: the search's trials whose configs were re-checked, best mean first.
@@ -157,14 +164,88 @@ def _check(result, top, seeds, trials) -> tuple[list[Trial], list[int]]:
 
 
 def recheck(result, replay, *, top: int = 5, seeds: int | Sequence[int] = 8,
-            trials: Sequence[Trial | int] | None = None) -> Recheck:
-  """See :meth:`SearchResult.recheck`."""
+            trials: Sequence[Trial | int] | None = None, stats=None) -> Recheck:
+  """See :meth:`SearchResult.recheck`; ``stats``, if given, counts its time
+  and lane-steps (the search's own, for the re-check ``search`` runs)."""
   chosen, seed_list = _check(result, top, seeds, trials)
   t0 = time.perf_counter()
   # A diverged lane's score is already -inf/+inf (Slot.to_trial): it ranks last.
-  scores, lane_steps = replay.scores(chosen, seed_list, result.maximize)
+  scores, lane_steps = replay.scores(chosen, seed_list, result.maximize, stats)
   mean = scores.mean(axis=1)
   # Best mean first; ties keep the search's order.
   order = sorted(range(len(chosen)), key=lambda i: (-mean[i] if result.maximize else mean[i], i))
   return Recheck(trials=[chosen[i] for i in order], seeds=seed_list, scores=scores[order], metric=result.metric,
                  maximize=result.maximize, lane_steps=lane_steps, seconds=time.perf_counter() - t0)
+
+
+#: With a ``timeout``, a re-check's time is estimated from its configs' own
+#: trials (``Trial.seconds``, their measured share of the training time, per
+#: seed) times this margin; the search holds that much of the time back.
+MARGIN = 1.5
+#: ... but never more than this share of the timeout: a size that does not fit
+#: is cut (fewer seeds, then fewer configs, down to 2 x 2) or dropped.
+MAX_SHARE = 1 / 6
+
+
+def sizes(top: int, seeds: int) -> list[tuple[int, int]]:
+  """``(top, seeds)`` and the smaller re-checks tried when it does not fit in
+  the time: fewer seeds first (down to 2), then fewer configs (down to 2)."""
+  out = [(top, seeds)]
+  out += [(top, s) for s in range(seeds - 1, 1, -1)]
+  out += [(k, min(seeds, 2)) for k in range(top - 1, 1, -1)]
+  return out
+
+
+def estimate(trials: Sequence[Trial], seeds: int) -> float:
+  """Seconds to re-check ``trials`` with ``seeds`` seeds, from their own time."""
+  return MARGIN * seeds * sum(float(t.seconds or 0.0) for t in trials)
+
+
+def fit(trials: Sequence[Trial], top: int, seeds: int, seconds: float) -> tuple[int, int] | None:
+  """The largest of :func:`sizes` whose estimate fits in ``seconds``, or None."""
+  for k, s in sizes(top, seeds):
+    if trials and estimate(trials[:k], s) <= seconds:
+      return min(k, len(trials)), s
+  return None
+
+
+def reserve(kept: Sequence[Trial], top: int, seeds: int, timeout: float) -> float:
+  """Seconds a search with a ``timeout`` holds back for its re-check: the
+  estimate of the largest size that fits in ``MAX_SHARE`` of the timeout, for
+  the best trials so far (0 before any finished)."""
+  size = fit(kept, top, seeds, timeout * MAX_SHARE)
+  return estimate(kept[:size[0]], size[1]) if size else 0.0
+
+
+def settle(result, size: tuple[int, int] | None, *, requested: tuple[int, int], t_start: float,
+           verbose: bool) -> None:
+  """The re-check ``search(recheck=...)`` runs at its end, of ``size``
+  (``(top, seeds)``; None: it did not fit in the time left): it sets
+  ``result.rechecked`` (so ``best_trial`` is the best mean's trial) and keeps
+  that trial's trained parameters for ``best_model()`` and ``save``."""
+  if size is None:
+    if verbose:
+      print(f"vmaptune: no time left to re-check the top configs (asked: {requested[0]} with {requested[1]} fresh "
+            "seeds each): keeping the best score's trial", file=sys.stderr, flush=True)
+    return
+  top, seeds = size
+  check = recheck(result, result._replay, top=top, seeds=seeds, stats=result.stats)
+  result.rechecked = check
+  pick = result.best_trial
+  kept = dict(result._best_params or {})
+  if pick.id not in kept:  # a resumed search kept only its best trial's parameters: replay the pick exactly
+    run = result.retrain(pick)
+    kept[pick.id] = (run.params, run.model_state)
+  result._best_params = {pick.id: kept[pick.id]}
+  result.stats.wall_seconds = time.perf_counter() - t_start
+  if verbose:
+    luckiest = result.ranked()[0]
+    if not np.isfinite(check.mean[0]):
+      why = "every config re-checked diverged on a seed, so the search's best score"
+    elif pick.id == luckiest.id:
+      why = f"mean {result.metric} {check.mean[0]:.5g}, also the search's best score"
+    else:
+      why = (f"mean {result.metric} {check.mean[0]:.5g}, not trial {luckiest.id} of the search's best score "
+             f"{luckiest.score:.5g}")
+    print(f"vmaptune: re-checked the top {len(check.trials)} configs with {len(check.seeds)} fresh seeds each "
+          f"({check.seconds:.1f} s): keeping trial {pick.id} ({why})", file=sys.stderr, flush=True)

@@ -49,16 +49,19 @@ class Replay:
                params=params, model_state=model_state, adapter=program.spec.adapter, metric_name=metric,
                maximize=maximize)
 
-  def scores(self, trials: list[Trial], seeds: list[int], maximize: bool) -> tuple[np.ndarray, int]:
+  def scores(self, trials: list[Trial], seeds: list[int], maximize: bool,
+             stats: Stats | None = None) -> tuple[np.ndarray, int]:
     """Each trial's config trained from scratch with each seed, for the
     search's full budget: final scores, shape ``(len(trials), len(seeds))``,
     and the lane-steps spent.
 
     The pairs of a trial's program run in that program (same signature, lane
     count and compile tier: already compiled), as many chunks of its width
-    as they need, on the search's data.
+    as they need, on the search's data. Their time and lane-steps count in
+    ``stats`` if given.
     """
-    stats = Stats()
+    stats = stats if stats is not None else Stats()
+    before = stats.lane_steps + stats.idle_lane_steps
     out = np.full((len(trials), len(seeds)), np.nan)
     groups: dict[ProgramRef, list[int]] = {}
     for row, t in enumerate(trials):
@@ -76,4 +79,4 @@ class Replay:
       population.advance(sequential=True)
       for i, (row, k) in enumerate(pairs):
         out[row, k] = population.finish(i, {"status": "ok"}, maximize).score
-    return out, stats.lane_steps + stats.idle_lane_steps
+    return out, stats.lane_steps + stats.idle_lane_steps - before

@@ -24,7 +24,10 @@ class SearchResult:
     metric: the metric's name; ``maximize`` says its direction.
     regions: the region each round sampled (sampling coordinates), a list of
       :class:`Region`, one per round.
-    stats: :class:`Stats`.
+    stats: :class:`Stats` (the re-check's time and lane-steps included).
+    rechecked: the :class:`Recheck` the search ran at its end (see
+      ``search(recheck=...)``), or None; ``best_trial`` then follows its
+      best mean.
 
   Example (every method on one small search):
 
@@ -58,7 +61,7 @@ class SearchResult:
   """
 
   def __init__(self, *, trials, space, metric, maximize, regions, stats, replay=None,
-               best_params=None, options=None):
+               best_params=None, options=None, rechecked=None):
     self.trials: list[Trial] = list(trials)
     self.space = dict(space)
     self.metric = metric
@@ -72,6 +75,9 @@ class SearchResult:
     self._best_params = best_params
     #: True when Ctrl-C stopped the search: the result holds the finished rounds.
     self.interrupted = False
+    #: The re-check the search ran (``search(recheck=...)``), a
+    #: :class:`vmaptune.Recheck`, or None.
+    self.rechecked: "_recheck.Recheck | None" = rechecked
 
   # Best -------------------------------------------------------------------
 
@@ -81,9 +87,15 @@ class SearchResult:
 
   @property
   def best_trial(self) -> Trial:
+    """The trial to keep: the best score, or, when the search re-checked its
+    top configs (``rechecked``), the trial whose config had the best mean
+    over the fresh seeds (the best score again if every one diverged)."""
     ranked = self.ranked()
     if not ranked:
       raise AllDivergedError("every trial diverged; there is no best trial", self.trials)
+    check = self.rechecked
+    if check is not None and np.isfinite(check.mean[0]):
+      return next((t for t in self.trials if t.id == check.best_trial.id), ranked[0])
     return ranked[0]
 
   @property
@@ -92,6 +104,8 @@ class SearchResult:
 
   @property
   def best_score(self) -> float:
+    """``best_trial``'s score in the search (one run; see ``rechecked`` for
+    the means)."""
     return float(self.best_trial.score)
 
   def top(self, n: int = 5) -> list[Trial]:
@@ -255,6 +269,8 @@ class SearchResult:
       best = f"best {self.metric}={self.best_score:.6g}"
     except AllDivergedError:
       best = "no healthy trial"
+    if self.rechecked is not None:
+      best += f" (re-checked: trial {self.best_trial.id})"
     return f"SearchResult({len(self.trials)} trials, {ok} ok, {best}, rounds={len(self.regions)})"
 
 

@@ -9,6 +9,7 @@ from typing import Any, Callable, Mapping, Sequence
 import optax
 
 from . import _devices, _loop, _options
+from ._adaptive import Adaptive
 from ._checkpoint import Checkpointer
 from ._codec import space_objects
 from ._plan import Plan
@@ -58,6 +59,7 @@ def search(
     strategy: Any = "auto",
     timeout: float | None = None,
     compilation_cache: bool | str | None = None,
+    recheck: Any = "auto",
     verbose: bool = True,
 ) -> SearchResult:
   """Searches ``space`` by training many configs at once in compiled programs.
@@ -198,6 +200,21 @@ def search(
       ``~/.cache/vmaptune/xla`` unless ``VMAPTUNE_COMPILATION_CACHE=0``; a
       path puts it there; False leaves JAX alone. A cache configured in JAX
       is never overridden (see :func:`enable_compilation_cache`).
+    recheck: after the search, train its ``top`` configs again with
+      ``seeds`` fresh seeds each and keep the one with the best mean
+      (:meth:`SearchResult.recheck`): a pair ``(top, seeds)``, True for
+      ``(4, 4)``, None or False for none. ``"auto"`` (default) re-checks
+      ``(4, 4)`` in an adaptive search with a ``timeout`` or a budget of 96
+      trial-lengths or more, and nothing otherwise. Without a timeout the
+      adaptive strategy takes the ``top * seeds`` trial-lengths out of its
+      budget (after zoom or halving they come on top); with one, the search
+      holds back the re-check's time, estimated from the best trials' own
+      measured time (at most a sixth of the timeout), and runs the largest
+      re-check that fits in what is left (fewer seeds, then fewer configs,
+      down to 2 x 2; none if that does not fit). The re-check is then
+      ``result.rechecked``, and ``best_trial``, ``best_config``,
+      ``best_score`` and ``best_model()`` are its best mean's trial (its own
+      search run and score), not the single luckiest score.
     verbose: show a progress bar on a terminal (a line per round otherwise).
 
   Returns:
@@ -224,7 +241,7 @@ def search(
       lr_schedule=lr_schedule, devices=devices, lane_batch=lane_batch, precision=precision,
       eval_batch_size=eval_batch_size, enqueue=enqueue, callbacks=callbacks, checkpoint_dir=checkpoint_dir,
       checkpoint_every=checkpoint_every, overwrite=overwrite, memory_budget=memory_budget, strategy=strategy,
-      timeout=timeout, compilation_cache=compilation_cache, verbose=verbose)
+      timeout=timeout, compilation_cache=compilation_cache, verbose=verbose, recheck=recheck)
   _devices.use_compilation_cache(compilation_cache)
   c = opts.common
   stats = Stats(num_devices=len(opts.devices))
@@ -240,7 +257,9 @@ def search(
                 checkpoint_every=opts.checkpoint_every, maximize=c.objective.maximize, enqueue=opts.enqueue,
                 drawer=drawer, signature=c.routing.signature,
                 steps_for=lambda sig: plan.steps_for(plan.batch_size(sig)), eval_every_for=plan.eval_every_for,
-                accelerator=opts.devices[0].platform != "cpu", devices=len(opts.devices))
+                accelerator=opts.devices[0].platform != "cpu", devices=len(opts.devices),
+                reserve=opts.recheck[0] * opts.recheck[1] if opts.recheck and isinstance(opts.strategy, Adaptive)
+                else 0)
   strategy = opts.strategy
   strategy.check(ctx)
   population = Population(plan, lambda sig: strategy.cadence(ctx, sig), stats, plan.capacity)
@@ -254,7 +273,7 @@ def search(
       metric=c.objective.metric_name, timeout=opts.timeout,
       options=dict(num_configs=opts.num_configs, rounds=opts.rounds, seed=opts.seed, sampler=opts.sampler,
                    keep=opts.keep, shrink=opts.shrink, max_buckets=opts.max_buckets, strategy=strategy.name,
-                   timeout=opts.timeout))
+                   timeout=opts.timeout), recheck=opts.recheck)
 
 
 def _space_values(space):

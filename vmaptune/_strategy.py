@@ -160,6 +160,9 @@ class Context:
       little more wall time), not on CPUs.
     devices: the devices the lanes are sharded over (on CPU, the lanes of
       different devices train at once).
+    reserve: trial-lengths of the budget held back for the re-check after
+      the search (``search(recheck=...)``); the adaptive strategy trains
+      ``num_configs * rounds - reserve`` trial-lengths.
   """
 
   space: Mapping[str, Any]
@@ -181,6 +184,7 @@ class Context:
   eval_every_for: Callable[[int], int]
   accelerator: bool = False
   devices: int = 1
+  reserve: int = 0
 
   def keep_count(self) -> int:
     """How many of the best trials a zoom region is drawn around."""

@@ -154,7 +154,7 @@ class Stats:
     programs_compiled: XLA programs compiled (a bucket's training program per
       signature and lane layout; PBT's copy program).
     programs_by_round: for each population started (round 0, each zoom
-      round), ``{"round", "programs", "compiled", "new_signatures",
+      round, each program the re-check runs in), ``{"round", "programs", "compiled", "new_signatures",
       "new_layouts"}``: how many programs it ran, how many had to be compiled
       and why (a signature not seen before in the search, or a seen one at a
       new lane layout); the rest came from the cache.

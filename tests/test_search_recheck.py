@@ -1,0 +1,177 @@
+"""search(recheck=...): the search re-checks its top configs and keeps the best mean."""
+
+import numpy as np
+import jax
+import pytest
+
+import vmaptune as vt
+from vmaptune import _faults, _options, _program, _recheck
+
+from _models import mlp_fn
+
+# The same space and trial length as test_recheck.py's.
+from test_recheck import SPACE, STEPS
+
+# 8 x 3 = 24 trial-lengths on 4 lanes; the re-check takes 3 x 2 = 6 of them.
+KW = dict(num_configs=8, num_steps=STEPS, rounds=3, seed=3, strategy=vt.Adaptive(lanes=4), verbose=False)
+
+
+@pytest.fixture(scope="module")
+def data(digits_split):
+  return digits_split
+
+
+@pytest.fixture(scope="module")
+def result(data):
+  return vt.search(mlp_fn, data, SPACE, recheck=(3, 2), **KW)
+
+
+def test_keeps_the_best_mean(result):
+  check = result.rechecked
+  assert isinstance(check, vt.Recheck) and check.scores.shape == (3, 2)
+  assert sorted(t.id for t in check.trials) == sorted(t.id for t in result.top(3))
+  assert list(check.mean) == sorted(check.mean)
+  pick = check.trials[0]
+  assert result.best_trial is next(t for t in result.trials if t.id == pick.id)
+  assert result.best_config == pick.config and result.best_score == pick.score
+  assert "re-checked: trial" in repr(result)
+  # The same re-check asked of the result afterwards: the same numbers, bit for bit.
+  again = result.recheck(top=3, seeds=2)
+  np.testing.assert_array_equal(again.scores, check.scores)
+  # The kept trial's parameters are its own run's, bit for bit.
+  run = result.retrain(pick)
+  assert run.score == pick.score
+  params, _ = result.best_params
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(run.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Its time and lane-steps are the search's.
+  assert result.stats.lane_steps >= check.lane_steps > 0
+  assert result.stats.wall_seconds > check.seconds > 0
+
+
+def test_the_rechecks_lengths_come_out_of_the_adaptive_budget(result, data):
+  # 24 trial-lengths less the re-check's 6 searches exactly as a search of 18.
+  shorter = vt.search(mlp_fn, data, SPACE, recheck=None, **dict(KW, num_configs=6))
+  assert [(t.id, t.config, t.seed, t.score, t.steps) for t in result.trials] == \
+      [(t.id, t.config, t.seed, t.score, t.steps) for t in shorter.trials]
+  assert shorter.rechecked is None and shorter.best_trial is shorter.ranked()[0]
+  # Its lane-steps count in the search's stats: 6 trial-lengths, and padding lanes as idle.
+  assert result.stats.lane_steps == shorter.stats.lane_steps + 3 * 2 * STEPS
+  spent = lambda r: r.stats.lane_steps + r.stats.idle_lane_steps
+  assert spent(result) == spent(shorter) + result.rechecked.lane_steps
+
+
+def test_the_kept_trial_need_not_be_the_best_score(result, data):
+  # This search (seed 3) keeps another trial than its best score's: the
+  # re-check's point. best_model() is the kept trial's own trained model.
+  r = result
+  assert r.best_trial.id != r.ranked()[0].id
+  assert r.best_score == r.best_trial.score > r.ranked()[0].score
+  run = r.retrain(r.best_trial)
+  x = data["val"][0][:16]
+  np.testing.assert_array_equal(np.asarray(r.best_model()(x)), np.asarray(run.model()(x)))
+
+
+def test_auto_rechecks_large_adaptive_searches_only():
+  adaptive, zoom = vt.Adaptive(), vt.Zoom()
+  assert _options.resolve_recheck("auto", adaptive, 32, 3, None) == (4, 4)
+  assert _options.resolve_recheck("auto", adaptive, 64, 3, None) == (4, 4)
+  assert _options.resolve_recheck("auto", adaptive, 31, 3, None) is None   # 93 trial-lengths
+  assert _options.resolve_recheck("auto", adaptive, 8, 1, 40.0) == (4, 4)  # a timeout: sized to the time
+  assert _options.resolve_recheck((6, 4), adaptive, 8, 3, 40.0) == (6, 4)  # no budget of trial-lengths
+  assert _options.resolve_recheck("auto", zoom, 64, 3, None) is None
+  assert _options.resolve_recheck(True, zoom, 8, 1, None) == (4, 4)       # after zoom: on top
+  assert _options.resolve_recheck(None, adaptive, 64, 3, None) is None
+  assert _options.resolve_recheck(False, adaptive, 64, 3, None) is None
+
+
+def test_the_default_search_rechecks_at_96_trial_lengths(data):
+  r = vt.search(mlp_fn, data, SPACE, num_configs=32, num_steps=20, rounds=3, seed=0, verbose=False)
+  assert r.options["strategy"] == "adaptive"
+  assert r.rechecked is not None and r.rechecked.scores.shape == (4, 4)
+  assert r.best_trial.id == r.rechecked.trials[0].id
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(recheck="yes"), ValueError, "`recheck` must be 'auto'"),
+    (dict(recheck=(0, 2)), ValueError, "top and seeds must be positive"),
+    (dict(recheck=(2,)), TypeError, "pair of ints"),
+    (dict(recheck=(2, 1.5)), TypeError, "pair of ints"),
+    (dict(recheck=(6, 4)), ValueError, "the whole adaptive budget"),
+    (dict(recheck=(2, 2), strategy="pbt"), ValueError, "PBT"),
+])
+def test_bad_recheck_is_refused_before_compiling(data, kwargs, error, match, monkeypatch):
+  def refuse(*a, **k):
+    raise AssertionError("compiled before refusing the argument")
+
+  monkeypatch.setattr(_program.Program, "compile", refuse)
+  with pytest.raises(error, match=match):
+    vt.search(mlp_fn, data, SPACE, **dict(KW, **kwargs))
+
+
+def test_save_and_load_keep_the_recheck(result, tmp_path):
+  loaded = vt.load(result.save(tmp_path / "r.vmaptune"))
+  assert loaded.best_trial.id == result.best_trial.id and loaded.best_score == result.best_score
+  assert [t.id for t in loaded.rechecked.trials] == [t.id for t in result.rechecked.trials]
+  np.testing.assert_array_equal(loaded.rechecked.scores, result.rechecked.scores)
+  assert loaded.rechecked.seeds == result.rechecked.seeds
+  assert loaded.rechecked.lane_steps == result.rechecked.lane_steps
+  params, _ = result.best_params
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded.best_params[0])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_resumed_search_rechecks_as_the_uninterrupted_one(result, data, tmp_path, monkeypatch):
+  kw = dict(KW, recheck=(3, 2), checkpoint_dir=tmp_path / "ckpt", checkpoint_every=STEPS // 5)
+  monkeypatch.setenv("VMAPTUNE_FAILPOINT", "adaptive:saved@4=crash")
+  _faults.reset()
+  with pytest.raises(_faults.SimulatedCrash):
+    vt.search(mlp_fn, data, SPACE, **kw)
+  monkeypatch.delenv("VMAPTUNE_FAILPOINT")
+  _faults.reset()
+  resumed = vt.search(mlp_fn, data, SPACE, **kw)
+  assert resumed.stats.resumed_from
+  assert [t.score for t in resumed.trials] == [t.score for t in result.trials]
+  np.testing.assert_array_equal(resumed.rechecked.scores, result.rechecked.scores)
+  assert resumed.best_trial.id == result.best_trial.id
+  # Only the best score's parameters survive a checkpoint: the kept trial's are replayed, exactly.
+  for a, b in zip(jax.tree.leaves(resumed.best_params[0]), jax.tree.leaves(result.best_params[0])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_verbose_says_what_it_kept(data, capsys):
+  vt.search(mlp_fn, data, SPACE, recheck=(2, 2), **dict(KW, verbose=True))
+  err = capsys.readouterr().err
+  assert "re-checked the top 2 configs with 2 fresh seeds each" in err and "keeping trial" in err
+
+
+def _trial(i, seconds):
+  return vt.Trial(id=i, config={"learning_rate": 0.01}, score=1.0 + i, round=0, lane=i, status="ok", seed=i,
+                  curve=np.asarray([1.0]), curve_steps=np.asarray([10]), train_curve=np.asarray([1.0]), steps=10,
+                  seconds=seconds)
+
+
+def test_with_a_timeout_the_recheck_is_cut_to_the_time_left():
+  assert _recheck.sizes(4, 4) == [(4, 4), (4, 3), (4, 2), (3, 2), (2, 2)]
+  trials = [_trial(i, 1.0) for i in range(4)]  # 1 s a trial: 4 x 4 is 16 s, times the margin
+  m = _recheck.MARGIN
+  assert _recheck.fit(trials, 4, 4, 16 * m) == (4, 4)
+  assert _recheck.fit(trials, 4, 4, 16 * m - 0.1) == (4, 3)
+  assert _recheck.fit(trials, 4, 4, 6 * m) == (3, 2)
+  assert _recheck.fit(trials, 4, 4, 4 * m - 0.1) is None
+  assert _recheck.fit(trials[:2], 4, 4, 8 * m) == (2, 4)   # fewer trials than asked
+  assert _recheck.fit([], 4, 4, 100.0) is None
+  # What a search holds back: the estimate of the size that fits a sixth of the timeout.
+  assert _recheck.reserve(trials, 4, 4, 6 * 16 * m) == 16 * m
+  assert _recheck.reserve(trials, 4, 4, 6 * 8 * m) == 8 * m      # (4, 2)
+  assert _recheck.reserve(trials, 4, 4, 1.0) == 0.0              # not even 2 x 2: none
+  assert _recheck.reserve([], 4, 4, 60.0) == 0.0
+
+
+def test_a_search_with_a_timeout_rechecks_what_fits(data):
+  r = vt.search(mlp_fn, data, SPACE, num_configs=8, num_steps=STEPS, seed=1, timeout=4.0, verbose=False)
+  assert r.options["strategy"] == "adaptive"
+  assert r.stats.wall_seconds < 4.0 + 3.0  # the re-check's time was held back (slack as for any timeout)
+  check = r.rechecked
+  assert check is not None and check.scores.shape[0] >= 2 and check.scores.shape[1] >= 2
+  assert r.best_trial.id == check.trials[0].id or not np.isfinite(check.mean[0])
