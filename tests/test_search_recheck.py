@@ -83,13 +83,7 @@ def test_auto_rechecks_large_adaptive_searches_only():
   assert _options.resolve_recheck(True, zoom, 8, 1, None) == (4, 4)       # after zoom: on top
   assert _options.resolve_recheck(None, adaptive, 64, 3, None) is None
   assert _options.resolve_recheck(False, adaptive, 64, 3, None) is None
-
-
-def test_the_default_search_rechecks_at_96_trial_lengths(data):
-  r = vt.search(mlp_fn, data, SPACE, num_configs=32, num_steps=20, rounds=3, seed=0, verbose=False)
-  assert r.options["strategy"] == "adaptive"
-  assert r.rechecked is not None and r.rechecked.scores.shape == (4, 4)
-  assert r.best_trial.id == r.rechecked.trials[0].id
+  # A default search of 96 trial-lengths re-checking end to end: the README's block runs one.
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
@@ -161,6 +155,12 @@ def test_with_a_timeout_the_recheck_is_cut_to_the_time_left():
   assert _recheck.fit(trials, 4, 4, 4 * m - 0.1) is None
   assert _recheck.fit(trials[:2], 4, 4, 8 * m) == (2, 4)   # fewer trials than asked
   assert _recheck.fit([], 4, 4, 100.0) is None
+  assert _recheck.fit(trials[:1], 4, 4, 100.0) is None   # one trial: nothing to choose between
+  # Where a program's lanes run together (accelerators), it runs whole: 16 pairs in a 32-lane program
+  # cost 32 lanes' shares, in 8-lane programs 16.
+  assert _recheck.estimate(trials, 4, lambda t: ("program", 32)) == 32 * m
+  assert _recheck.estimate(trials, 4, lambda t: ("program", 8)) == 16 * m
+  assert _recheck.estimate(trials, 4) == 16 * m                          # CPU: idle lanes cost nothing
   # What a search holds back: the estimate of the size that fits a sixth of the timeout.
   assert _recheck.reserve(trials, 4, 4, 6 * 16 * m) == 16 * m
   assert _recheck.reserve(trials, 4, 4, 6 * 8 * m) == 8 * m      # (4, 2)
@@ -175,3 +175,14 @@ def test_a_search_with_a_timeout_rechecks_what_fits(data):
   check = r.rechecked
   assert check is not None and check.scores.shape[0] >= 2 and check.scores.shape[1] >= 2
   assert r.best_trial.id == check.trials[0].id or not np.isfinite(check.mean[0])
+
+
+def test_ctrl_c_during_the_recheck_returns_the_search(data, monkeypatch):
+  def interrupt(*a, **k):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(_recheck, "recheck", interrupt)
+  with pytest.warns(RuntimeWarning, match="interrupted during the re-check"):
+    r = vt.search(mlp_fn, data, SPACE, recheck=(3, 2), **KW)
+  assert r.rechecked is None and r.interrupted and r.best_trial is r.ranked()[0]
+  assert r.best_model() is not None and r.best_params is not None  # the best score's parameters were kept

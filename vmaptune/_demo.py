@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
   d.add_argument("--recheck", type=int, nargs=2, metavar=("TOP", "SEEDS"), default=None,
                  help="re-train the TOP configs with SEEDS fresh seeds each, in the search's programs, and keep "
                       "the best mean (default: the search's recheck='auto', the top 4 with 4 seeds in an adaptive "
-                      "search, cut to fit a timeout; after a zoom search 5 with 4, shown only; 0 0 skips)")
+                      "search, cut to fit a timeout; after a search that ran none without a timeout (zoom, "
+                      "halving, a small adaptive one), 5 with 4, shown only; 0 0 skips)")
   d.add_argument("--report", metavar="DIR", default=None, help="write an HTML report into DIR")
   d.add_argument("--no-cache", action="store_true", help="do not use the on-disk compilation cache")
   d.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -170,7 +171,7 @@ def run_demo(args: argparse.Namespace) -> int:
         f"host {s.host_seconds:.1f}s")
   if result.options["strategy"] == "pbt":
     print("\n(No re-check: PBT lanes changed hyperparameters mid-run, so no config ran alone.)")
-  elif check is None and args.recheck is None:  # a zoom search: re-check after it (the ranking only)
+  elif check is None and args.recheck is None and args.timeout is None:  # a search that ran none: shown only
     top, seeds = 5, 4
     check = result.recheck(top=top, seeds=seeds)
     print()

@@ -172,9 +172,24 @@ class _Run:
     if self.recheck is not None and not interrupted:
       size = self.recheck
       if self.deadline_full is not None:  # only what fits in the time left, by the trials' own measured time
-        size = _recheck.fit(result.top(size[0]), *size, self.deadline_full - time.perf_counter())
-      _recheck.settle(result, size, requested=self.recheck, t_start=t_start, verbose=self.progress.enabled)
+        size = _recheck.fit(result.top(size[0]), *size, self.deadline_full - time.perf_counter(), self._width)
+      try:
+        _recheck.settle(result, size, requested=self.recheck, t_start=t_start, verbose=self.progress.enabled)
+      except KeyboardInterrupt:  # the search is done: return it, keeping its best score's trial
+        result.rechecked = None
+        result.interrupted = True
+        warnings.warn("vmaptune: interrupted during the re-check; returning the search's best score's trial",
+                      RuntimeWarning, stacklevel=4)
     return result
+
+  def _width(self, trial: Trial) -> tuple | None:
+    """``(program, lanes)`` of a trial's program where its padding lanes cost
+    time (lanes batched together: accelerators), None where idle lanes are
+    skipped (one lane at a time: CPU); see :func:`_recheck.estimate`."""
+    ref = self.population.refs.get(trial.id)
+    if ref is None or self.plan.layout(ref.lanes).lane_batch <= 1:
+      return None
+    return ref, ref.lanes
 
   def _no_result_message(self) -> str:
     trials = self.ledger.trials
@@ -268,7 +283,8 @@ class _Run:
     """Population time, and with a timeout the steps that fit in the time left."""
     remaining = left = None
     if self.deadline_full is not None and self.recheck is not None:
-      self.deadline = self.deadline_full - _recheck.reserve(self.ledger.kept, *self.recheck, self.timeout)
+      self.deadline = self.deadline_full - _recheck.reserve(self.ledger.kept, *self.recheck, self.timeout,
+                                                            self._width)
     if self.deadline is not None:
       left = self.deadline - time.perf_counter()
       if self._pace.steps_per_second:

@@ -196,25 +196,43 @@ def sizes(top: int, seeds: int) -> list[tuple[int, int]]:
   return out
 
 
-def estimate(trials: Sequence[Trial], seeds: int) -> float:
-  """Seconds to re-check ``trials`` with ``seeds`` seeds, from their own time."""
-  return MARGIN * seeds * sum(float(t.seconds or 0.0) for t in trials)
+def estimate(trials: Sequence[Trial], seeds: int, width=None) -> float:
+  """Seconds to re-check ``trials`` with ``seeds`` seeds, from their own time.
+
+  A trial's ``seconds`` is its share of its program's calls. Where idle lanes
+  are skipped (CPU) the re-check costs its pairs' shares; where a program's
+  lanes run together (``width(trial)`` gives ``(program, lanes)``), each
+  program runs whole: its pairs rounded up to its width, each lane a share.
+  """
+  groups: dict = {}
+  for t in trials:
+    key = width(t) if width is not None else None
+    groups.setdefault(key if key is not None else ("lane", t.id), []).append(float(t.seconds or 0.0))
+  total = 0.0
+  for key, shares in groups.items():
+    pairs = len(shares) * seeds
+    lanes = key[1] if key[0] != "lane" else pairs
+    total += -(-pairs // lanes) * lanes * (sum(shares) / len(shares))
+  return MARGIN * total
 
 
-def fit(trials: Sequence[Trial], top: int, seeds: int, seconds: float) -> tuple[int, int] | None:
-  """The largest of :func:`sizes` whose estimate fits in ``seconds``, or None."""
+def fit(trials: Sequence[Trial], top: int, seeds: int, seconds: float, width=None) -> tuple[int, int] | None:
+  """The largest of :func:`sizes` whose estimate fits in ``seconds``, or None
+  (also with fewer than two trials: nothing to choose between)."""
+  if len(trials) < 2:
+    return None
   for k, s in sizes(top, seeds):
-    if trials and estimate(trials[:k], s) <= seconds:
+    if estimate(trials[:k], s, width) <= seconds:
       return min(k, len(trials)), s
   return None
 
 
-def reserve(kept: Sequence[Trial], top: int, seeds: int, timeout: float) -> float:
+def reserve(kept: Sequence[Trial], top: int, seeds: int, timeout: float, width=None) -> float:
   """Seconds a search with a ``timeout`` holds back for its re-check: the
   estimate of the largest size that fits in ``MAX_SHARE`` of the timeout, for
-  the best trials so far (0 before any finished)."""
-  size = fit(kept, top, seeds, timeout * MAX_SHARE)
-  return estimate(kept[:size[0]], size[1]) if size else 0.0
+  the best trials so far (0 before two finished)."""
+  size = fit(kept, top, seeds, timeout * MAX_SHARE, width)
+  return estimate(kept[:size[0]], size[1], width) if size else 0.0
 
 
 def settle(result, size: tuple[int, int] | None, *, requested: tuple[int, int], t_start: float,
@@ -223,10 +241,13 @@ def settle(result, size: tuple[int, int] | None, *, requested: tuple[int, int], 
   (``(top, seeds)``; None: it did not fit in the time left): it sets
   ``result.rechecked`` (so ``best_trial`` is the best mean's trial) and keeps
   that trial's trained parameters for ``best_model()`` and ``save``."""
+  if size is not None and len(result.top(2)) < 2:
+    size = None  # one healthy trial: nothing to choose between
   if size is None:
     if verbose:
-      print(f"vmaptune: no time left to re-check the top configs (asked: {requested[0]} with {requested[1]} fresh "
-            "seeds each): keeping the best score's trial", file=sys.stderr, flush=True)
+      print(f"vmaptune: no re-check (asked: the top {requested[0]} with {requested[1]} fresh seeds each): "
+            "no time left for it, or fewer than two healthy trials; keeping the best score's trial",
+            file=sys.stderr, flush=True)
     return
   top, seeds = size
   check = recheck(result, result._replay, top=top, seeds=seeds, stats=result.stats)
@@ -234,7 +255,7 @@ def settle(result, size: tuple[int, int] | None, *, requested: tuple[int, int], 
   pick = result.best_trial
   kept = dict(result._best_params or {})
   if pick.id not in kept:  # a resumed search kept only its best trial's parameters: replay the pick exactly
-    run = result.retrain(pick)
+    run = result._replay.run(pick, result.metric, result.maximize, result.stats)
     kept[pick.id] = (run.params, run.model_state)
   result._best_params = {pick.id: kept[pick.id]}
   result.stats.wall_seconds = time.perf_counter() - t_start

@@ -25,12 +25,14 @@ class Replay:
     ref = self.population.refs[trial.id]
     return self.plan.spec(ref.signature).adapter.build(params, model_state)
 
-  def run(self, trial: Trial, metric: str, maximize: bool) -> Run:
+  def run(self, trial: Trial, metric: str, maximize: bool, stats: Stats | None = None) -> Run:
     """Trains ``trial`` again in its own program, at its own lane, every other
-    lane a copy of it: the same numbers bit for bit."""
+    lane a copy of it: the same numbers bit for bit (its time and lane-steps
+    count in ``stats`` if given)."""
     ref = self.population.refs[trial.id]
     cadence = Cadence(ref.eval_every, ref.evals_per_call, trial.steps)
-    replay = Population(self.plan, lambda sig: cadence, Stats(), lambda wanted: ref.lanes)
+    replay = Population(self.plan, lambda sig: cadence, stats if stats is not None else Stats(),
+                        lambda wanted: ref.lanes)
     replay._data = self.population.data
     program = self.plan.program(ref.signature, ref.lanes, ref.evals_per_call)
     evals = -(-trial.steps // ref.eval_every)

@@ -139,10 +139,17 @@ def _best_section(result, ok) -> list[str]:
   rows = "".join(
       f"<tr><td class='name'>{e(str(k))}</td><td>{e(_fmt(v))}</td></tr>" for k, v in best.config.items()
   )
+  check = getattr(result, "rechecked", None)
+  kept = []
+  if check is not None and check.best_trial.id == best.id:
+    kept = [f"<p class='note'>Kept by the re-check: the best mean {e(str(result.metric))} over "
+            f"{len(check.seeds)} fresh seeds ({e(_fmt(float(check.mean[0])))}) of the top {len(check.trials)} "
+            "trials, not necessarily the best single score below.</p>"]
   return [
       "<h2>Best trial</h2>",
       f"<p>{e(str(result.metric))} = <b>{e(_fmt(best.score))}</b> (trial {best.id}, round "
       f"{best.round}, seed {best.seed})</p>",
+      *kept,
       f"<table><tr><th class='name'>hyperparameter</th><th>value</th></tr>{rows}</table>",
   ]
 

@@ -89,7 +89,8 @@ class SearchResult:
   def best_trial(self) -> Trial:
     """The trial to keep: the best score, or, when the search re-checked its
     top configs (``rechecked``), the trial whose config had the best mean
-    over the fresh seeds (the best score again if every one diverged)."""
+    over the fresh seeds (the best score again if every config re-checked
+    diverged on at least one seed)."""
     ranked = self.ranked()
     if not ranked:
       raise AllDivergedError("every trial diverged; there is no best trial", self.trials)

@@ -199,8 +199,8 @@ def _split(trials: Sequence) -> tuple[list, list]:
 
 
 def _best(result):
-  ranked = result.ranked()
-  return ranked[0] if ranked else None
+  """The trial the result keeps (the re-check's best mean when it ran one)."""
+  return result.best_trial if result.ranked() else None
 
 
 def _score_colors(result, scores: np.ndarray):
