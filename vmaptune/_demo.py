@@ -148,7 +148,8 @@ def run_demo(args: argparse.Namespace) -> int:
   )
   wall = time.perf_counter() - t0
   print()
-  print("Top 5 trials (by their one run's score)")
+  print("Top 5 trials (by their one run's score" + ("; mean: over the re-check's seeds; * the kept trial)"
+                                                    if result.rechecked is not None else ")"))
   print(result.table(5))
   print()
   check = result.rechecked

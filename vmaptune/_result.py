@@ -254,7 +254,9 @@ class SearchResult:
     return pd.DataFrame.from_records(self.to_records()).set_index("trial")
 
   def table(self, n: int = 5) -> str:
-    """The top ``n`` trials as a fixed-width text table."""
+    """The top ``n`` trials by score as a fixed-width text table; after the
+    search's re-check, a column of the re-checked trials' mean scores, and
+    the kept trial (``best_trial``) marked ``*`` by its rank."""
     top = self.top(n)
     names = [k for k, v in self.space.items() if isinstance(v, _space.Distribution)]
     head = ["rank", "trial", "round", self.metric] + names
@@ -262,6 +264,13 @@ class SearchResult:
         [str(i + 1), str(t.id), str(t.round), f"{t.score:.5g}"] + [fmt(t.config[k]) for k in names]
         for i, t in enumerate(top)
     ]
+    if self.rechecked is not None:
+      means = {t.id: m for t, m in zip(self.rechecked.trials, self.rechecked.mean)}
+      kept = self.best_trial.id
+      head.insert(4, f"mean {self.metric}")
+      for t, row in zip(top, rows):
+        row.insert(4, f"{means[t.id]:.5g}" if t.id in means else "")
+        row[0] += "*" if t.id == kept else ""
     return text_table(head, rows)
 
   def __repr__(self) -> str:
