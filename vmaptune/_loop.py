@@ -54,12 +54,15 @@ class Ledger:
     self.maximize = maximize
     self.keep = keep
     self.trials: list[Trial] = []
-    self.best: Trial | None = None
     #: ``{trial id: params}`` of the best trial and, with ``keep > 1``, the
     #: next best finished ones (a re-check may keep one of them).
     self.best_params: dict[int, tuple] = {}
-    self.kept: list[Trial] = []
+    self.kept: list[Trial] = []  # the best ``keep`` finished trials whose params are kept, best first
     self.candidate: tuple[Trial, tuple] | None = None
+
+  @property
+  def best(self) -> Trial | None:
+    return self.kept[0] if self.kept else None
 
   def offer(self, trial: Trial, params: Callable[[], tuple]) -> None:
     """Keeps ``params()`` if ``trial`` is healthy and better than any so far
@@ -85,11 +88,10 @@ class Ledger:
     kept = rank_trials(self.kept + [trial], self.maximize)[:self.keep]
     self.best_params = {t.id: params if t.id == trial.id else self.best_params[t.id] for t in kept}
     self.kept = kept
-    self.best = kept[0]
 
   def restore_best(self, trial: Trial, params) -> None:
     """The best trial and its params, from a checkpoint (the others kept are not saved)."""
-    self.best, self.best_params, self.kept = trial, {trial.id: params}, [trial]
+    self.best_params, self.kept = {trial.id: params}, [trial]
 
 
 class _Run:

@@ -204,15 +204,16 @@ def estimate(trials: Sequence[Trial], seeds: int, width=None) -> float:
   lanes run together (``width(trial)`` gives ``(program, lanes)``), each
   program runs whole: its pairs rounded up to its width, each lane a share.
   """
-  groups: dict = {}
+  total, programs = 0.0, {}
   for t in trials:
+    share = float(t.seconds or 0.0)
     key = width(t) if width is not None else None
-    groups.setdefault(key if key is not None else ("lane", t.id), []).append(float(t.seconds or 0.0))
-  total = 0.0
-  for key, shares in groups.items():
-    pairs = len(shares) * seeds
-    lanes = key[1] if key[0] != "lane" else pairs
-    total += -(-pairs // lanes) * lanes * (sum(shares) / len(shares))
+    if key is None:
+      total += seeds * share
+    else:
+      programs.setdefault(key, []).append(share)
+  for (_, lanes), shares in programs.items():
+    total += -(-len(shares) * seeds // lanes) * lanes * (sum(shares) / len(shares))
   return MARGIN * total
 
 
