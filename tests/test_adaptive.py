@@ -799,6 +799,11 @@ def test_tpe_logpdf_is_the_mixture_of_its_kernels():
              for i in range(7)]
     want.append(np.log((sum(comps) + 1 / 6) / 8))
   np.testing.assert_allclose(kde.logpdf(u, c), want, rtol=1e-10)
+  # No trials: the uniform prior alone; no choices: the unit cube's volume 1.
+  empty = _tpe._KDE(U[:0], C[:0], enc.sizes, 0.03, 0.2)
+  np.testing.assert_allclose(empty.logpdf(u, c), np.full(5, -np.log(6)))
+  plain = _tpe._KDE(U, C[:, :0], [], 0.03, 0.2)
+  assert np.all(np.isfinite(plain.logpdf(u, c[:, :0])))
 
 
 def test_tpe_proposals_with_the_same_pins_draw_their_candidates_at_once(monkeypatch):
@@ -812,15 +817,29 @@ def test_tpe_proposals_with_the_same_pins_draw_their_candidates_at_once(monkeypa
   order = np.argsort((U[:, 0] - 0.3) ** 2 + 0.5 * (C[:, 0] != 1))
   model = _tpe.TPEModel()
   good, bad = model.fit(enc, U[order], C[order])
-  sizes = []
+  sizes, drawn = [], []
   sample = _tpe._KDE.sample
-  monkeypatch.setattr(_tpe._KDE, "sample", lambda self, rng, m, *a: sizes.append(m) or sample(self, rng, m, *a))
+
+  def record(self, rng, m, *a):
+    sizes.append(m)
+    drawn.append(sample(self, rng, m, *a))
+    return drawn[-1]
+
+  monkeypatch.setattr(_tpe._KDE, "sample", record)
   free = (np.full(1, np.nan), np.full(1, -1))
   pinned = enc.pins({"x": 0.5, "w": 32}, {"w"})
   pins = [free, pinned, free, free, pinned, free]
   out = model.propose_many(rng, good, bad, pins)
-  assert sorted(sizes) == [2 * 24, 4 * 24]
+  assert sizes == [4 * 24, 2 * 24]  # groups in order of first appearance
   assert [int(c[0]) for _, c in out[1::3]] == [2, 2]  # the pinned ones keep w = 32
+  # Each proposal is the best by l / g of its own 24 candidates.
+  blocks = {0: 0, 2: 1, 3: 2, 5: 3, 1: 0, 4: 1}
+  for i, (u, c) in enumerate(out):
+    cu, cc = drawn[0 if i in (0, 2, 3, 5) else 1]
+    bu, bc = cu[blocks[i] * 24:(blocks[i] + 1) * 24], cc[blocks[i] * 24:(blocks[i] + 1) * 24]
+    best = int(np.argmax(good.logpdf(bu, bc) - bad.logpdf(bu, bc)))
+    np.testing.assert_array_equal(u, bu[best])
+    np.testing.assert_array_equal(c, bc[best])
   free_out = [out[i] for i in (0, 2, 3, 5)]
   assert np.mean([c[0] == 1 for _, c in free_out]) >= 0.5 and len({float(u[0]) for u, _ in free_out}) == 4
   assert model.propose_many(rng, good, bad, []) == []
@@ -879,6 +898,12 @@ def test_adaptive_validation(small_digits):
     vt.Adaptive(percentile=100)
   with pytest.raises(TypeError, match="TPEModel"):
     vt.Adaptive(tpe={"gamma": 0.1})
+  with pytest.raises(ValueError, match="n_startup"):
+    vt.Adaptive(n_startup=0)
+  for bad in ({"gamma": 0.0}, {"gamma": 2.0}, {"cat_bw": 1.0}, {"min_bw": 0}, {"max_good": 0}, {"n_candidates": 2.5},
+              {"max_bad": True}):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+      _tpe.TPEModel(**bad)
   with pytest.raises(ValueError, match="epochs"):
     vt.search(mlp_fn, small_digits, SPACE, strategy="adaptive", **dict(KW, num_steps=None, epochs=1))
   with pytest.raises(ValueError, match="grid"):
