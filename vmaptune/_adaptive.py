@@ -157,13 +157,12 @@ class Adaptive(Pacing):
         raise ValueError(f"Adaptive: `{name}` must be a fraction in (0, 1], got {v!r}.")
     if not 0 < self.percentile < 100:
       raise ValueError(f"Adaptive: `percentile` must lie in (0, 100), got {self.percentile!r}.")
-    if isinstance(self.min_finished, bool) or not isinstance(self.min_finished, int) or self.min_finished < 1:
-      raise ValueError(f"Adaptive: `min_finished` must be a positive int, got {self.min_finished!r}.")
+    startup = 1 if self.n_startup is None else self.n_startup  # None: max(8, lanes)
+    for name, v in (("min_finished", self.min_finished), ("n_startup", startup)):
+      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"Adaptive: `{name}` must be a positive int, got {v!r}.")
     if not isinstance(self.move_lanes, bool):
       raise TypeError(f"Adaptive: `move_lanes` must be a bool, got {self.move_lanes!r}.")
-    if self.n_startup is not None and (isinstance(self.n_startup, bool) or not isinstance(self.n_startup, int)
-                                       or self.n_startup < 1):
-      raise ValueError(f"Adaptive: `n_startup` must be a positive int or None, got {self.n_startup!r}.")
     if not isinstance(self.tpe, TPEModel):
       raise TypeError(f"Adaptive: `tpe` must be a vmaptune.TPEModel, got {self.tpe!r}.")
 
@@ -438,21 +437,18 @@ class Adaptive(Pacing):
         b = index[sig]
       targets.append(free[b].popleft())  # a bucket has a slot for every lane: never empty
       out.append(config)
-    if again:
-      for (i, _), config in zip(again, self._propose(ctx, state, [sig for _, sig in again], rng, model=model)):
-        out[i] = config
+    for (i, _), config in zip(again, self._propose(ctx, state, [sig for _, sig in again], rng, model=model)):
+      out[i] = config
     return targets, out
 
   def _model(self, ctx: Context, state: AdaptiveState):
     """``(encoder, (good, bad) densities or None)`` of the trials observed so far.
 
-    Fitted once a decision: ranking thousands of trials and fitting the
-    densities for every redraw took 39% of a 25 s diabetes search's wall
-    time (726 fits in 118 decisions) on the 2-core CPU. The trials are
-    ranked with ``np.lexsort`` and only those the densities use (at most
-    ``max_good + max_bad``) are gathered: ranking them with ``sorted`` and
-    gathering all of them (5,000 in a 40 s diabetes search) took 2.2 s of its
-    6.5 s of host time (a profile, once proposals were drawn together)."""
+    Fitted once a decision (for every redraw it took 39% of a 25 s diabetes
+    search's wall time on the 2-core CPU), from a ranking by ``np.lexsort``
+    and only the trials the densities keep: ranking 5,000 with ``sorted`` and
+    gathering them all took 2.2 s of a 40 s diabetes search's 6.5 s of host
+    time (a profile, once proposals were drawn together)."""
     enc = Encoder(ctx.space)
     observed = [rec for rec in state.trials.values() if rec[_STEP] > 0]
     n_startup = self.n_startup if self.n_startup is not None else max(8, state.lanes)

@@ -104,8 +104,9 @@ class _KDE:
 
   def logpdf(self, u: np.ndarray, c: np.ndarray) -> np.ndarray:
     """Log density of each point (``u``: unit coordinates, ``c``: choice
-    indices, each in ``[0, size)``: a free marker -1 is not a value). The components are equally weighted, so their weight is added
-    once after the log-sum-exp."""
+    indices, each in ``[0, size)``: a free marker -1 is not a value). The
+    components are equally weighted, so their weight is added once after
+    the log-sum-exp."""
     comps = np.empty((len(u), self.n + 1))
     if self.n:
       a = u / self.bw
