@@ -447,8 +447,8 @@ class Adaptive(Pacing):
     Fitted once a decision (for every redraw it took 39% of a 25 s diabetes
     search's wall time on the 2-core CPU), from a ranking by ``np.lexsort``
     and only the trials the densities keep: ranking 5,000 with ``sorted`` and
-    gathering them all took 2.2 s of a 40 s diabetes search's 6.5 s of host
-    time (a profile, once proposals were drawn together)."""
+    gathering them all took 2.2 s in a py-spy profile of a 40 s diabetes
+    search (once its proposals were drawn together)."""
     enc = Encoder(ctx.space)
     observed = [rec for rec in state.trials.values() if rec[_STEP] > 0]
     n_startup = self.n_startup if self.n_startup is not None else max(8, state.lanes)

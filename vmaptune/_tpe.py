@@ -188,7 +188,7 @@ class TPEModel:
       v = getattr(self, name)
       if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"TPEModel: `{name}` must be a positive int, got {v!r}.")
-    for name, lo_open, hi_open in (("gamma", True, False), ("min_bw", True, False), ("cat_bw", True, True)):
+    for name, hi_open in (("gamma", False), ("min_bw", False), ("cat_bw", True)):
       v = getattr(self, name)
       if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1 or (hi_open and v == 1):
         raise ValueError(f"TPEModel: `{name}` must lie in (0, 1{')' if hi_open else ']'}, got {v!r}.")
