@@ -168,14 +168,65 @@ def test_with_a_timeout_the_recheck_is_cut_to_the_time_left():
   # What a search holds back: the estimate of the size that fits a sixth of the timeout.
   assert _recheck.reserve(trials, 4, 4, 6 * 16 * m) == 16 * m
   assert _recheck.reserve(trials, 4, 4, 6 * 8 * m) == 8 * m      # (4, 2)
+  assert _recheck.reserve(trials, 4, 4, 6 * 7 * m) == 6 * m      # (3, 2)
   assert _recheck.reserve(trials, 4, 4, 1.0) == 0.0              # not even 2 x 2: none
   assert _recheck.reserve([], 4, 4, 60.0) == 0.0
 
 
+class _Clock:
+  """A replay that takes 1 s of a fake clock a pair and scores a pair by its
+  trial and seed alone, whatever else it trains with."""
+
+  def __init__(self, trials):
+    self.now, self.calls, self.trials = 0.0, [], trials
+    self.options, self.maximize, self.metric = {"seed": 0}, False, "loss"
+
+  def top(self, k):
+    return self.trials[:k]
+
+  def perf_counter(self):
+    return self.now
+
+  def scores(self, trials, seeds, maximize, stats=None):
+    self.calls.append(([t.id for t in trials], list(seeds)))
+    self.now += len(trials) * len(seeds)
+    return np.array([[t.score + (s % 97) / 1000 for s in seeds] for t in trials]), 10 * len(trials) * len(seeds)
+
+
+@pytest.mark.parametrize("batched, deadline, shape", [
+    (False, 13.0, (3, 4)),   # 4 s, then a seed for 2 configs (2 s) twice, a config with 4 seeds (4 s); 4 more: over
+    (False, 5.0, (2, 2)),    # the next seed would end at 6 s
+    (False, 9.5, (2, 4)),    # a seed ends at 6 s, another at 8 s; a config would end at 12 s
+    (True, 9.5, (2, 3)),     # each step estimated at the first's 4 s: at 6 s, 6 + 4 is over
+    (False, 1e9, (4, 4)),    # it stops at the size asked for
+])
+def test_a_recheck_with_a_deadline_grows_at_its_measured_pace(monkeypatch, batched, deadline, shape):
+  fake = _Clock([_trial(i, 1.0) for i in range(6)])
+  monkeypatch.setattr(_recheck.time, "perf_counter", fake.perf_counter)
+  check = _recheck.recheck(fake, fake, top=2, seeds=2, grow=(4, 4), deadline=deadline, batched=batched)
+  assert check.scores.shape == shape
+  seeds = _recheck.recheck_seeds(0, 4)
+  assert check.seeds == seeds[:shape[1]]                      # the first seeds of any more
+  assert fake.calls[0] == ([0, 1], seeds[:2])
+  assert all(len(ids) == 1 or len(ss) == 1 for ids, ss in fake.calls[1:])  # one seed or one config a step
+  assert check.lane_steps == 10 * shape[0] * shape[1]
+  want = {t.id: [t.score + (s % 97) / 1000 for s in check.seeds] for t in fake.trials}
+  assert [list(row) for row in check.scores] == [want[t.id] for t in check.trials]
+  assert list(check.mean) == sorted(check.mean) and {t.id for t in check.trials} == set(range(shape[0]))
+
+
+def test_a_grown_recheck_scores_as_one_of_its_size(result):
+  grown = _recheck.recheck(result, result._replay, top=2, seeds=1, grow=(3, 2), deadline=float("inf"))
+  whole = result.recheck(top=3, seeds=2)
+  assert [t.id for t in grown.trials] == [t.id for t in whole.trials] and grown.seeds == whole.seeds
+  np.testing.assert_array_equal(grown.scores, whole.scores)
+  assert grown.lane_steps >= whole.lane_steps  # more calls, more padding lanes
+
+
 def test_a_search_with_a_timeout_rechecks_what_fits(data):
-  r = vt.search(mlp_fn, data, SPACE, num_configs=8, num_steps=STEPS, seed=1, timeout=4.0, verbose=False)
+  r = vt.search(mlp_fn, data, SPACE, num_configs=8, num_steps=STEPS, seed=1, timeout=8.0, verbose=False)
   assert r.options["strategy"] == "adaptive"
-  assert r.stats.wall_seconds < 4.0 + 3.0  # the re-check's time was held back (slack as for any timeout)
+  assert r.stats.wall_seconds < 8.0 + 3.0  # the re-check's time was held back (slack as for any timeout)
   check = r.rechecked
   assert check is not None and check.scores.shape[0] >= 2 and check.scores.shape[1] >= 2
   assert r.best_trial.id == check.trials[0].id or not np.isfinite(check.mean[0])

@@ -176,7 +176,8 @@ class _Run:
       if self.deadline_full is not None:  # only what fits in the time left, by the trials' own measured time
         size = _recheck.fit(result.top(size[0]), *size, self.deadline_full - time.perf_counter(), self._width)
       try:
-        _recheck.settle(result, size, requested=self.recheck, t_start=t_start, verbose=self.progress.enabled)
+        _recheck.settle(result, size, requested=self.recheck, t_start=t_start, verbose=self.progress.enabled,
+                        deadline=self.deadline_full, batched=any(self._width(t) for t in result.top(self.recheck[0])))
       except KeyboardInterrupt:  # the search is done: return it, keeping its best score's trial
         result.rechecked = None
         result.interrupted = True

@@ -209,9 +209,11 @@ def search(
       adaptive strategy takes the ``top * seeds`` trial-lengths out of its
       budget (after zoom or halving they come on top); with one, the search
       holds back the re-check's time, estimated from the best trials' own
-      measured time (at most a sixth of the timeout), and runs the largest
+      measured time (at most a sixth of the timeout), starts the largest
       re-check that fits in what is left (fewer seeds, then fewer configs,
-      down to 2 x 2; none if that does not fit). The re-check is then
+      down to 2 x 2; none if that does not fit) and, if that was cut, grows
+      it towards ``(top, seeds)`` at its own measured pace while the next
+      seed or config fits before the timeout. The re-check is then
       ``result.rechecked``, and ``best_trial``, ``best_config``,
       ``best_score`` and ``best_model()`` are its best mean's trial (its own
       search run and score), not the single luckiest score.
