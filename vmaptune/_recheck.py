@@ -171,10 +171,11 @@ def recheck(result, replay, *, top: int = 5, seeds: int | Sequence[int] = 8,
 
   With ``grow=(top, seeds)`` (``seeds`` a count) and a ``deadline`` (on the
   ``time.perf_counter()`` clock), the re-check then grows towards that size
-  while it has time, at its own measured pace: one more seed for every config at a time, then one more
-  config with every seed (the order in which :func:`sizes` cuts them). A
-  step is estimated at the pairs' mean time so far, or where a program's
-  lanes run together (``batched``: accelerators) at the first step's time.
+  while it has time, at its own measured pace: one more seed for every
+  config at a time, then one more config with every seed (the order in
+  which :func:`sizes` cuts them). A step is estimated at the pairs' mean
+  time so far, or where a program's lanes run together (``batched``:
+  accelerators) at the first step's time.
   """
   chosen, seed_list = _check(result, top, seeds, trials)
   t0 = time.perf_counter()
