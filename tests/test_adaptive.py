@@ -1009,3 +1009,27 @@ def test_on_cpu_lanes_of_chunks_not_trained_do_not_keep_a_freed_lane_from_a_new_
   # the lanes that train; charged with the five that do not, it would not (300 / 6 < 100).
   decision, state = strat.next(ctx, state, lanes, [0], [], Clock(100, remaining=300, left=5.0))
   assert isinstance(decision.refill[0], NewTrial) and not decision.done
+
+
+@pytest.mark.parametrize("strategy", ["adaptive", "halving"])
+def test_a_timeout_that_ends_before_any_trial_finishes_still_returns_one(small_digits, strategy, monkeypatch):
+  # As Optuna finishes the trial it is in: the trial that got furthest is
+  # trained on to its end, and the search says by how much it overran.
+  from vmaptune import _replay
+
+  stopped, finish = [], _replay.Replay.finish
+  monkeypatch.setattr(_replay.Replay, "finish", lambda self, trial, *a: stopped.append(trial) or finish(self, trial, *a))
+  kw = dict(KW, num_steps=400, timeout=0.01, strategy=strategy)
+  with pytest.warns(RuntimeWarning, match=r"ran out before any trial finished .*; trial \d+ was trained on to its end"):
+    r = vt.search(mlp_fn, small_digits, SPACE, **kw)
+  best = r.best_trial
+  assert best.status == "ok" and best.steps == 400 and list(best.curve_steps)[-1] == 400
+  assert [t.status for t in r.trials].count("ok") == 1 and r.rechecked is None
+  assert r.retrain().score == r.best_score  # it replays exactly, as any trial
+  assert r.best_model() is not None
+  # It went on from where the search stopped it: its first evaluations are the search's.
+  (before,) = stopped
+  assert before.id == best.id and before.status == "stopped" and 0 < before.steps < 400
+  n = len(before.curve)
+  np.testing.assert_array_equal(best.curve[:n], before.curve)
+  np.testing.assert_array_equal(best.curve_steps[:n], before.curve_steps)

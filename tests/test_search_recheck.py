@@ -174,8 +174,8 @@ def test_with_a_timeout_the_recheck_is_cut_to_the_time_left():
 
 
 class _Clock:
-  """A replay that takes 1 s of a fake clock a pair and scores a pair by its
-  trial and seed alone, whatever else it trains with."""
+  """A replay that takes a trial's ``seconds`` of a fake clock a pair and
+  scores a pair by its trial and seed alone, whatever else it trains with."""
 
   def __init__(self, trials):
     self.now, self.calls, self.trials = 0.0, [], trials
@@ -189,19 +189,21 @@ class _Clock:
 
   def scores(self, trials, seeds, maximize, stats=None):
     self.calls.append(([t.id for t in trials], list(seeds)))
-    self.now += len(trials) * len(seeds)
+    self.now += sum(t.seconds for t in trials) * len(seeds)
     return np.array([[t.score + (s % 97) / 1000 for s in seeds] for t in trials]), 10 * len(trials) * len(seeds)
 
 
-@pytest.mark.parametrize("batched, deadline, shape", [
-    (False, 13.0, (3, 4)),   # 4 s, then a seed for 2 configs (2 s) twice, a config with 4 seeds (4 s); 4 more: over
-    (False, 5.0, (2, 2)),    # the next seed would end at 6 s
-    (False, 9.5, (2, 4)),    # a seed ends at 6 s, another at 8 s; a config would end at 12 s
-    (True, 9.5, (2, 3)),     # each step estimated at the first's 4 s: at 6 s, 6 + 4 is over
-    (False, 1e9, (4, 4)),    # it stops at the size asked for
+@pytest.mark.parametrize("batched, deadline, shape, costly", [
+    (False, 13.0, (3, 4), 1.0),   # 4 s, then a seed for 2 configs (2 s) twice, a config with 4 seeds (4 s); 4 more: over
+    (False, 5.0, (2, 2), 1.0),    # the next seed would end at 6 s
+    (False, 9.5, (2, 4), 1.0),    # a seed ends at 6 s, another at 8 s; a config would end at 12 s
+    (True, 9.5, (2, 3), 1.0),     # each step estimated at the first's 4 s: at 6 s, 6 + 4 is over
+    (False, 1e9, (4, 4), 1.0),    # it stops at the size asked for
+    (False, 13.0, (2, 4), 3.0),   # the third config costs 3 s a pair: 4 seeds would end at 20 s, not 12 s
+    (False, 21.0, (3, 4), 3.0),   # ... which fits here; the fourth would end at 32 s
 ])
-def test_a_recheck_with_a_deadline_grows_at_its_measured_pace(monkeypatch, batched, deadline, shape):
-  fake = _Clock([_trial(i, 1.0) for i in range(6)])
+def test_a_recheck_with_a_deadline_grows_at_its_measured_pace(monkeypatch, batched, deadline, shape, costly):
+  fake = _Clock([_trial(i, costly if i >= 2 else 1.0) for i in range(6)])
   monkeypatch.setattr(_recheck.time, "perf_counter", fake.perf_counter)
   check = _recheck.recheck(fake, fake, top=2, seeds=2, grow=(4, 4), deadline=deadline, batched=batched)
   assert check.scores.shape == shape

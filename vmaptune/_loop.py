@@ -168,6 +168,8 @@ class _Run:
       self.population.cancel_compiles()  # a program no lane will run must not hold the process up at exit
       if self.checkpointer is not None:
         self.checkpointer.release()
+    if not rank_trials(self.ledger.trials, self.ctx.maximize) and self.timeout is not None:
+      self._finish_one()
     if not rank_trials(self.ledger.trials, self.ctx.maximize):
       raise AllDivergedError(self._no_result_message(), self.ledger.trials)
     result = self.snapshot(t_start, interrupted)
@@ -193,6 +195,26 @@ class _Run:
     if ref is None or self.plan.layout(ref.lanes).lane_batch <= 1:
       return None
     return ref, ref.lanes
+
+  def _finish_one(self) -> None:
+    """The time ran out before any trial finished: trains the trial that got
+    furthest on to its end (the next if it diverges, up to three), as Optuna
+    finishes the trial it is in, so that the search returns a model; warns
+    how far past the timeout that took."""
+    if self.options.get("strategy") == "pbt":  # a PBT lane's trial is a schedule, not one config
+      return
+    stopped = [t for t in self.ledger.trials if t.status == "stopped" and t.id in self.population.refs]
+    for trial in sorted(stopped, key=lambda t: (-t.steps, t.id))[:3]:
+      done, params = Replay(self.plan, self.population).finish(trial, self.metric, self.ctx.maximize, self.stats)
+      self.ledger.trials[self.ledger.trials.index(trial)] = done
+      if rank_trials([done], self.ctx.maximize):
+        self.ledger._keep(done, params)
+        warnings.warn(
+            f"vmaptune: the timeout of {self.timeout:g} s ran out before any trial finished (compiling took "
+            f"{self.stats.compile_wall_seconds:.1f} s); trial {done.id} was trained on to its end so that the search "
+            f"has a result, ending {time.perf_counter() - self.deadline_full:.1f} s past the timeout",
+            RuntimeWarning, stacklevel=5)
+        return
 
   def _no_result_message(self) -> str:
     trials = self.ledger.trials

@@ -174,8 +174,9 @@ def recheck(result, replay, *, top: int = 5, seeds: int | Sequence[int] = 8,
   while it has time, at its own measured pace: one more seed for every
   config at a time, then one more config with every seed (the order in
   which :func:`sizes` cuts them). A step is estimated at the pairs' mean
-  time so far, or where a program's lanes run together (``batched``:
-  accelerators) at the first step's time.
+  time so far (a new config's scaled by its ``Trial.seconds`` against the
+  mean of the configs timed so far), or where a program's lanes run
+  together (``batched``: accelerators) at the first step's time.
   """
   chosen, seed_list = _check(result, top, seeds, trials)
   t0 = time.perf_counter()
@@ -189,6 +190,8 @@ def recheck(result, replay, *, top: int = 5, seeds: int | Sequence[int] = 8,
     while more or extra:
       pairs = len(chosen) if more else len(seed_list)
       step = first if batched else pairs * (time.perf_counter() - t0) / scores.size
+      if not more and not batched:  # a config not timed yet: at its own cost against those timed
+        step *= _relative_cost(extra[0], chosen)
       if time.perf_counter() + step > deadline:
         break
       if more:
@@ -205,6 +208,15 @@ def recheck(result, replay, *, top: int = 5, seeds: int | Sequence[int] = 8,
   order = sorted(range(len(chosen)), key=lambda i: (-mean[i] if result.maximize else mean[i], i))
   return Recheck(trials=[chosen[i] for i in order], seeds=seed_list, scores=scores[order], metric=result.metric,
                  maximize=result.maximize, lane_steps=lane_steps, seconds=time.perf_counter() - t0)
+
+
+def _relative_cost(trial: Trial, timed: Sequence[Trial]) -> float:
+  """``trial``'s measured time (``Trial.seconds``) over the mean of the
+  ``timed`` trials': a config of a costlier shape costs more a pair than the
+  pairs timed so far (1 where a time is missing)."""
+  mean = sum(float(t.seconds or 0.0) for t in timed) / len(timed)
+  own = float(trial.seconds or 0.0)
+  return own / mean if own > 0 and mean > 0 else 1.0
 
 
 #: With a ``timeout``, a re-check's time is estimated from its configs' own

@@ -3,6 +3,9 @@ lane's parameters on the host."""
 
 from __future__ import annotations
 
+import dataclasses
+import time
+
 import numpy as np
 
 from ._placement import lane_params, to_host
@@ -25,18 +28,21 @@ class Replay:
     ref = self.population.refs[trial.id]
     return self.plan.spec(ref.signature).adapter.build(params, model_state)
 
-  def run(self, trial: Trial, metric: str, maximize: bool, stats: Stats | None = None) -> Run:
+  def run(self, trial: Trial, metric: str, maximize: bool, stats: Stats | None = None,
+          steps: int | None = None) -> Run:
     """Trains ``trial`` again in its own program, at its own lane, every other
     lane a copy of it: the same numbers bit for bit (its time and lane-steps
-    count in ``stats`` if given)."""
+    count in ``stats`` if given). ``steps`` (default: the trial's own) trains
+    a stopped trial on past where it stopped: its first steps as before."""
     ref = self.population.refs[trial.id]
-    cadence = Cadence(ref.eval_every, ref.evals_per_call, trial.steps)
+    steps = trial.steps if steps is None else steps
+    cadence = Cadence(ref.eval_every, ref.evals_per_call, steps)
     replay = Population(self.plan, lambda sig: cadence, stats if stats is not None else Stats(),
                         lambda wanted: ref.lanes)
     replay._data = self.population.data
     program = self.plan.program(ref.signature, ref.lanes, ref.evals_per_call)
-    evals = -(-trial.steps // ref.eval_every)
-    slots = [Slot(NewTrial(trial.id, trial.config, trial.seed, trial.round), 0, lane, 0, trial.steps, evals)
+    evals = -(-steps // ref.eval_every)
+    slots = [Slot(NewTrial(trial.id, trial.config, trial.seed, trial.round), 0, lane, 0, steps, evals)
              for lane in range(ref.lanes)]
     replay.slots = slots
     replay.chunks = [Chunk(ref.signature, program, ref.lanes, list(range(ref.lanes)), cadence,
@@ -50,6 +56,19 @@ class Replay:
                train_curve=r.train_curve, status=r.status, diverged_at=r.diverged_at, steps=r.steps,
                params=params, model_state=model_state, adapter=program.spec.adapter, metric_name=metric,
                maximize=maximize)
+
+  def finish(self, trial: Trial, metric: str, maximize: bool, stats: Stats) -> tuple[Trial, tuple]:
+    """``trial`` (stopped) trained on to its full budget by :meth:`run`: the
+    finished trial (``result.retrain`` replays it exactly) and its
+    ``(params, model_state)``."""
+    t0 = time.perf_counter()
+    ref = self.population.refs[trial.id]
+    run = self.run(trial, metric, maximize, stats, steps=self.plan.steps_for(self.plan.batch_size(ref.signature)))
+    done = dataclasses.replace(trial, status=run.status, score=run.score, curve=run.curve,
+                               curve_steps=run.curve_steps, train_curve=run.train_curve,
+                               diverged_at=run.diverged_at, steps=run.steps,
+                               seconds=trial.seconds + time.perf_counter() - t0)
+    return done, (run.params, run.model_state)
 
   def scores(self, trials: list[Trial], seeds: list[int], maximize: bool,
              stats: Stats | None = None) -> tuple[np.ndarray, int]:

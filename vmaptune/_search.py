@@ -193,7 +193,10 @@ def search(
       then size each round (a zoom round's depth stops growing at ``rounds -
       1``), not the whole search. A resumed search gets what is left of its
       budget. How many rounds fit depends on the machine; every trial still
-      replays exactly.
+      replays exactly. If the time runs out before any trial has finished
+      (compiling took it), the trial that got furthest trains on to its end,
+      as Optuna finishes the trial it is in, and a ``RuntimeWarning`` says
+      how far past the timeout the search ended.
     compilation_cache: keep compiled programs on disk so that running the
       same script again compiles nothing: None (default) turns JAX's
       persistent cache on in ``$VMAPTUNE_CACHE_DIR`` or
