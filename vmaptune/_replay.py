@@ -29,11 +29,13 @@ class Replay:
     return self.plan.spec(ref.signature).adapter.build(params, model_state)
 
   def run(self, trial: Trial, metric: str, maximize: bool, stats: Stats | None = None,
-          steps: int | None = None) -> Run:
+          steps: int | None = None, alone: bool = True) -> Run:
     """Trains ``trial`` again in its own program, at its own lane, every other
-    lane a copy of it: the same numbers bit for bit (its time and lane-steps
-    count in ``stats`` if given). ``steps`` (default: the trial's own) trains
-    a stopped trial on past where it stopped: its first steps as before."""
+    lane idle (with its inputs; a CPU skips it) or, with ``alone=False``, a
+    copy of it: the same numbers bit for bit either way, as no lane depends
+    on another (its time and lane-steps count in ``stats`` if given).
+    ``steps`` (default: the trial's own) trains a stopped trial on past where
+    it stopped: its first steps as before."""
     ref = self.population.refs[trial.id]
     steps = trial.steps if steps is None else steps
     cadence = Cadence(ref.eval_every, ref.evals_per_call, steps)
@@ -42,8 +44,9 @@ class Replay:
     replay._data = self.population.data
     program = self.plan.program(ref.signature, ref.lanes, ref.evals_per_call)
     evals = -(-steps // ref.eval_every)
-    slots = [Slot(NewTrial(trial.id, trial.config, trial.seed, trial.round), 0, lane, 0, steps, evals)
-             for lane in range(ref.lanes)]
+    new = NewTrial(trial.id, trial.config, trial.seed, trial.round)
+    slots = [Slot(new, 0, lane, 0, steps, evals) if lane == trial.lane or not alone
+             else Slot(new, 0, lane, 0, 0, 0, idle=True) for lane in range(ref.lanes)]
     replay.slots = slots
     replay.chunks = [Chunk(ref.signature, program, ref.lanes, list(range(ref.lanes)), cadence,
                            fresh=np.ones(ref.lanes, bool), tier=ref.tier)]

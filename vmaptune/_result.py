@@ -137,8 +137,9 @@ class SearchResult:
     """Replays a trial exactly as the search ran it: same score, bit for bit.
 
     The trial runs in the same compiled program, at the same lane position,
-    with every other lane a copy of it, so nothing but its own inputs can
-    change its numbers (see the lane-equivalence notes in the README).
+    every other lane idle (on a CPU skipped: it costs one lane's training),
+    so nothing but its own inputs can change its numbers (see the
+    lane-equivalence notes in the README).
 
     Args:
       trial: a :class:`Trial`, a trial id, or None for the best trial.
