@@ -1027,6 +1027,13 @@ def test_a_timeout_that_ends_before_any_trial_finishes_still_returns_one(small_d
   assert [t.status for t in r.trials].count("ok") == 1 and r.rechecked is None
   assert r.retrain().score == r.best_score  # it replays exactly, as any trial
   assert r.best_model() is not None
+  # A replay trains the trial's lane alone (the others idle: skipped on a CPU),
+  # with the numbers of a replay beside copies of it.
+  alone, copies = vt.Stats(), vt.Stats()
+  run = r._replay.run(best, r.metric, r.maximize, alone)
+  assert alone.lane_steps == 400 and alone.idle_lane_steps > 0
+  assert r._replay.run(best, r.metric, r.maximize, copies, alone=False).score == run.score == best.score
+  assert copies.lane_steps > 400
   # It went on from where the search stopped it: its first evaluations are the search's.
   (before,) = stopped
   assert before.id == best.id and before.status == "stopped" and 0 < before.steps < 400
