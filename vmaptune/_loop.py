@@ -84,6 +84,15 @@ class Ledger:
         self._keep(trial, self.candidate[1])
       self.candidate = None
 
+  def replace(self, trial: Trial, params) -> bool:
+    """``trial`` in place of the one of its id (a stopped trial trained on to
+    its end), its ``params`` kept if it is healthy; whether it is."""
+    self.trials = [trial if t.id == trial.id else t for t in self.trials]
+    if not rank_trials([trial], self.maximize):
+      return False
+    self._keep(trial, params)
+    return True
+
   def _keep(self, trial: Trial, params) -> None:
     kept = rank_trials(self.kept + [trial], self.maximize)[:self.keep]
     self.best_params = {t.id: params if t.id == trial.id else self.best_params[t.id] for t in kept}
@@ -204,11 +213,10 @@ class _Run:
     if self.options.get("strategy") == "pbt":  # a PBT lane's trial is a schedule, not one config
       return
     stopped = [t for t in self.ledger.trials if t.status == "stopped" and t.id in self.population.refs]
+    replay = Replay(self.plan, self.population)
     for trial in sorted(stopped, key=lambda t: (-t.steps, t.id))[:3]:
-      done, params = Replay(self.plan, self.population).finish(trial, self.metric, self.ctx.maximize, self.stats)
-      self.ledger.trials[self.ledger.trials.index(trial)] = done
-      if rank_trials([done], self.ctx.maximize):
-        self.ledger._keep(done, params)
+      done, params = replay.finish(trial, self.metric, self.ctx.maximize, self.stats)
+      if self.ledger.replace(done, params):
         warnings.warn(
             f"vmaptune: the timeout of {self.timeout:g} s ran out before any trial finished (compiling took "
             f"{self.stats.compile_wall_seconds:.1f} s); trial {done.id} was trained on to its end so that the search "
