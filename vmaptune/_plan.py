@@ -116,6 +116,10 @@ class Plan:
       return self.num_steps
     return max(1, int(round(self.epochs * (self.dataset.num_train // batch_size))))
 
+  def trial_steps(self, signature: tuple) -> int:
+    """The steps of a trial of bucket ``signature`` (its batch size's :meth:`steps_for`)."""
+    return self.steps_for(self.batch_size(signature))
+
   def eval_every_for(self, steps: int) -> int:
     if self.eval_every is not None:
       return min(self.eval_every, steps)

@@ -66,7 +66,7 @@ class Replay:
     ``(params, model_state)``."""
     t0 = time.perf_counter()
     ref = self.population.refs[trial.id]
-    run = self.run(trial, metric, maximize, stats, steps=self.plan.steps_for(self.plan.batch_size(ref.signature)))
+    run = self.run(trial, metric, maximize, stats, steps=self.plan.trial_steps(ref.signature))
     done = dataclasses.replace(trial, status=run.status, score=run.score, curve=run.curve,
                                curve_steps=run.curve_steps, train_curve=run.train_curve,
                                diverged_at=run.diverged_at, steps=run.steps,
@@ -91,7 +91,7 @@ class Replay:
     for row, t in enumerate(trials):
       groups.setdefault(self.population.refs[t.id], []).append(row)
     for ref, rows in groups.items():
-      budget = self.plan.steps_for(self.plan.batch_size(ref.signature))
+      budget = self.plan.trial_steps(ref.signature)
       cadence = Cadence(ref.eval_every, ref.evals_per_call, budget)
       population = Population(self.plan, lambda sig: cadence, stats, lambda wanted: ref.lanes)
       population._data = self.population.data

@@ -261,7 +261,7 @@ def search(
                 seed=opts.seed, sampler=opts.sampler, keep=opts.keep, shrink=opts.shrink, eval_every=c.eval_every,
                 checkpoint_every=opts.checkpoint_every, maximize=c.objective.maximize, enqueue=opts.enqueue,
                 drawer=drawer, signature=c.routing.signature,
-                steps_for=lambda sig: plan.steps_for(plan.batch_size(sig)), eval_every_for=plan.eval_every_for,
+                steps_for=plan.trial_steps, eval_every_for=plan.eval_every_for,
                 accelerator=opts.devices[0].platform != "cpu", devices=len(opts.devices),
                 reserve=opts.recheck[0] * opts.recheck[1] if opts.recheck and isinstance(opts.strategy, Adaptive)
                 else 0)
