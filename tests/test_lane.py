@@ -197,6 +197,30 @@ def test_start_compiles_on_its_own_thread_beside_run(small_digits, monkeypatch):
   assert np.isfinite(np.asarray(scores)).all() and (np.asarray(steps) == 4).all()
 
 
+@pytest.mark.parametrize("lane_batch", [1, 2])
+def test_a_restart_resets_the_masked_lanes_alone(small_digits, lane_batch):
+  # A refill: the masked lanes get bit for bit the state a first start gives
+  # them, the others keep theirs (one lane at a time, or vmapped groups).
+  from vmaptune import _devices, _placement, _program
+
+  spec, ds = _spec(small_digits)
+  mesh = _devices.make_mesh(jax.devices())
+  program = _program.Program(spec, _program.Layout(8, len(jax.devices()), lane_batch), mesh, evals_per_call=1)
+  data = _placement.place_data(ds, 512, mesh)
+  inputs = _placement.place_lanes(_lane.stack_inputs(range(8), [{"learning_rate": 1e-3}] * 8, [0.0] * 8,
+                                                     [10] * 8, spec), mesh)
+  every = _placement.place_lanes(np.ones(8, bool), mesh)
+  fresh = jax.device_get(program.start(program.zeros(inputs), inputs, every, data))
+  trained, _ = program.run(program.start(program.zeros(inputs), inputs, every, data), data, 5)
+  before = jax.device_get(trained)
+  mask = np.array([0, 1, 0, 0, 1, 1, 0, 1], bool)
+  after = jax.device_get(program.start(trained, inputs, _placement.place_lanes(mask, mesh), data))
+  for f, b, a in zip(_leaves(fresh), _leaves(before), _leaves(after)):
+    np.testing.assert_array_equal(a[mask], f[mask])
+    np.testing.assert_array_equal(a[~mask], b[~mask])
+  assert not all(np.array_equal(f, b) for f, b in zip(_leaves(fresh), _leaves(before)))  # it had trained
+
+
 def test_lanes_without_steps_left_are_skipped_and_kept_bit_for_bit(small_digits):
   # Held, idle and finished lanes (budget reached) neither train nor run a
   # validation pass: their state comes back bit for bit and their scores are

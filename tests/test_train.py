@@ -61,6 +61,29 @@ def test_callback_can_stop_early(small_digits):
   assert run.steps == 10 and len(run.curve) == 2
 
 
+def test_compile_tier_follows_the_length_of_the_run(small_digits, monkeypatch):
+  # As a population's training program: a short run compiles at a cheap
+  # tier, a long one at "long" (the same program, compiled again).
+  from vmaptune import _compiler
+
+  tiers = []
+  compile = _compiler.Compiler.compile
+
+  def record(self, lowered, tier="long"):
+    tiers.append(tier)
+    return compile(self, lowered, tier)
+
+  monkeypatch.setattr(_compiler.Compiler, "compile", record)
+  config = dict(CONFIG, hidden=13)  # a width no other test trains alone: nothing cached
+  short = vt.train(mlp_fn, small_digits, config, num_steps=20, verbose=False)
+  assert tiers == ["init", "quick"] and short.steps == 20
+  long = vt.train(mlp_fn, small_digits, config, num_steps=10**6, eval_every=10, verbose=False,
+                  callback=lambda s: {"stop": True})
+  assert tiers[2:] == ["long"] and long.steps == 10
+  vt.train(mlp_fn, small_digits, config, num_steps=20, verbose=False)
+  assert len(tiers) == 3  # both kept
+
+
 def test_callback_refuses_unknown_hyperparameters(small_digits):
   with pytest.raises(ValueError, match="hidden"):
     vt.train(mlp_fn, small_digits, CONFIG, num_steps=10, eval_every=5, verbose=False,

@@ -16,8 +16,7 @@ import time
 import jax
 import numpy as np
 
-from ._compiler import (CPU_CONV_FLOPS_PER_CORE, CPU_FLOPS_PER_CORE, compile_pool, expected_compile_seconds,
-                        lowering_pool, tier_for)
+from ._compiler import compile_pool, expected_compile_seconds, lowering_pool, step_seconds, tier_for
 from ._program import Program
 from ._routing import spread_order
 from ._slots import Chunk, first_call_fits, lane_inputs, late_buckets
@@ -147,10 +146,8 @@ class Builder:
     least XLA's count at their rate, unless not ``lowered`` (for ordering)."""
     if self.plan.devices[0].platform != "cpu":
       return float("inf")
-    seconds = self._param_flops(program) / CPU_FLOPS_PER_CORE
-    if lowered and program.has_convolution() and (counted := program.step_flops()):
-      seconds = max(seconds, counted / CPU_CONV_FLOPS_PER_CORE)
-    seconds_per_step = seconds / len(self.plan.devices)
+    counted = program.step_flops() if lowered and program.has_convolution() else None
+    seconds_per_step = step_seconds(self._param_flops(program), counted) / len(self.plan.devices)
     steps = sum(c.lanes * self.steps_ahead(c) for c in self.chunks if c.program is program)
     return steps * seconds_per_step
 

@@ -20,7 +20,8 @@ from typing import Any, Callable
 import jax
 
 __all__ = ["Compiler", "TIERS", "tier_for", "compiler_options", "compile_pool", "cached", "clear_cache",
-           "CPU_FLOPS_PER_CORE", "CPU_CONV_FLOPS_PER_CORE", "quiet_donation"]
+           "CPU_FLOPS_PER_CORE", "CPU_CONV_FLOPS_PER_CORE", "quiet_donation", "step_seconds", "has_convolution",
+           "counted_flops"]
 
 
 _CACHE_SIZE = 64
@@ -110,6 +111,32 @@ def tier_for(seconds: float, convolution: bool = False) -> str:
     if seconds < limit and not (convolution and tier == "quick"):
       return tier
   return "long"
+
+
+def step_seconds(param_flops: float, counted: float | None = None) -> float:
+  """A lane-step's predicted seconds on one CPU core: ``param_flops`` (~6
+  per parameter and example) at :data:`CPU_FLOPS_PER_CORE`; with
+  convolutions, at least XLA's count of a step (``counted``) at
+  :data:`CPU_CONV_FLOPS_PER_CORE`."""
+  seconds = param_flops / CPU_FLOPS_PER_CORE
+  if counted:
+    seconds = max(seconds, counted / CPU_CONV_FLOPS_PER_CORE)
+  return seconds
+
+
+def has_convolution(lowered) -> bool:
+  """Whether a lowered program holds a convolution (the op, not a name)."""
+  return "stablehlo.convolution" in lowered.as_text()
+
+
+def counted_flops(lowered) -> float | None:
+  """XLA's FLOP count of a lowered program (None if unknown). XLA counts a
+  loop's body once: about one lane-step and one validation batch."""
+  try:
+    flops = lowered.cost_analysis().get("flops")
+  except Exception:  # noqa: BLE001 - not every backend reports it
+    flops = None
+  return float(flops) if flops else None
 
 
 def compiler_options(platform: str, tier: str = "long") -> dict:

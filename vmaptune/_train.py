@@ -156,13 +156,18 @@ def train(
     plan.diagnose(spec, e)
   data = place_data(c.dataset, plan.eval_batch_size, plan.mesh)
   slot = Slot(NewTrial(0, config, seed, 0), 0, 0, 0, steps, evals)
+  try:
+    tier = program.tier(state, data, eval_every, steps)
+  except Exception as e:  # noqa: BLE001 - a tracing error, diagnosed stage by stage
+    plan.diagnose(spec, e)
+    raise
   progress = Progress(c.objective.metric_name, verbose, unit="steps")
   progress.start("train", steps)
   scores, losses, at = slot.curve, slot.train_curve, slot.curve_steps
   try:
     for e in range(evals):
       try:
-        state, (score, loss, step) = program.advance(state, data, eval_every)
+        state, (score, loss, step) = program.advance(state, data, eval_every, tier)
       except Exception as err:  # noqa: BLE001 - a tracing error, diagnosed stage by stage
         if e == 0:
           plan.diagnose(spec, err)
