@@ -39,13 +39,13 @@ import vmaptune  # noqa: E402,F401  (after the device count is fixed)
 @pytest.fixture
 def no_compile(monkeypatch):
   """Any compile fails the test: bad input must be refused before compiling."""
-  from vmaptune import _program
+  from vmaptune import _program, _single
 
   def refuse(*a, **k):
     raise AssertionError("compiled before validating the input")
 
   monkeypatch.setattr(_program.Program, "compile", refuse)
-  monkeypatch.setattr(_program.SingleProgram, "init", refuse)
+  monkeypatch.setattr(_single.SingleProgram, "init", refuse)
 
 
 @pytest.fixture(scope="session")

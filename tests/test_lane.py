@@ -207,10 +207,13 @@ def test_a_restart_resets_the_masked_lanes_alone(small_digits, lane_batch):
   mesh = _devices.make_mesh(jax.devices())
   program = _program.Program(spec, _program.Layout(8, len(jax.devices()), lane_batch), mesh, evals_per_call=1)
   data = _placement.place_data(ds, 512, mesh)
-  inputs = _placement.place_lanes(_lane.stack_inputs(range(8), [{"learning_rate": 1e-3}] * 8, [0.0] * 8,
-                                                     [10] * 8, spec), mesh)
+  host = _lane.stack_inputs(range(8), [{"learning_rate": 1e-3}] * 8, [0.0] * 8, [10] * 8, spec)
+  inputs = _placement.place_lanes(host, mesh)
   every = _placement.place_lanes(np.ones(8, bool), mesh)
   fresh = jax.device_get(program.start(program.zeros(inputs), inputs, every, data))
+  alone = jax.device_get(jax.jit(jax.vmap(functools.partial(_lane.lane_init, spec)))(host))
+  for f, r in zip(_leaves(fresh), _leaves(alone)):  # each lane from its own inputs
+    np.testing.assert_allclose(f, r, rtol=1e-6)
   trained, _ = program.run(program.start(program.zeros(inputs), inputs, every, data), data, 5)
   before = jax.device_get(trained)
   mask = np.array([0, 1, 0, 0, 1, 1, 0, 1], bool)

@@ -22,7 +22,8 @@ from ._objective import Objective
 from ._lane import LaneInputs, TrainSpec, lane_init, stack_inputs
 from ._model import make_adapter
 from ._compiler import cached
-from ._program import Layout, Program, SingleProgram
+from ._program import Layout, Program
+from ._single import SingleProgram
 from ._routing import DEFAULT_BATCH_SIZE, Routing
 
 __all__ = ["Plan", "OutOfMemoryError", "DEFAULT_NUM_EVALS", "DEFAULT_EVAL_BATCH"]

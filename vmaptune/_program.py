@@ -34,11 +34,11 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from . import _devices
-from ._compiler import Compiler, counted_flops, has_convolution, quiet_donation, start_pool, step_seconds, tier_for
+from ._compiler import Compiler, counted_flops, has_convolution, quiet_donation, start_pool
 from ._lane import LaneInputs, LaneState, TrainSpec, lane_check, lane_eval, lane_init, lane_perm, lane_step
 from ._placement import DeviceData, abstract, is_key, place_lanes, unhost
 
-__all__ = ["Program", "SingleProgram", "Layout"]
+__all__ = ["Program", "Layout"]
 
 
 # --------------------------------------------------------------------------
@@ -127,19 +127,16 @@ def _busy_lanes(advance, state: LaneState, evals: int):
   its step.
   """
   busy = state.step < state.budget
-  order = jnp.argsort(jnp.logical_not(busy), stable=True)  # busy lanes first, in lane order
   n = busy.shape[0]
   metrics = (jnp.full((n, evals), jnp.nan, jnp.float32), jnp.zeros((n, evals), jnp.float32),
              jnp.broadcast_to(state.step[:, None], (n, evals)))
 
-  def body(j, carry):
+  def body(i, carry):
     state, metrics = carry
-    i = order[j]
-    lane, out = advance(jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), state))
-    put = lambda a, b: lax.dynamic_update_index_in_dim(a, b, i, 0)
-    return jax.tree.map(put, state, lane), jax.tree.map(put, metrics, out)
+    lane, out = advance(_lane(state, i))
+    return _put(state, lane, i), _put(metrics, out, i)
 
-  return lax.fori_loop(0, jnp.sum(busy.astype(jnp.int32)), body, (state, metrics))
+  return _for_lanes(busy, body, (state, metrics))
 
 
 def _fresh_lanes(init, state: LaneState, inputs: LaneInputs, mask) -> LaneState:
@@ -147,14 +144,24 @@ def _fresh_lanes(init, state: LaneState, inputs: LaneInputs, mask) -> LaneState:
   written in place: no work on the others. (A conditional in a loop over
   every lane compiled 13-32% slower and restarted one lane of 12 in twice
   the time on the 2-core CPU.)"""
-  order = jnp.argsort(jnp.logical_not(mask), stable=True)  # fresh lanes first, in lane order
+  return _for_lanes(mask, lambda i, state: _put(state, init(_lane(inputs, i)), i), state)
 
-  def body(j, state):
-    i = order[j]
-    lane = init(jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), inputs))
-    return jax.tree.map(lambda a, b: lax.dynamic_update_index_in_dim(a, b, i, 0), state, lane)
 
-  return lax.fori_loop(0, jnp.sum(mask.astype(jnp.int32)), body, state)
+def _for_lanes(selected, body, carry):
+  """``carry = body(i, carry)`` for each lane ``i`` that ``selected`` picks,
+  in lane order. The trip count is traced: one program serves every count."""
+  order = jnp.argsort(jnp.logical_not(selected), stable=True)  # selected lanes first, in lane order
+  return lax.fori_loop(0, jnp.sum(selected.astype(jnp.int32)), lambda j, c: body(order[j], c), carry)
+
+
+def _lane(tree, i):
+  """Lane ``i`` of ``tree`` (a lane axis leads)."""
+  return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
+
+
+def _put(tree, lane, i):
+  """``tree`` with lane ``i`` replaced by ``lane``, in place."""
+  return jax.tree.map(lambda a, b: lax.dynamic_update_index_in_dim(a, b, i, 0), tree, lane)
 
 
 def _start(init, state: LaneState, inputs: LaneInputs, mask) -> LaneState:
@@ -291,8 +298,9 @@ class Program:
     return (shard,) * count if count > 1 else shard
 
   def _lane_sharding(self):
-    one = self.layout.num_devices == 1
-    return jax.sharding.SingleDeviceSharding(self.mesh.devices.flat[0]) if one else _devices.lane_sharding(self.mesh)
+    if self.layout.num_devices == 1:
+      return jax.sharding.SingleDeviceSharding(self.mesh.devices.flat[0])
+    return _devices.lane_sharding(self.mesh)
 
   # Build -------------------------------------------------------------------
 
@@ -490,51 +498,3 @@ class Program:
       self._exploit = self.compiler.build(fn, (state, source, dict(hparams), lr0, lr_decay),
                                           out_shardings=self._lane_shardings(1))
     return self._exploit(state, source, dict(hparams), lr0, lr_decay)
-
-
-class SingleProgram:
-  """One lane alone, jitted without vmap: :func:`vmaptune.train`. :meth:`advance`
-  runs one evaluation interval a call, so a callback can look at the curve and
-  change hyperparameters between calls."""
-
-  def __init__(self, spec: TrainSpec, device):
-    self.spec = spec
-    self.device = device
-    self.compiler = Compiler(spec.precision, device.platform)
-    self._init = None
-    self._lowered = None  # one evaluation interval, lowered once
-    self._advance: dict[str, Any] = {}  # compiled, by tier
-
-  def init(self, inputs: LaneInputs) -> LaneState:
-    inputs = jax.device_put(inputs, self.device)
-    if self._init is None:
-      init, _ = _group_fns(self.spec, vectorized=False)
-      self._init = self.compiler.build(init, (inputs,), tier="init")  # as a population's start program
-    return self._init(inputs)
-
-  def _lower(self, state: LaneState, data: DeviceData, eval_every: int):
-    if self._lowered is None:
-      _, advance = _group_fns(self.spec, vectorized=False)
-
-      def one_interval(state, train, val, eval_every):
-        state, metrics = advance(state, train, val, 1, eval_every)
-        return state, jax.tree.map(lambda m: m[0], metrics)
-
-      self._lowered = self.compiler.lower(one_interval, (state, data.train, data.val, _scalar(eval_every)),
-                                          donate=(0,))
-    return self._lowered
-
-  def tier(self, state: LaneState, data: DeviceData, eval_every: int, steps: int) -> str:
-    """:meth:`advance`'s compile tier for ``steps`` steps: on CPU by their
-    predicted time (:func:`tier_for`, as a population's ``run``), else "long"."""
-    if self.device.platform != "cpu":
-      return "long"
-    lowered, params = self._lower(state, data, eval_every), sum(a.size for a in jax.tree.leaves(state.params))
-    conv = has_convolution(lowered)
-    return tier_for(steps * step_seconds(6.0 * params * self.spec.batch_size, conv and counted_flops(lowered)), conv)
-
-  def advance(self, state: LaneState, data: DeviceData, eval_every: int, tier: str = "long"):
-    """One evaluation interval: ``(state, (score, train_loss, step))``."""
-    if tier not in self._advance:
-      self._advance[tier] = self.compiler.compile(self._lower(state, data, eval_every), tier)
-    return quiet_donation(self._advance[tier], state, data.train, data.val, _scalar(eval_every))

@@ -160,7 +160,6 @@ def train(
     tier = program.tier(state, data, eval_every, steps)
   except Exception as e:  # noqa: BLE001 - a tracing error, diagnosed stage by stage
     plan.diagnose(spec, e)
-    raise
   progress = Progress(c.objective.metric_name, verbose, unit="steps")
   progress.start("train", steps)
   scores, losses, at = slot.curve, slot.train_curve, slot.curve_steps
