@@ -77,9 +77,11 @@ def test_a_convolution_is_not_compiled_at_the_quick_tier(images, monkeypatch):
   monkeypatch.setattr(_building, "tier_for", tier_for)
   vt.search(lambda c, rngs: CNN(rngs, 16), images, SPACE, num_configs=2, num_steps=10, rounds=1,
             verbose=False, compilation_cache=False)
-  # 20 lane-steps of a 16-channel CNN: XLA counts about 2e7 FLOPs a lane-step.
+  # 20 lane-steps of a 16-channel CNN: XLA counts about 2e7 FLOPs a lane-step,
+  # predicted at 20 GFLOP/s a core with the CPU's convolution gradients (from
+  # its parameters alone: under a millisecond).
   assert chosen and all(tier != "quick" for _, tier in chosen)
-  assert all(seconds > 0.01 for seconds, _ in chosen)
+  assert all(seconds > 0.005 for seconds, _ in chosen)
 
 
 def test_linen_cnn_searches_end_to_end(images):

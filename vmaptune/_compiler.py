@@ -20,7 +20,8 @@ from typing import Any, Callable
 import jax
 
 __all__ = ["Compiler", "TIERS", "tier_for", "compiler_options", "compile_pool", "cached", "clear_cache",
-           "CPU_FLOPS_PER_CORE", "CPU_CONV_FLOPS_PER_CORE", "quiet_donation", "step_seconds", "has_convolution",
+           "CPU_FLOPS_PER_CORE", "CPU_CONV_FLOPS_PER_CORE", "CPU_FAST_CONV_FLOPS_PER_CORE", "quiet_donation",
+           "step_seconds", "has_convolution",
            "counted_flops"]
 
 
@@ -84,6 +85,10 @@ CPU_FLOPS_PER_CORE = 60e9
 #: CNN of 8 to 32 channels (tier "long"). Predicted from parameters alone, a
 #: 16-channel CNN's training looked 1,000 times shorter than it was.
 CPU_CONV_FLOPS_PER_CORE = 6e9
+#: The same with ``_convgrad``'s gradients (``TrainSpec.conv_grads``): 5.4 to
+#: 96 GFLOP/s measured on that CNN's six shapes (Intel Xeon, tier "long"),
+#: the widest fastest.
+CPU_FAST_CONV_FLOPS_PER_CORE = 20e9
 
 
 #: A program's compile time before any is measured, for time-budget estimates.
@@ -113,14 +118,15 @@ def tier_for(seconds: float, convolution: bool = False) -> str:
   return "long"
 
 
-def step_seconds(param_flops: float, counted: float | None = None) -> float:
+def step_seconds(param_flops: float, counted: float | None = None, fast_conv: bool = False) -> float:
   """A lane-step's predicted seconds on one CPU core: ``param_flops`` (~6
   per parameter and example) at :data:`CPU_FLOPS_PER_CORE`; with
   convolutions, at least XLA's count of a step (``counted``) at
-  :data:`CPU_CONV_FLOPS_PER_CORE`."""
+  :data:`CPU_CONV_FLOPS_PER_CORE` (:data:`CPU_FAST_CONV_FLOPS_PER_CORE`
+  with ``fast_conv``, ``_convgrad``'s gradients)."""
   seconds = param_flops / CPU_FLOPS_PER_CORE
   if counted:
-    seconds = max(seconds, counted / CPU_CONV_FLOPS_PER_CORE)
+    seconds = max(seconds, counted / (CPU_FAST_CONV_FLOPS_PER_CORE if fast_conv else CPU_CONV_FLOPS_PER_CORE))
   return seconds
 
 

@@ -22,6 +22,7 @@ from ._objective import Objective
 from ._lane import LaneInputs, TrainSpec, lane_init, stack_inputs
 from ._model import make_adapter
 from ._compiler import cached
+from ._convgrad import conv_grads
 from ._program import Layout, Program
 from ._single import SingleProgram
 from ._routing import DEFAULT_BATCH_SIZE, Routing
@@ -138,7 +139,8 @@ class Plan:
     o = self.objective
     return (
         self.model_fn, self.routing, o.loss_fn, o.metric_fn, o.model_loss, o.model_metric, self.dataset.signature(),
-        self.eval_batch_size, self.precision, tuple(x.id for x in self.devices), signature,
+        self.eval_batch_size, self.precision, tuple(x.id for x in self.devices),
+        conv_grads(self.devices[0].platform), signature,
     ) + layout
 
   def spec(self, signature: tuple) -> TrainSpec:
@@ -178,6 +180,10 @@ class Plan:
     except Exception as e:  # noqa: BLE001 - diagnosed stage by stage
       self.diagnose(spec, e)
     object.__setattr__(spec, "abstract_state", state)
+    # The CPU's convolution gradients where a parameter could be a kernel
+    # (3-D or more); a model of dense layers alone is traced as it is.
+    kernels = any(a.ndim >= 3 for a in jax.tree.leaves(state.params))
+    object.__setattr__(spec, "conv_grads", kernels and conv_grads(self.devices[0].platform))
     return spec
 
   def diagnose(self, spec: TrainSpec, error: BaseException) -> None:

@@ -60,7 +60,8 @@ class SingleProgram:
     if self._per_step is None:  # a step's predicted seconds, and whether it convolves: once
       lowered, params = self._lower(state, data, eval_every), sum(a.size for a in jax.tree.leaves(state.params))
       conv = has_convolution(lowered)
-      self._per_step = step_seconds(6.0 * params * self.spec.batch_size, conv and counted_flops(lowered)), conv
+      self._per_step = step_seconds(6.0 * params * self.spec.batch_size, conv and counted_flops(lowered),
+                                    self.spec.conv_grads), conv
     seconds, conv = self._per_step
     return tier_for(steps * seconds, conv)
 
