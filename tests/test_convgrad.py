@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax import lax
 
 import vmaptune as vt
@@ -46,6 +47,58 @@ def _inputs(case, seed=0):
   rng = np.random.default_rng(seed)
   return (jnp.asarray(rng.standard_normal(case["x"]), jnp.float32),
           jnp.asarray(0.3 * rng.standard_normal(case["w"]), jnp.float32))
+
+
+def test_mixed_precision_convolutions_differentiate():
+  # bf16 inputs accumulating in float32 (nnx.Conv(..., dtype=bfloat16,
+  # preferred_element_type=float32)): the cotangents keep the inputs' dtypes.
+  x, w = (a.astype(jnp.bfloat16) for a in _inputs(CASES["nhwc same"]))
+  for strides in ((1, 1), (2, 2)):
+    def loss(x, w, strides=strides):
+      y = lax.conv_general_dilated(x, w, strides, "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                   preferred_element_type=jnp.float32)
+      return jnp.sum(jnp.tanh(y) ** 2)
+
+    got = jax.grad(fast_conv_grads(loss), (0, 1))(x, w)
+    want = jax.grad(loss, (0, 1))(x, w)
+    for g, r in zip(got, want):
+      assert g.dtype == r.dtype == jnp.bfloat16
+      np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), rtol=0.05,
+                                 atol=0.02 * float(jnp.abs(r.astype(jnp.float32)).max()))
+
+
+POOLS = {  # (input shape, window = strides): windows that tile the input, or leave a remainder
+    "2x2": ((4, 8, 8, 3), (1, 2, 2, 1)),
+    "2x2, odd sizes": ((4, 9, 7, 3), (1, 2, 2, 1)),
+    "3x3": ((4, 9, 9, 3), (1, 3, 3, 1)),
+    "1d": ((5, 12, 3), (1, 4, 1)),
+    "3d": ((2, 4, 6, 6, 2), (1, 2, 3, 2, 1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(POOLS))
+def test_max_pooling_gradients_are_xlas_bit_for_bit(name):
+  shape, win = POOLS[name]
+  x = jnp.asarray(np.random.default_rng(1).standard_normal(shape), jnp.float32)
+  x = jnp.maximum(x, 0.0)  # after a ReLU: windows of tied zeros, where the first takes the gradient
+
+  def loss(x):
+    return jnp.sum(jnp.sin(lax.reduce_window(x, -jnp.inf, lax.max, win, win, "VALID")))
+
+  assert conv_eqns(jax.make_jaxpr(loss)(x).jaxpr) == 1
+  want = jax.jit(jax.value_and_grad(loss))(x)
+  got = jax.jit(jax.value_and_grad(fast_conv_grads(loss)))(x)
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_overlapping_or_padded_max_pooling_keeps_xlas_gradient():
+  x = jnp.ones((2, 7, 7, 3))  # "SAME" pads a 2 x 2 window by one row and column here
+  for pool in (lambda x: nnx.max_pool(x, (3, 3), strides=(1, 1)), lambda x: nnx.max_pool(x, (2, 2), (2, 2), "SAME"),
+               lambda x: nnx.avg_pool(x, (2, 2), (2, 2))):
+    f = lambda x, pool=pool: jnp.sum(pool(x))
+    assert conv_eqns(jax.make_jaxpr(f)(x).jaxpr) == 0
+  assert conv_eqns(jax.make_jaxpr(lambda x: jnp.sum(nnx.max_pool(x, (2, 2), (2, 2))))(x).jaxpr) == 1
 
 
 def _conv_specs(jaxpr):
@@ -167,3 +220,37 @@ def test_a_model_of_dense_layers_is_traced_as_it_is(small_digits, monkeypatch):
   xla = vt.train(mlp_fn, small_digits, config, seed=1, num_steps=30, verbose=False)
   np.testing.assert_array_equal(fast.train_curve, xla.train_curve)
   np.testing.assert_array_equal(fast.curve, xla.curve)
+
+
+class Depthwise(nnx.Module):
+  """A model whose only convolution is grouped (depthwise): nothing to rewrite."""
+
+  def __init__(self, rngs):
+    self.depthwise = nnx.Conv(4, 4, (3, 3), feature_group_count=4, rngs=rngs)
+    self.out = nnx.Linear(4, 10, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(self.depthwise(jnp.tile(x, (1, 1, 1, 4))).mean(axis=(1, 2)))
+
+
+def test_the_step_records_what_it_rewrote_and_its_prediction_follows(images, monkeypatch):
+  # The speed prediction counts a convolution at the rewritten gradients'
+  # rate only where the step's convolutions were rewritten.
+  from vmaptune import _compiler, _plan
+
+  specs = {}
+  real_new_spec = _plan.Plan._new_spec
+
+  def new_spec(self, signature):
+    spec = real_new_spec(self, signature)
+    specs[self.model_fn] = spec
+    return spec
+
+  monkeypatch.setattr(_plan.Plan, "_new_spec", new_spec)
+  cnn = lambda c, rngs: CNN(rngs, 4)
+  depthwise = lambda c, rngs: Depthwise(rngs)
+  for fn in (cnn, depthwise):
+    vt.train(fn, images, {"learning_rate": 1e-3}, num_steps=4, verbose=False)
+  assert specs[cnn].conv_grads and specs[cnn].conv_rewrites == 1
+  assert specs[depthwise].conv_grads and specs[depthwise].conv_rewrites == 0
+  assert _compiler.step_seconds(0.0, 1e9, fast_conv=True) < _compiler.step_seconds(0.0, 1e9)

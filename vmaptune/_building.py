@@ -147,7 +147,8 @@ class Builder:
     if self.plan.devices[0].platform != "cpu":
       return float("inf")
     counted = program.step_flops() if lowered and program.has_convolution() else None
-    seconds_per_step = step_seconds(self._param_flops(program), counted, program.spec.conv_grads) / len(self.plan.devices)
+    fast = bool(program.spec.conv_rewrites)  # convolutions with _convgrad's gradients
+    seconds_per_step = step_seconds(self._param_flops(program), counted, fast) / len(self.plan.devices)
     steps = sum(c.lanes * self.steps_ahead(c) for c in self.chunks if c.program is program)
     return steps * seconds_per_step
 

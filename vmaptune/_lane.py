@@ -94,6 +94,8 @@ class TrainSpec:
     conv_grads: differentiate convolutions as ``_convgrad`` does (on the
       CPU, where XLA's own convolution gradients are 2-16x slower, for a
       model with a parameter of 3 or more dimensions: a kernel).
+    conv_rewrites: how many operations that rewrote in the training step,
+      once traced (None before); 0 turns it off for later traces.
     abstract_state: one lane's state as shapes and dtypes, once checked
       (``_check.check_spec`` fills it; memory estimates read it).
   """
@@ -109,6 +111,7 @@ class TrainSpec:
   precision: str | None = None
   num_classes: int | None = None
   conv_grads: bool = False
+  conv_rewrites: int | None = dataclasses.field(default=None, compare=False)
   abstract_state: Any = dataclasses.field(default=None, compare=False)
 
   @property
@@ -315,8 +318,8 @@ def lane_step(spec: TrainSpec, state: LaneState, data) -> tuple[LaneState, jax.A
   """
   batch = lane_minibatch(spec, state, data)
   loss_fn = functools.partial(lane_loss, spec)
-  if spec.conv_grads:
-    loss_fn = fast_conv_grads(loss_fn)
+  if spec.conv_grads and spec.conv_rewrites != 0:
+    loss_fn = fast_conv_grads(loss_fn, on_trace=lambda n: object.__setattr__(spec, "conv_rewrites", n))
   (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state, batch)
   opt_state = state.opt_state
   if spec.schedule is not None:

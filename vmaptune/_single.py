@@ -61,7 +61,7 @@ class SingleProgram:
       lowered, params = self._lower(state, data, eval_every), sum(a.size for a in jax.tree.leaves(state.params))
       conv = has_convolution(lowered)
       self._per_step = step_seconds(6.0 * params * self.spec.batch_size, conv and counted_flops(lowered),
-                                    self.spec.conv_grads), conv
+                                    bool(self.spec.conv_rewrites)), conv
     seconds, conv = self._per_step
     return tier_for(steps * seconds, conv)
 
