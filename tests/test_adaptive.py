@@ -297,11 +297,11 @@ def test_with_a_timeout_programs_build_cheapest_first_then_farthest(small_digits
   lowered, threads = [], []
   lower = _program.Program.lower
 
-  def record(self, *a):
+  def record(self, *a, **kw):
     if not self.lowered:  # (a lowered program's lower() returns at once)
       lowered.append(self.spec.adapter.config["hidden"])
       threads.append(threading.current_thread().name)
-    return lower(self, *a)
+    return lower(self, *a, **kw)
 
   monkeypatch.setattr(_program.Program, "lower", record)
   try:
@@ -327,7 +327,7 @@ def test_a_program_lowers_in_the_background_only_under_the_callers_jax_configura
   calls = []
   for context in (False, True):
     fake = NS(lowered=False, _lowering=None, foreground=False,
-              lower=lambda *a: calls.append(threading.current_thread().name))
+              lower=lambda *a, **kw: calls.append(threading.current_thread().name))
     if context:  # the tests run with rank promotion "raise" (conftest): "allow" is the caller's own
       with jax.numpy_rank_promotion("allow"):
         _program.Program.lower_on(fake, pool, None, None)

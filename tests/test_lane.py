@@ -224,6 +224,43 @@ def test_a_restart_resets_the_masked_lanes_alone(small_digits, lane_batch):
   assert not all(np.array_equal(f, b) for f, b in zip(_leaves(fresh), _leaves(before)))  # it had trained
 
 
+def test_a_background_lowering_counts_flops_off_the_calling_thread(small_digits, monkeypatch):
+  # XLA's FLOP count (50-130 ms a program: it converts the module to HLO) and
+  # the convolution check are taken on the lowering thread, before the program
+  # shows as lowered; the training thread then reads them without converting.
+  import concurrent.futures
+  import threading
+
+  from vmaptune import _compiler, _devices, _placement, _program
+
+  spec, ds = _spec(small_digits, hidden=13)
+  mesh = _devices.make_mesh(jax.devices())
+  n = len(jax.devices())
+  data = _placement.place_data(ds, 512, mesh)
+  inputs = _lane.stack_inputs(range(n), [{"learning_rate": 1e-3}] * n, [0.0] * n, [4] * n, spec)
+  counted = []
+  count = _compiler.counted_flops
+
+  def record(lowered):
+    counted.append(threading.current_thread().name)
+    return count(lowered)
+
+  monkeypatch.setattr(_program, "counted_flops", record)
+  program = _program.Program(spec, _program.Layout(n, n, 1), mesh, evals_per_call=1)
+  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lowering") as pool:
+    program.lower_on(pool, inputs, data)
+    program.wait_lowered()
+  assert program.lowered and counted == ["lowering_0"]
+  flops, conv = program.step_flops(), program.has_convolution()
+  assert counted == ["lowering_0"] and flops > 0 and conv is False
+  # Lowered on the calling thread, a program counts only when asked (a search
+  # without a timeout never asks), and the same.
+  alone = _program.Program(spec, _program.Layout(n, n, 1), mesh, evals_per_call=1)
+  alone.lower(inputs, data)
+  assert counted == ["lowering_0"]
+  assert alone.step_flops() == flops and counted[-1] == threading.current_thread().name
+
+
 def test_lanes_without_steps_left_are_skipped_and_kept_bit_for_bit(small_digits):
   # Held, idle and finished lanes (budget reached) neither train nor run a
   # validation pass: their state comes back bit for bit and their scores are

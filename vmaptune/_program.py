@@ -344,10 +344,17 @@ class Program:
       self._flops = counted_flops(self._lowered["run"])
     return None if self._flops is ... else self._flops
 
-  def lower(self, inputs: LaneInputs, data: DeviceData) -> None:
+  def lower(self, inputs: LaneInputs, data: DeviceData, *, count: bool = False) -> None:
     """Traces and lowers :meth:`start` and :meth:`run` for inputs shaped like
     ``inputs`` (host arrays or shapes): every error of the model, loss and
-    optimizer surfaces here, before XLA compiles anything."""
+    optimizer surfaces here, before XLA compiles anything.
+
+    With ``count`` (the background lowering of :meth:`lower_on`), it also
+    takes XLA's FLOP count and the convolution check of :meth:`run` before
+    :attr:`lowered` turns true: they take 50-130 ms a program (the count
+    converts the module to HLO), which a timeout search would otherwise spend
+    on its training thread for every program (0.4-0.8 s of a 10 s search of
+    six MLP shapes, measured)."""
     if self.lowered:
       return
     lanes = P(_devices.LANE_AXIS)
@@ -359,8 +366,11 @@ class Program:
     run = self._sharded(self._local_run, (lanes, P(), P(), P()), (lanes, lanes))
     self._lowered["start"] = self.compiler.lower(start, (state, inputs, mask), donate=(0,),
                                                  out_shardings=self._lane_shardings(1))
-    self._lowered["run"] = self.compiler.lower(run, (state, data.train, data.val, jax.ShapeDtypeStruct((), np.int32)),
-                                               donate=(0,), out_shardings=self._lane_shardings(2))
+    lowered = self.compiler.lower(run, (state, data.train, data.val, jax.ShapeDtypeStruct((), np.int32)),
+                                  donate=(0,), out_shardings=self._lane_shardings(2))
+    if count:
+      self._flops, self._conv = counted_flops(lowered), has_convolution(lowered)
+    self._lowered["run"] = lowered
 
   def compile(self) -> None:
     """XLA-compiles :meth:`start` and :meth:`run` at ``tier`` (releases the GIL: thread-safe)."""
@@ -408,7 +418,7 @@ class Program:
       if _trace_context() != context:
         self.foreground = True
         return
-      self.lower(inputs, data)
+      self.lower(inputs, data, count=True)
 
     self._lowering = pool.submit(lower)
 
@@ -447,7 +457,7 @@ class Program:
     self.tier = tier
     if not self.compiled:
       self.wait_lowered()
-      self.lower(inputs, data)
+      self.lower(inputs, data, count=True)
       self.compile()
 
   # Run ---------------------------------------------------------------------
