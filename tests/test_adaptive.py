@@ -1040,3 +1040,34 @@ def test_a_timeout_that_ends_before_any_trial_finishes_still_returns_one(small_d
   n = len(before.curve)
   np.testing.assert_array_equal(best.curve[:n], before.curve)
   np.testing.assert_array_equal(best.curve_steps[:n], before.curve_steps)
+
+
+def test_restarting_strategies_compile_start_at_level_one_and_replay_with_it(small_digits, monkeypatch):
+  # The adaptive strategy restarts lanes at every decision (hundreds of start
+  # calls a search), so its start program compiles at level 1 ("restarts":
+  # 3-5x faster calls); zoom starts its lanes once a round and keeps level 0
+  # ("init"). A replay uses the start its trial ran with, bit for bit.
+  from vmaptune import _compiler
+
+  tiers = []
+  compile = _compiler.Compiler.compile
+
+  def record(self, lowered, tier="long"):
+    tiers.append(tier)
+    return compile(self, lowered, tier)
+
+  monkeypatch.setattr(_compiler.Compiler, "compile", record)
+  space = {"learning_rate": vt.loguniform(1e-3, 3e-2), "hidden": 19}  # a width no other test builds
+  kw = dict(num_configs=4, num_steps=20, seed=3, verbose=False, recheck=None)
+  adaptive = vt.search(mlp_fn, small_digits, space, strategy=vt.Adaptive(lanes=2), rounds=4, **kw)
+  assert "restarts" in tiers and "init" not in tiers
+  assert {ref.start_tier for ref in adaptive._replay.population.refs.values()} == {"restarts"}
+  del tiers[:]
+  for trial in (adaptive.best_trial, adaptive.trials[-1]):
+    run = adaptive.retrain(trial)
+    assert run.score == trial.score
+    np.testing.assert_array_equal(run.curve, trial.curve)
+  assert "init" not in tiers  # the replay did not build another start
+  zoom = vt.search(mlp_fn, small_digits, space, strategy="zoom", rounds=1, **kw)
+  assert "init" in tiers and "restarts" not in tiers
+  assert zoom.retrain().score == zoom.best_trial.score

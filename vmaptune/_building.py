@@ -66,6 +66,7 @@ class Builder:
           program.lower(lane_inputs(chunk, self.slots), self.data)
         except Exception as e:  # noqa: BLE001 - diagnosed stage by stage
           self.plan.diagnose(program.spec, e)
+        program.start_tier = self.start_tier
         if chunk.tier is not None:  # a replay, or a resumed chunk: the tier it ran at
           program.tier = chunk.tier
         elif not any(k.startswith("run:") for k in program._compiled):  # a program built before keeps its tier
@@ -181,7 +182,7 @@ class Builder:
     """Waits for (or runs) a chunk's program's compile; the wait is compile wall time."""
     program = chunk.program
     tier = chunk.tier or program.tier
-    if "start" in program._compiled and f"run:{tier}" in program._compiled:
+    if f"start:{self.start_tier}" in program._compiled and f"run:{tier}" in program._compiled:
       return
     if not self.staggered and (not program.lowered or id(program) not in self._building):
       self.prepare()
@@ -198,6 +199,7 @@ class Builder:
       self.on_compile(self._compile_status())
     program.wait()
     program.tier = chunk.tier or program.tier
+    program.start_tier = self.start_tier
     if not program.compiled:
       program.compile()
     self.stats.compile_wall_seconds += time.perf_counter() - t0

@@ -70,6 +70,9 @@ class Population(Builder):
     self.steps_ahead: Callable[[Chunk], int] = lambda chunk: chunk.cadence.budget
     #: Seconds left of the search's timeout (None: no timeout).
     self.time_left: Callable[[], float | None] = lambda: None
+    #: Its programs' ``start`` tier (``Program.start_tier``): "restarts" under
+    #: a strategy that restarts lanes at every decision, set by the loop.
+    self.start_tier = "init"
 
   @property
   def data(self) -> DeviceData:
@@ -254,9 +257,10 @@ class Population(Builder):
       if chunk.fresh[lane] and not self.slots[i].idle:
         s = self.slots[i]
         self.refs[s.trial.id] = ProgramRef(chunk.signature, chunk.lanes, chunk.cadence.evals_per_call,
-                                           chunk.cadence.eval_every, chunk.tier)
+                                           chunk.cadence.eval_every, chunk.tier, self.start_tier)
     if chunk.fresh.any():
-      chunk.state = program.start(chunk.state, inputs, place_lanes(chunk.fresh, self.plan.mesh), self.data)
+      chunk.state = program.start(chunk.state, inputs, place_lanes(chunk.fresh, self.plan.mesh), self.data,
+                                  self.start_tier)
     chunk.state, metrics = program.run(chunk.state, self.data, chunk.cadence.eval_every, chunk.tier)
     chunk.fresh = np.zeros(chunk.lanes, bool)
     chunk.calls += 1

@@ -237,6 +237,10 @@ class Program:
     self.memory = None
     #: The tier the next compile of :meth:`run` uses (set before compiling).
     self.tier = "long"
+    #: The tier of :meth:`start` (``_compiler.START_TIERS``): "init" where a
+    #: population starts its lanes once a round, "restarts" where its
+    #: strategy restarts lanes at every decision (set before compiling).
+    self.start_tier = "init"
     self._lowered: dict[str, Any] = {}   # "start", "run": jax Lowered
     self._compiled: dict[str, Any] = {}  # "start", "run:<tier>": executables
     self._future = None
@@ -325,8 +329,8 @@ class Program:
 
   @property
   def compiled(self) -> bool:
-    """Whether :meth:`start` and :meth:`run` at ``tier`` are ready."""
-    return "start" in self._compiled and f"run:{self.tier}" in self._compiled
+    """Whether :meth:`start` at ``start_tier`` and :meth:`run` at ``tier`` are ready."""
+    return f"start:{self.start_tier}" in self._compiled and f"run:{self.tier}" in self._compiled
 
   @property
   def lowered(self) -> bool:
@@ -373,14 +377,15 @@ class Program:
     self._lowered["run"] = lowered
 
   def compile(self) -> None:
-    """XLA-compiles :meth:`start` and :meth:`run` at ``tier`` (releases the GIL: thread-safe)."""
+    """XLA-compiles :meth:`start` at ``start_tier`` and :meth:`run` at ``tier`` (releases the GIL: thread-safe)."""
     start = None
-    if "start" not in self._compiled:
+    skey = f"start:{self.start_tier}"
+    if skey not in self._compiled:
       pool = start_pool(self.platform)  # beside run's compile (None: in line)
       if pool is None:
-        self._compiled["start"] = self.compiler.compile(self._lowered["start"], "init")
+        self._compiled[skey] = self.compiler.compile(self._lowered["start"], self.start_tier)
       else:
-        start = pool.submit(self.compiler.compile, self._lowered["start"], "init")
+        start = pool.submit(self.compiler.compile, self._lowered["start"], self.start_tier)
     key = f"run:{self.tier}"
     try:
       if key not in self._compiled:
@@ -392,7 +397,7 @@ class Program:
         self._compiled[key] = compiled
     finally:
       if start is not None:
-        self._compiled["start"] = start.result()
+        self._compiled[skey] = start.result()
 
   def compile_on(self, pool) -> None:
     """Compiles on ``pool`` (a ``concurrent.futures`` executor) in the background."""
@@ -462,11 +467,16 @@ class Program:
 
   # Run ---------------------------------------------------------------------
 
-  def start(self, state: LaneState, inputs: LaneInputs, mask, data: DeviceData) -> LaneState:
-    """Fresh lanes where ``mask`` (placed bools), the others untouched."""
-    if "start" not in self._compiled:
+  def start(self, state: LaneState, inputs: LaneInputs, mask, data: DeviceData,
+            tier: str | None = None) -> LaneState:
+    """Fresh lanes where ``mask`` (placed bools), the others untouched, with
+    the program of ``tier`` (default: the current ``start_tier``)."""
+    key = f"start:{tier or self.start_tier}"
+    if key not in self._compiled:
+      self.wait()
+      self.start_tier = tier or self.start_tier
       self._ready(self.tier, inputs, data)
-    return quiet_donation(self._compiled["start"], state, inputs, mask)
+    return quiet_donation(self._compiled[key], state, inputs, mask)
 
   def run(self, state: LaneState, data: DeviceData, eval_every: int, tier: str | None = None):
     """Trains ``evals_per_call`` intervals, with the program of ``tier``

@@ -41,6 +41,7 @@ class Replay:
     cadence = Cadence(ref.eval_every, ref.evals_per_call, steps)
     replay = Population(self.plan, lambda sig: cadence, stats if stats is not None else Stats(),
                         lambda wanted: ref.lanes)
+    replay.start_tier = ref.start_tier
     replay._data = self.population.data
     program = self.plan.program(ref.signature, ref.lanes, ref.evals_per_call)
     evals = -(-steps // ref.eval_every)
@@ -94,6 +95,7 @@ class Replay:
       budget = self.plan.trial_steps(ref.signature)
       cadence = Cadence(ref.eval_every, ref.evals_per_call, budget)
       population = Population(self.plan, lambda sig: cadence, stats, lambda wanted: ref.lanes)
+      population.start_tier = ref.start_tier
       population._data = self.population.data
       pairs = [(row, k) for row in rows for k in range(len(seeds))]
       population.start([NewTrial(i, trials[row].config, seeds[k], trials[row].round)

@@ -22,14 +22,15 @@ __all__ = ["ProgramRef", "Slot", "Chunk", "lane_inputs", "spread_lanes", "first_
 
 
 class ProgramRef(NamedTuple):
-  """Which program a trial ran in (and at which compile tier), so it can be
-  replayed exactly."""
+  """Which program a trial ran in (and at which compile tiers: its ``run``'s
+  and its ``start``'s), so it can be replayed exactly."""
 
   signature: tuple
   lanes: int
   evals_per_call: int
   eval_every: int
   tier: str = "long"
+  start_tier: str = "init"
 
 
 @dataclasses.dataclass
