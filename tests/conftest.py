@@ -48,6 +48,22 @@ def no_compile(monkeypatch):
   monkeypatch.setattr(_single.SingleProgram, "init", refuse)
 
 
+@pytest.fixture
+def compile_tiers(monkeypatch):
+  """The tier of every XLA compile from here on, in order (a list that grows)."""
+  from vmaptune import _compiler
+
+  tiers = []
+  compile = _compiler.Compiler.compile
+
+  def record(self, lowered, tier="long"):
+    tiers.append(tier)
+    return compile(self, lowered, tier)
+
+  monkeypatch.setattr(_compiler.Compiler, "compile", record)
+  return tiers
+
+
 @pytest.fixture(scope="session")
 def digits():
   """scikit-learn's digits, features scaled to [0, 1] (1797 x 64, 10 classes),

@@ -1042,21 +1042,12 @@ def test_a_timeout_that_ends_before_any_trial_finishes_still_returns_one(small_d
   np.testing.assert_array_equal(best.curve_steps[:n], before.curve_steps)
 
 
-def test_restarting_strategies_compile_start_at_level_one_and_replay_with_it(small_digits, monkeypatch):
+def test_restarting_strategies_compile_start_at_level_one_and_replay_with_it(small_digits, compile_tiers):
   # The adaptive strategy restarts lanes at every decision (hundreds of start
   # calls a search), so its start program compiles at level 1 ("restarts":
-  # 3-5x faster calls); zoom starts its lanes once a round and keeps level 0
+  # 2-5x faster calls); zoom starts its lanes once a round and keeps level 0
   # ("init"). A replay uses the start its trial ran with, bit for bit.
-  from vmaptune import _compiler
-
-  tiers = []
-  compile = _compiler.Compiler.compile
-
-  def record(self, lowered, tier="long"):
-    tiers.append(tier)
-    return compile(self, lowered, tier)
-
-  monkeypatch.setattr(_compiler.Compiler, "compile", record)
+  tiers = compile_tiers
   space = {"learning_rate": vt.loguniform(1e-3, 3e-2), "hidden": 19}  # a width no other test builds
   kw = dict(num_configs=4, num_steps=20, seed=3, verbose=False, recheck=None)
   adaptive = vt.search(mlp_fn, small_digits, space, strategy=vt.Adaptive(lanes=2), rounds=4, **kw)

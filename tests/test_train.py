@@ -61,19 +61,10 @@ def test_callback_can_stop_early(small_digits):
   assert run.steps == 10 and len(run.curve) == 2
 
 
-def test_compile_tier_follows_the_length_of_the_run(small_digits, monkeypatch):
+def test_compile_tier_follows_the_length_of_the_run(small_digits, compile_tiers):
   # As a population's training program: a short run compiles at a cheap
   # tier, a long one at "long" (the same program, compiled again).
-  from vmaptune import _compiler
-
-  tiers = []
-  compile = _compiler.Compiler.compile
-
-  def record(self, lowered, tier="long"):
-    tiers.append(tier)
-    return compile(self, lowered, tier)
-
-  monkeypatch.setattr(_compiler.Compiler, "compile", record)
+  tiers = compile_tiers
   config = dict(CONFIG, hidden=13)  # a width no other test trains alone: nothing cached
   short = vt.train(mlp_fn, small_digits, config, num_steps=20, verbose=False)
   assert tiers == ["init", "quick"] and short.steps == 20

@@ -72,7 +72,7 @@ def clear_cache() -> None:
 #: cheapest. Where a strategy restarts lanes at every decision (adaptive,
 #: halving: hundreds of ``start`` calls a search), the initialisation gets
 #: level 1 ("restarts"): on the digits MLPs of the demo it compiled in
-#: 0.35-0.46 s instead of 0.25-0.32 s and restarted half of 12 lanes 3-5x
+#: 0.35-0.46 s instead of 0.25-0.32 s and restarted half of 12 lanes 2-5x
 #: faster (128 x 2: 11.3 -> 2.4 ms).
 TIERS = {
     "init": {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False},
