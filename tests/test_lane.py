@@ -253,11 +253,11 @@ def test_a_background_lowering_counts_flops_off_the_calling_thread(small_digits,
   assert program.lowered and counted == ["lowering_0"]
   flops, conv = program.step_flops(), program.has_convolution()
   assert counted == ["lowering_0"] and flops > 0 and conv is False
-  # Lowered on the calling thread, a program counts only when asked (a search
-  # without a timeout never asks), and the same.
+  # Lowered (and compiled) on the calling thread, a program counts only when
+  # asked (a search without a timeout never asks), and the same.
   alone = _program.Program(spec, _program.Layout(n, n, 1), mesh, evals_per_call=1)
-  alone.lower(inputs, data)
-  assert counted == ["lowering_0"]
+  alone._ready("quick", inputs, data)
+  assert alone.compiled and counted == ["lowering_0"]
   assert alone.step_flops() == flops and counted[-1] == threading.current_thread().name
 
 

@@ -142,7 +142,7 @@ class _Run:
       self.checkpointer.acquire()
     interrupted = False
     self._t_start = t_start
-    self.population.start_tier = "restarts" if getattr(strategy, "asynchronous", False) else "init"  # TIERS
+    self.population.start_tier = "restarts" if getattr(strategy, "asynchronous", False) else "init"  # _compiler.TIERS
     try:
       found = self._load() if self.checkpointer is not None else None
       if found is not None:

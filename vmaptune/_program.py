@@ -242,7 +242,7 @@ class Program:
     #: strategy restarts lanes at every decision (set before compiling).
     self.start_tier = "init"
     self._lowered: dict[str, Any] = {}   # "start", "run": jax Lowered
-    self._compiled: dict[str, Any] = {}  # "start", "run:<tier>": executables
+    self._compiled: dict[str, Any] = {}  # "start:<start_tier>", "run:<tier>": executables
     self._future = None
     self._lowering = None  # a background lower(): lower_on()
     #: Lowers on the calling thread only (see :meth:`lower_on`).
@@ -462,7 +462,7 @@ class Program:
     self.tier = tier
     if not self.compiled:
       self.wait_lowered()
-      self.lower(inputs, data, count=True)
+      self.lower(inputs, data)
       self.compile()
 
   # Run ---------------------------------------------------------------------
