@@ -357,7 +357,7 @@ class Program:
     takes XLA's FLOP count and the convolution check of :meth:`run` before
     :attr:`lowered` turns true: they take 50-130 ms a program (the count
     converts the module to HLO), which a timeout search would otherwise spend
-    on its training thread for every program (0.4-0.8 s of a 10 s search of
+    on its training thread for every program (0.35-0.8 s of a 10 s search of
     six MLP shapes, measured)."""
     if self.lowered:
       return
