@@ -240,7 +240,8 @@ def run_vmaptune(method, model_fn, data, args, seed):
   recheck, check = None, result.rechecked
   if check is not None:
     recheck = {"trials": [t.id for t in check.trials], "mean": check.mean.tolist(), "lane_steps": check.lane_steps,
-               "seconds": check.seconds, "picked_search_best": kept.id == best.id}
+               "seconds": check.seconds, "picked_search_best": kept.id == best.id,
+               "scores": np.asarray(check.scores, float).tolist()}
   wall = time.perf_counter() - t0
   out = {"best": float(best.score), "kept": float(kept.score), "wall_s": wall, "lane_steps": int(s.lane_steps),
          "recheck": recheck, "best_config": result.best_config,

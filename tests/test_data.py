@@ -58,6 +58,22 @@ def test_split_is_per_leaf_and_deterministic():
     np.testing.assert_array_equal(a, b)
 
 
+def test_python_lists_are_arrays():
+  # x.tolist() and y.tolist() are the arrays they came from (a tree of their
+  # numbers would be scalar leaves without an example axis); a list of arrays
+  # stays several inputs.
+  x = CONT.astype(np.float32)
+  y = (x[:, 0] > 0).astype(np.int32)
+  want = _data.prepare_data((x, y), val_fraction=0.25, seed=3)
+  for data in ((x.tolist(), y), (x, y.tolist()), [x.tolist(), y.tolist()]):
+    got = _data.prepare_data(data, val_fraction=0.25, seed=3)
+    assert got.task == "classification"
+    for a, b in zip(jax.tree.leaves((want.train, want.val)), jax.tree.leaves((got.train, got.val))):
+      np.testing.assert_array_equal(a, b)
+  two = _data.prepare_data(([x, x[:, :1]], y), val_fraction=0.25, seed=3)
+  assert [a.shape[1] for a in two.train[0]] == [x.shape[1], 1]
+
+
 class TwoHeads(nnx.Module):
   def __init__(self, rngs):
     self.body = nnx.Linear(64, 16, rngs=rngs)

@@ -216,3 +216,19 @@ def test_clear_errors(tmp_path):
   truncated.write_bytes(open(good, "rb").read()[:-40])
   with pytest.raises(ValueError, match="truncated.vmaptune"):
     vt.load(truncated)
+
+
+def test_a_model_holding_an_rng_stream_saves(small_digits, tmp_path):
+  # nnx.Dropout(rngs=...) keeps an RngKey Variable in the model's state; it
+  # shows its key's dtype but is a Variable, saved as its raw key data.
+  from flax import nnx
+
+  fn = lambda c, rngs: nnx.Sequential(nnx.Linear(64, 8, rngs=rngs), nnx.Dropout(0.1, rngs=rngs),
+                                      nnx.Linear(8, 10, rngs=rngs))
+  r = vt.search(fn, small_digits, {"learning_rate": vt.loguniform(1e-3, 1e-2)}, num_configs=2, num_steps=5,
+                rounds=1, verbose=False)
+  loaded = vt.load(r.save(tmp_path / "dropout.vmaptune"))
+  assert loaded.best_score == r.best_score
+  _, state = loaded.best_params
+  key = state["layers"][1]["rngs"]["key"]
+  assert key.dtype == np.uint32 and key.shape == (2,)

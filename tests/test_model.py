@@ -153,3 +153,54 @@ def test_linen_model_fn_returning_nnx_is_refused(small_digits):
   with pytest.raises(TypeError, match="linen Module"):
     vt.search(lambda c: nnx.Linear(64, 10, rngs=nnx.Rngs(0)), small_digits, SPACE, num_configs=2,
               num_steps=5, verbose=False)
+
+
+class IsTrainLinen(nn.Module):
+  @nn.compact
+  def __call__(self, x, is_train: bool = False):
+    x = nn.Dropout(0.5, deterministic=not is_train)(nn.relu(nn.Dense(32)(x)))
+    return nn.Dense(10)(x)
+
+
+class OtherSwitchLinen(nn.Module):
+  @nn.compact
+  def __call__(self, x, use_dropout: bool = False):
+    x = nn.Dropout(0.5, deterministic=not use_dropout)(nn.relu(nn.Dense(32)(x)))
+    return nn.Dense(10)(x)
+
+
+def test_train_switches_are_found_or_warned():
+  # `is_train` is a train switch too; a bool argument under another name stays
+  # at its default in training as well (its Dropout would never drop): warned.
+  example = jax.ShapeDtypeStruct((1, 64), np.float32)
+  assert _model.make_adapter(lambda c: IsTrainLinen(), {}, example).mode_arg == "is_train"
+  with pytest.warns(UserWarning, match=r"'use_dropout'.*rename it to `train`"):
+    adapter = _model.make_adapter(lambda c: OtherSwitchLinen(), {}, example)
+  assert adapter.mode_arg is None
+
+
+class AttributeBatchNorm(nn.Module):
+  """The train flag as a module attribute: BatchNorm writes its statistics in evaluation too."""
+
+  train: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.BatchNorm(use_running_average=not self.train)(nn.Dense(16)(x))
+    return nn.Dense(10)(nn.relu(x))
+
+
+def test_batch_statistics_written_in_evaluation_get_a_hint(no_compile, small_digits):
+  with pytest.raises(TypeError, match=r"batch_stats in evaluation.*argument of __call__"):
+    vt.search(lambda c: AttributeBatchNorm(), small_digits, SPACE, num_configs=2, num_steps=5, verbose=False)
+
+
+def test_a_bfloat16_model_trains_and_keeps_its_dtypes(small_digits):
+  # The injected hyperparameters are float32; the optimizer's moments stay in
+  # the parameters' bfloat16 (they promoted, and the loop's carry changed type).
+  import jax.numpy as jnp
+
+  fn = lambda c, rngs: nnx.Linear(64, 10, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16, rngs=rngs)
+  r = vt.search(fn, small_digits, SPACE, num_configs=2, num_steps=10, rounds=1, verbose=False)
+  assert all(t.status == "ok" and np.isfinite(t.score) for t in r.trials)
+  assert r.best_model().kernel[...].dtype == jnp.bfloat16

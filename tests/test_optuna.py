@@ -41,13 +41,15 @@ def _result(maximize=False, n=24):
     cfg.update(batch_size=32, clip=math.inf)
     score = (math.log10(cfg["learning_rate"]) + 2.5) ** 2 + 0.1 * cfg["dropout"]
     score = -score if maximize else score
-    diverged = i in (3, 7)
+    diverged, stopped = i in (3, 7), i == 5
     curve = np.linspace(2.0, score, 4).astype(np.float32)
     if diverged:
       curve[2:] = np.nan
       score = -math.inf if maximize else math.inf
+    if stopped:  # stopped after two evaluations: the rest of its curve never ran
+      curve[2:] = np.nan
     trials.append(Trial(id=i, config=cfg, score=score, round=int(i >= n // 2), lane=i % 8,
-                        status="diverged" if diverged else "ok", seed=100 + i, curve=curve,
+                        status="diverged" if diverged else "stopped" if stopped else "ok", seed=100 + i, curve=curve,
                         curve_steps=np.asarray([10, 20, 30, 40]),
                         train_curve=np.zeros(4, np.float32), steps=40,
                         diverged_at=25 if diverged else None, parent=0 if i >= n // 2 else None))
@@ -69,6 +71,9 @@ def test_trials_values_states_and_distributions():
       assert ft.state == TrialState.FAIL and ft.value is None
       assert ft.intermediate_values == {10: 2.0, 20: pytest.approx(float(t.curve[1]))}
       assert ft.user_attrs["diverged_at"] == 25
+    elif t.status == "stopped":  # Optuna's pruned trial, valued at its last intermediate value as Optuna's
+      assert ft.state == TrialState.PRUNED and ft.value == pytest.approx(float(t.curve[1]))
+      assert ft.intermediate_values == {10: 2.0, 20: pytest.approx(float(t.curve[1]))}
     else:
       assert ft.state == TrialState.COMPLETE and ft.value == t.score
       assert ft.intermediate_values == {s: float(v) for s, v in zip(t.curve_steps, t.curve)}

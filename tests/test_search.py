@@ -281,6 +281,15 @@ class NeedsMask(nnx.Module):
         (dict(lr_schedule="cosine"), ValueError, "lr_schedule"),
         (dict(enqueue=[{"learning_rate": 5.0}]), ValueError, "outside"),
         (dict(metric="accuracy", data=(np.zeros((20, 64), np.float32), np.zeros(20, np.float32))), ValueError, "accuracy"),
+        # A built optimizer cannot take the space's learning rate, nor a key choose the optimizer: the key would
+        # reach model_fn and change nothing.
+        (dict(optimizer=optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))), ValueError,
+         r"space\['learning_rate'\].*built optax.GradientTransformation.*factory"),
+        (dict(space={**LR, "optimizer": vt.choice([optax.adam, optax.sgd])}), ValueError, r"space\['optimizer'\]"),
+        (dict(space={"learning_rate": (1e-4, 1e-1)}), TypeError, r"tuple.*vt.loguniform\(0.0001, 0.1\)"),
+        (dict(space={"learning_rate": "1e-3"}), TypeError, "the number 0.001"),
+        (dict(loss_fn=lambda out, y: (out.argmax(-1) != y).astype(np.int32)), TypeError, "floating-point"),
+        (dict(model_fn=MLP(8, 1, nnx.Rngs(0))), TypeError, r"built MLP.*lambda config, rngs"),
     ],
 )
 def test_bad_input_raises_before_compiling(no_compile, small_digits, kwargs, err, match):
@@ -288,6 +297,31 @@ def test_bad_input_raises_before_compiling(no_compile, small_digits, kwargs, err
   args.update(kwargs)
   with pytest.raises(err, match=match):
     vt.search(args.pop("model_fn"), args.pop("data"), args.pop("space"), **args)
+
+
+def _accuracy(out, y):
+  return (out.argmax(-1) == y).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        # A typo (or another library's name) for an optimizer argument goes to model_fn: warned.
+        (dict(space={**LR, "weight_decy": vt.loguniform(1e-5, 1e-2)}, optimizer=optax.adamw), "did you mean 'weight_decay'"),
+        (dict(space={**LR, "beta1": 0.9}), "did you mean 'b1'"),
+        # A callable metric is minimized unless told: one named like accuracy is warned.
+        (dict(metric=lambda out, y: out[:, 0]), None),
+        (dict(metric=_accuracy), "'_accuracy' is minimized"),
+    ],
+)
+def test_likely_mistakes_warn_before_compiling(no_compile, small_digits, kwargs, match):
+  import warnings
+
+  with warnings.catch_warnings(record=True) as caught, pytest.raises(AssertionError, match="compiled before"):
+    warnings.simplefilter("always")
+    vt.search(mlp_fn, small_digits, kwargs.pop("space", LR), num_steps=5, num_configs=2, verbose=False, **kwargs)
+  texts = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+  assert (any(match.lower() in t.lower() for t in texts) if match else not texts), texts
 
 
 def test_model_fn_error_names_the_config(no_compile, small_digits):

@@ -113,6 +113,11 @@ def test_pbt_schedule_replays_with_train(pbt, small_digits):
   for step, lr in seen:
     if step in planned and step < 72:
       assert lr == pytest.approx(planned[step], rel=1e-6)
+  # Without eval_every (a tenth of the run, 7 steps), the run evaluates often
+  # enough to reach every change (PBT's are at multiples of 18).
+  run = vt.train(mlp_fn, small_digits, best.schedule[0][1], seed=best.seed, num_steps=72,
+                 schedule=best.schedule, verbose=False)
+  assert set(planned) - {0} <= set(run.curve_steps.tolist()) and run.curve_steps[-1] == 72
 
 
 def test_pbt_exploit_copies_parameters_and_optimizer_state_exactly(small_digits):

@@ -59,6 +59,8 @@ def test_callback_can_stop_early(small_digits):
   run = vt.train(mlp_fn, small_digits, CONFIG, num_steps=40, eval_every=5, verbose=False,
                  callback=lambda s: {"stop": True} if s.step >= 10 else None)
   assert run.steps == 10 and len(run.curve) == 2
+  with pytest.raises(TypeError, match=r"`callback` must return None or a dict.*got 0.1"):
+    vt.train(mlp_fn, small_digits, CONFIG, num_steps=40, eval_every=5, verbose=False, callback=lambda s: 0.1)
 
 
 def test_compile_tier_follows_the_length_of_the_run(small_digits, compile_tiers):

@@ -10,7 +10,7 @@ import numpy as np
 
 from ._data import Dataset
 from ._lane import LaneInputs, TrainSpec, lane_init, lane_step
-from ._objective import check_default_outputs, check_per_example, check_value
+from ._objective import check_default_outputs, check_float_loss, check_per_example, check_value
 
 __all__ = ["check_spec", "diagnose", "model_digest"]
 
@@ -64,6 +64,8 @@ def check_spec(spec: TrainSpec, dataset: Dataset, custom_loss: bool) -> None:
         raise ValueError(f"`{arg}` failed on outputs {_shapes(out)} and targets {_shapes(y_abs)}: "
                          f"{type(err).__name__}: {err}") from err
       check_per_example(v, arg, b)
+      if arg == "loss_fn":
+        check_float_loss(v, arg)
   checks = []
   if objective.model_loss is not None:
     checks.append((objective.model_loss, "model_loss", True, batch, b))
@@ -79,6 +81,8 @@ def check_spec(spec: TrainSpec, dataset: Dataset, custom_loss: bool) -> None:
                        f"{'in training' if train else 'in evaluation'} mode (config {config!r}): "
                        f"{type(err).__name__}: {err}") from err
     check_value(v, what, n, config)
+    if train:
+      check_float_loss(v, what)
   inputs = LaneInputs(
       seed=jax.ShapeDtypeStruct((), np.uint32),
       hparams={k: jax.ShapeDtypeStruct((), np.int32 if k in spec.int_injected else np.float32) for k in spec.injected},

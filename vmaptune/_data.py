@@ -45,6 +45,8 @@ def _tree(value: Any) -> Any:
     if isinstance(value, tuple):
       return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
     return items
+  if isinstance(value, (tuple, list)):  # numbers: one array (a tree of them would be scalar leaves)
+    return np.asarray(value)
   return value
 
 

@@ -84,12 +84,14 @@ class _Writer:
 
 
 def _is_prng_key(x: Any) -> bool:
+  """A typed key array. Not an ``nnx`` ``RngKey`` Variable, which shows its
+  value's dtype: it flattens to the key array."""
+  import jax
+
   dtype = getattr(x, "dtype", None)
-  if dtype is None or isinstance(x, np.ndarray):
+  if dtype is None or not isinstance(x, jax.Array):
     return False
   try:
-    import jax
-
     return bool(jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key))
   except Exception:  # noqa: BLE001  (not a jax dtype)
     return False

@@ -20,7 +20,8 @@ from jax import lax
 
 from ._convgrad import fast_conv_grads
 from ._model import ModelAdapter
-from ._objective import Objective, check_default_outputs, check_per_example, check_value, mean_value
+from ._objective import (Objective, check_default_outputs, check_float_loss, check_per_example, check_value,
+                         mean_value)
 from ._routing import Routing
 
 __all__ = ["LaneInputs", "LaneState", "TrainSpec", "lane_init", "lane_step", "lane_eval", "lane_check",
@@ -291,6 +292,7 @@ def lane_loss(spec: TrainSpec, params, state: LaneState, batch):
   if obj.model_loss is not None:
     value, model_state = spec.adapter.call(params, state.model_state, lambda m: obj.model_loss(m, batch), True, key)
     check_value(value, "model_loss", spec.batch_size, spec.adapter.config)  # trace time: shapes are static
+    check_float_loss(value, "model_loss")
     return mean_value(value, "model_loss"), model_state
   x, y = batch
   out, model_state = spec.adapter.apply(params, state.model_state, x, True, key)
@@ -298,6 +300,7 @@ def lane_loss(spec: TrainSpec, params, state: LaneState, batch):
     check_default_outputs(out, y, spec.num_classes, spec.adapter.config)
   values = obj.loss_fn(out, y)
   check_per_example(values, "loss_fn", spec.batch_size)
+  check_float_loss(values, "loss_fn")
   return jnp.mean(values), model_state
 
 
@@ -328,6 +331,9 @@ def lane_step(spec: TrainSpec, state: LaneState, data) -> tuple[LaneState, jax.A
     opt_state = opt_state._replace(hyperparams=hp)
   opt = spec.make_optimizer({k: opt_state.hyperparams[k] for k in spec.injected}) if spec.injected else spec.make_optimizer({})
   updates, opt_state = opt.update(grads, opt_state, state.params)
+  # The optimizer state keeps its dtypes: the float32 hyperparameters would
+  # promote a bfloat16 model's moments (and change the loop's carry).
+  opt_state = jax.tree.map(lambda n, o: n if n.dtype == o.dtype else n.astype(o.dtype), opt_state, state.opt_state)
   params = optax.apply_updates(state.params, updates)
   active = state.step < state.budget
   # Only the loss is checked every step: a reduction over all parameters

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import inspect
 import re
+import warnings
 from typing import Any, Callable, Mapping, NamedTuple
 
+import flax
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -31,7 +33,7 @@ from flax import nnx
 
 __all__ = ["ModelAdapter", "make_adapter", "model_kind"]
 
-_MODE_ARGS = ("train", "training", "deterministic", "is_training")
+_MODE_ARGS = ("train", "training", "deterministic", "is_training", "is_train")
 _RNG_ARG = re.compile(r"(^|_)(rng|key|prng_key)$")
 
 # Flax >= 0.12 reuses the Variables of the states given to ``nnx.merge``;
@@ -49,6 +51,13 @@ def model_kind(model_fn: Any) -> str:
     raise TypeError(
         "`model_fn` must be a callable: model_fn(config, rngs) -> nnx.Module "
         f"(Flax NNX) or model_fn(config) -> nn.Module (Linen); got {model_fn!r}.")
+  if isinstance(model_fn, (nnx.Module, nn.Module)):
+    name = type(model_fn).__name__
+    build = (f"lambda config, rngs: {name}(..., rngs=rngs)" if isinstance(model_fn, nnx.Module)
+             else f"lambda config: {name}(...)")
+    raise TypeError(
+        f"`model_fn` is a built {name} model, but every trial builds its own from its config (and its own "
+        f"random initialisation): pass a function that builds one, e.g. model_fn={build}.")
   try:
     sig = inspect.signature(model_fn)
   except (TypeError, ValueError):
@@ -124,6 +133,14 @@ def call_spec(fn: Callable, what: str, x: Any) -> CallSpec:
       rngs = True
     elif _RNG_ARG.search(p.name):
       rng_args.append(p.name)
+    elif isinstance(p.default, bool):
+      # A switch under another name stays at its default in training too:
+      # a Dropout behind it would never drop.
+      warnings.warn(
+          f"{what} has a bool argument {p.name!r} (default {p.default}) that vmaptune leaves at its default in "
+          f"training and in evaluation: it sets only an argument named {', '.join(_MODE_ARGS)} (deterministic: "
+          "the opposite). If it switches dropout or batch statistics, rename it to `train`.", UserWarning,
+          stacklevel=2)
     elif p.default is p.empty:
       raise TypeError(
           f"{what} needs an argument vmaptune cannot supply: {p.name!r}. vmaptune calls model(x) (model(*x) "
@@ -314,7 +331,14 @@ class LinenAdapter(ModelAdapter):
     if train and self.collections:
       result, updates = nn.apply(run, self.module, mutable=list(self.collections))(variables, rngs=rngs)
       return result, {**model_state, **{c: updates[c] for c in self.collections if c in updates}}
-    return nn.apply(run, self.module)(variables, rngs=rngs), model_state
+    try:
+      return nn.apply(run, self.module)(variables, rngs=rngs), model_state
+    except flax.errors.ModifyScopeVariableError as e:
+      raise TypeError(
+          f"{type(self.module).__name__} changes its {', '.join(self.collections)} in evaluation too ({e}). "
+          "vmaptune evaluates with the collections read-only and passes the mode only through __call__: take "
+          "`train` as an argument of __call__ (not a module attribute) and write e.g. "
+          "nn.BatchNorm(use_running_average=not train).") from e
 
   def build(self, params, model_state):
     return self.module, {"params": params, **model_state}

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -75,6 +77,18 @@ def check_per_example(v: Any, what: str, b: int) -> None:
   if getattr(v, "shape", None) != (b,):
     raise TypeError(f"`{what}` must return one value per example, shape ({b},), got "
                     f"{getattr(v, 'shape', type(v).__name__)}; vmaptune takes the mean itself.")
+
+
+def check_float_loss(v: Any, what: str) -> None:
+  """A loss to differentiate: floating point (an integer loss has no
+  gradient, and its lanes would train nothing)."""
+  if isinstance(v, tuple) and len(v) == 2:
+    v = v[0]
+  dtype = getattr(v, "dtype", None)
+  if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
+    raise TypeError(f"`{what}` must return a floating-point loss to differentiate, got dtype {dtype}; an integer "
+                    "or boolean loss (a count of errors) has no gradient. Return e.g. a cross-entropy, or "
+                    ".astype(jnp.float32) if the values are meant.")
 
 
 def check_default_outputs(out: Any, y: Any, num_classes: int | None, config: Any = None) -> None:
@@ -179,6 +193,21 @@ def _check_form(fn: Callable, arg: str, model_aware: bool) -> None:
                     f"looks like a function of the model's outputs and the targets: pass it as {other}= instead.")
 
 
+# Names of metrics that are higher for better models.
+_HIGHER_IS_BETTER = re.compile(r"acc|f1|auc|precision|recall|(^|_)r2($|_)|iou|dice|bleu|correct", re.IGNORECASE)
+
+
+def _check_unset_direction(fn: Callable, what: str, direction: Any) -> None:
+  """A callable metric is minimized unless ``direction`` says otherwise:
+  one named like accuracy without it would keep the worst model."""
+  name = getattr(fn, "__name__", "")
+  if direction is None and _HIGHER_IS_BETTER.search(name):
+    warnings.warn(
+        f"`{what}` {name!r} is minimized, as every callable metric is unless `direction` is given, so the "
+        "search keeps its lowest value. If higher is better, pass direction='maximize' (direction='minimize' "
+        "silences this).", UserWarning, stacklevel=3)
+
+
 def resolve_objective(task: str, loss_fn: Any, metric: Any, direction: Any, model_loss: Any = None,
                       model_metric: Any = None, paired: bool = True) -> Objective:
   """Picks the loss and metric from the task and the user's options."""
@@ -209,6 +238,7 @@ def resolve_objective(task: str, loss_fn: Any, metric: Any, direction: Any, mode
     if metric != "loss":
       raise ValueError("give either `metric` or `model_metric`, not both.")
     _check_form(model_metric, "model_metric", True)
+    _check_unset_direction(model_metric, "model_metric", direction)
     return Objective(loss, None, getattr(model_metric, "__name__", "metric"), direction == "maximize",
                      model_loss, model_metric)
   if isinstance(metric, str):
@@ -230,6 +260,7 @@ def resolve_objective(task: str, loss_fn: Any, metric: Any, direction: Any, mode
                        "or use a callable metric.")
   elif callable(metric):
     _check_form(metric, "metric", False)
+    _check_unset_direction(metric, "metric", direction)
     fn = metric
     name = getattr(metric, "__name__", "metric")
     maximize = direction == "maximize"

@@ -19,7 +19,9 @@ vmaptune                      Optuna
                               (tuples, functions) become their ``str``
 ============================  ===========================================
 
-Diverged trials are ``TrialState.FAIL`` with no value. Constants go to the
+Stopped trials are ``TrialState.PRUNED``, valued at their last intermediate
+value as Optuna values its own; diverged trials are ``TrialState.FAIL`` with
+no value. Constants go to the
 study's ``constants`` user attribute.
 """
 
@@ -93,8 +95,8 @@ def to_optuna(result, storage=None, study_name: str | None = None):
 
   Each trial keeps its parameters, its final score as the value and its
   validation curve as intermediate values (step -> score, non-finite
-  evaluations left out); diverged trials
-  are ``FAIL`` with no value. Trial user attributes: ``vmaptune_trial``,
+  evaluations left out); stopped trials are ``PRUNED`` (valued at their
+  last intermediate value), diverged trials ``FAIL`` with no value. Trial user attributes: ``vmaptune_trial``,
   ``round``, ``lane``, ``seed``, ``parent``, ``status``, ``steps``,
   ``diverged_at`` and ``sampling_scales``. Study user attributes:
   ``metric``, ``constants``, ``sampling_scales``, ``vmaptune_options``.
@@ -138,9 +140,13 @@ def to_optuna(result, storage=None, study_name: str | None = None):
         parent=None if t.parent is None else int(t.parent), status=t.status, steps=int(t.steps),
         diverged_at=None if t.diverged_at is None else int(t.diverged_at), sampling_scales=scales,
     )
+    # A stopped trial is Optuna's pruned one, valued as Optuna values those:
+    # its last intermediate value.
+    pruned = t.status == "stopped" and bool(intermediate)
+    state = TrialState.COMPLETE if finished else TrialState.PRUNED if pruned else TrialState.FAIL
+    value = float(t.score) if finished else intermediate[max(intermediate)] if pruned else None
     frozen.append(optuna.trial.create_trial(
-        state=TrialState.COMPLETE if finished else TrialState.FAIL,
-        value=float(t.score) if finished else None,
+        state=state, value=value,
         params=params, distributions=distributions, user_attrs=user_attrs,
         intermediate_values=intermediate,
     ))

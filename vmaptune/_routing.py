@@ -14,9 +14,11 @@ program (a bucket).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import math
 import numbers
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 
@@ -27,6 +29,10 @@ __all__ = ["Routing", "route", "spread_order", "TRAINER_KEYS", "DEFAULT_BATCH_SI
 TRAINER_KEYS = ("batch_size", "lr_decay")
 DEFAULT_BATCH_SIZE = 64
 SCHEDULES = ("inverse_time", "exponential")
+# Space keys that name an optimizer's hyperparameter (optax's own argument
+# names): with a built GradientTransformation nothing can inject them, and
+# routed to ``model_fn`` they would change nothing.
+OPTIMIZER_KEYS = ("learning_rate", "b1", "b2", "eps", "weight_decay")
 
 
 def _is_number(v: Any) -> bool:
@@ -86,6 +92,39 @@ class Routing:
     return tuple((k, config[k]) for k in self.static_opt)
 
 
+# Other libraries' names for optax's arguments.
+_ALIASES = {"lr": "learning_rate", "beta1": "b1", "beta2": "b2", "epsilon": "eps", "wd": "weight_decay"}
+
+
+def _warn_near_miss(key: str, params: Mapping[str, Any], optimizer: Any) -> None:
+  """A space key that goes to ``model_fn`` but reads like one of the
+  optimizer factory's arguments: a typo would search nothing, silently."""
+  if not params:
+    return
+  match = _ALIASES.get(key) if _ALIASES.get(key) in params else None
+  match = match or next(iter(difflib.get_close_matches(key, list(params), n=1, cutoff=0.8)), None)
+  if match is not None:
+    name = getattr(optimizer, "__name__", "the optimizer")
+    warnings.warn(f"space[{key!r}] goes to model_fn: {name} takes no argument {key!r}. Did you mean {match!r}? "
+                  "(A key the model does not read changes nothing, and its values each build a program.)",
+                  UserWarning, stacklevel=3)
+
+
+def _check_optimizer_constant(key: str, value: Any) -> None:
+  """An optimizer argument given as a range or a number in a string: the
+  factory would get the tuple or the string itself."""
+  if isinstance(value, tuple) and len(value) == 2 and all(_is_number(v) for v in value):
+    raise TypeError(
+        f"space[{key!r}] is the constant tuple {value!r}, which the optimizer would get as it is. For a range "
+        f"to search, write vt.loguniform{value!r} (or vt.uniform{value!r}).")
+  if isinstance(value, str):
+    try:
+      number = float(value)
+    except ValueError:
+      return
+    raise TypeError(f"space[{key!r}] is the string {value!r}; give the number {number!r}.")
+
+
 def _optimizer_params(optimizer: Callable) -> dict[str, inspect.Parameter]:
   try:
     sig = inspect.signature(optimizer)
@@ -111,13 +150,29 @@ def route(space: Mapping[str, Any], optimizer: Any, lr_schedule: str) -> Routing
     )
   injected, ints, static, model = [], [], [], []
   if is_transform:
+    fixed = [k for k in OPTIMIZER_KEYS if k in space]
+    if fixed:
+      raise ValueError(
+          f"space[{fixed[0]!r}]: `optimizer` is a built optax.GradientTransformation, so nothing can set its "
+          f"{fixed[0]}: the key would go to model_fn and every trial would train with the same optimizer. Pass "
+          "the factory (optimizer=optax.adam, not optax.adam(1e-3)), or a function of the hyperparameters, "
+          "e.g. optimizer=lambda learning_rate: optax.chain(optax.clip_by_global_norm(1.0), "
+          "optax.adamw(learning_rate)).")
     params = {}
   else:
     params = _optimizer_params(optimizer)
+  if "optimizer" in space and "optimizer" not in params:
+    raise ValueError(
+        "space['optimizer']: a key of the space reaches the optimizer only as one of its factory's arguments, "
+        "so this one would go to model_fn and every trial would train with `optimizer`. To search over "
+        "optimizers, give a factory that picks one, e.g. optimizer=lambda learning_rate, kind: "
+        "{'adam': optax.adam, 'sgd': optax.sgd}[kind](learning_rate) with 'kind': vt.choice(['adam', 'sgd']) "
+        "in the space.")
   for k, v in space.items():
     if k in TRAINER_KEYS:
       continue
     if k in params:
+      _check_optimizer_constant(k, v)
       if _is_numeric(v):
         injected.append(k)
         if _is_int_valued(v) and isinstance(params[k].default, numbers.Integral) and not isinstance(params[k].default, bool):
@@ -126,6 +181,7 @@ def route(space: Mapping[str, Any], optimizer: Any, lr_schedule: str) -> Routing
         static.append(k)
     else:
       model.append(k)
+      _warn_near_miss(k, params, optimizer)
   if not is_transform:
     missing = [k for k, p in params.items() if p.default is p.empty and k not in space]
     if missing:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -138,13 +139,20 @@ def train(
   planned = _check_schedule(schedule, config)
   _options.check_cache_arg(compilation_cache)
   _devices.use_compilation_cache(compilation_cache)
-  plan = Plan(model_fn=model_fn, routing=c.routing, dataset=c.dataset, objective=c.objective,
-              custom_loss=c.custom_loss, num_steps=num_steps, epochs=epochs, eval_every=c.eval_every,
-              eval_batch_size=c.eval_batch_size, precision=c.precision,
-              devices=[device if device is not None else jax.local_devices()[0]], lane_batch=None)
-  program = plan.single_program(c.routing.signature(config))
-  spec = program.spec
-  steps, eval_every, evals = plan.schedule(spec)
+  every = c.eval_every
+  while True:
+    plan = Plan(model_fn=model_fn, routing=c.routing, dataset=c.dataset, objective=c.objective,
+                custom_loss=c.custom_loss, num_steps=num_steps, epochs=epochs, eval_every=every,
+                eval_batch_size=c.eval_batch_size, precision=c.precision,
+                devices=[device if device is not None else jax.local_devices()[0]], lane_batch=None)
+    program = plan.single_program(c.routing.signature(config))
+    spec = program.spec
+    steps, eval_every, evals = plan.schedule(spec)
+    if every is not None or not any(at % eval_every for at in planned):
+      break
+    # No eval_every given: evaluate often enough to reach every change (a PBT
+    # schedule changes at multiples of its `ready`, not of a tenth of the run).
+    every = math.gcd(eval_every, *planned)
   for at in planned:
     if at % eval_every:
       raise ValueError(f"`schedule` step {at} is not a multiple of eval_every={eval_every}.")
@@ -179,6 +187,9 @@ def train(
         hp = {k: float(v) for k, v in getattr(state.opt_state, "hyperparams", {}).items()} if spec.injected or spec.schedule else {}
         changes = callback(TrainState(at[-1], scores[-1], np.asarray(scores), np.asarray(at),
                                       np.asarray(losses), hp, int(state.diverged_at) >= 0))
+        if changes is not None and not isinstance(changes, Mapping):
+          raise TypeError(f"`callback` must return None or a dict of changes (such as {{'learning_rate': 1e-4}} "
+                          f"or {{'stop': True}}), got {changes!r}.")
         if changes:
           if changes.get("stop"):
             break
