@@ -247,6 +247,10 @@ def _bad_model(config, rngs):
   raise RuntimeError("boom")
 
 
+def _warmup_cosine(peak_lr):  # optax's schedule branches on its peak: it cannot take a traced one
+  return optax.adam(optax.warmup_cosine_decay_schedule(0.0, peak_lr, 10, 100))
+
+
 class NeedsMask(nnx.Module):
   def __init__(self, rngs):
     self.l = nnx.Linear(64, 10, rngs=rngs)
@@ -290,6 +294,12 @@ class NeedsMask(nnx.Module):
         (dict(space={"learning_rate": "1e-3"}), TypeError, "the number 0.001"),
         (dict(loss_fn=lambda out, y: (out.argmax(-1) != y).astype(np.int32)), TypeError, "floating-point"),
         (dict(model_fn=MLP(8, 1, nnx.Rngs(0))), TypeError, r"built MLP.*lambda config, rngs"),
+        (dict(space={"learning_rate": vt.uniform(-1e-2, 1e-2)}), ValueError, "negative rate"),
+        (dict(model_fn=lambda c, rngs: MLP(8, 1, rngs, dout=1),
+              data=(np.zeros((20, 64), np.float32), np.arange(20, dtype=np.int32) % 2)), ValueError,
+         "sigmoid_binary_cross_entropy"),
+        (dict(optimizer=_warmup_cosine, space={"peak_lr": vt.loguniform(1e-3, 1e-1)}), ValueError,
+         "traced per-lane arrays.*join_schedules"),
     ],
 )
 def test_bad_input_raises_before_compiling(no_compile, small_digits, kwargs, err, match):

@@ -93,8 +93,14 @@ def check_spec(spec: TrainSpec, dataset: Dataset, custom_loss: bool) -> None:
   try:
     state = jax.eval_shape(lambda i: lane_init(spec, i), inputs)
   except Exception as err:
+    traced = isinstance(err, jax.errors.ConcretizationTypeError)  # TracerBoolConversionError is one
+    hint = (" The injected hyperparameters are traced per-lane arrays, not Python numbers: code that branches on"
+            " one or needs it as an int (some optax schedules, e.g. warmup_cosine_decay_schedule with a searched"
+            " peak) cannot take it. Build the schedule from parts that do (optax.join_schedules of"
+            " linear_schedule and cosine_decay_schedule), or make the value a constant or a vt.choice of"
+            " non-numeric options." if traced else "")
     raise ValueError(f"optimizer {name} failed to initialise with injected hyperparameters {list(spec.injected)} "
-                     f"(config {config!r}): {type(err).__name__}: {err}") from err
+                     f"(config {config!r}): {type(err).__name__}: {err}{hint}") from err
   try:
     jax.eval_shape(lambda s, d: lane_step(spec, s, d), state, _abstract(dataset.train, dataset.num_train))
   except Exception as err:

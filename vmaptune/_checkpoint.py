@@ -310,4 +310,6 @@ def fingerprint_diff(stored: Mapping[str, Any], current: Mapping[str, Any]) -> l
     a, b = stored.get(k, "<absent>"), current.get(k, "<absent>")
     if a != b:
       out.append(f"{k}: checkpoint has {a!r}, this call has {b!r}")
+  if any(d.startswith("data:") for d in out) and any(d.startswith("seed:") for d in out):
+    out.append("(the train/validation split follows `seed`, so a new seed changes the data too)")
   return out

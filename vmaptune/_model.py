@@ -184,7 +184,7 @@ def _keep_structure(old: Any, new: Any) -> Any:
   return jax.tree_util.tree_unflatten(treedef, [found.get(jax.tree_util.keystr(p), leaf) for p, leaf in paths])
 
 
-class _BadReturn(TypeError):
+class ModelReturnError(TypeError):
   """model_fn returned something that is not a model."""
 
 
@@ -228,7 +228,7 @@ class NNXAdapter(ModelAdapter):
     self.config = dict(config)
     try:
       abstract = nnx.eval_shape(lambda: self._make(jax.random.key(0)))
-    except _BadReturn:
+    except ModelReturnError:
       raise
     except Exception as e:
       raise _wrap_model_error(e, config, "building the model") from e
@@ -244,7 +244,7 @@ class NNXAdapter(ModelAdapter):
     rngs = nnx.Rngs(k_default, params=k_params, dropout=k_dropout)
     model = self.model_fn(self.config, rngs)
     if not isinstance(model, nnx.Module):
-      raise _BadReturn(
+      raise ModelReturnError(
           "model_fn(config, rngs) must return an nnx.Module, got "
           f"{type(model).__name__} (for a Linen module write model_fn(config)).")
     return model

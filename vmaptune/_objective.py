@@ -105,7 +105,11 @@ def check_default_outputs(out: Any, y: Any, num_classes: int | None, config: Any
       raise ValueError(f"with integer labels the model must output logits of shape (batch, num_classes); "
                        f"it output {out.shape} for a batch of {b}{where}.")
     if num_classes is not None and out.shape[1] < num_classes:
-      raise ValueError(f"the model outputs {out.shape[1]} classes but the labels go up to {num_classes - 1}{where}.")
+      hint = (" For two classes, output 2 logits, or keep one and give loss_fn=lambda out, y: "
+              "optax.sigmoid_binary_cross_entropy(out[:, 0], y.astype(out.dtype))."
+              if out.shape[1] == 1 and num_classes == 2 else "")
+      raise ValueError(f"the model outputs {out.shape[1]} classes but the labels go up to {num_classes - 1}{where}."
+                       + hint)
   else:
     squeezed = out.shape[:-1] if out.ndim == y.ndim + 1 and out.shape[-1] == 1 else out.shape
     if tuple(squeezed) != tuple(y.shape):
@@ -223,7 +227,8 @@ def resolve_objective(task: str, loss_fn: Any, metric: Any, direction: Any, mode
     if task == "custom":
       raise ValueError("the targets `y` are neither class labels of shape (n,) nor one float array (they are "
                        "integers of more dimensions, or a pytree), so there is no default loss: give "
-                       "loss_fn=(outputs, targets) -> per-example loss, or model_loss=(model, batch) -> loss.")
+                       "loss_fn=(outputs, targets) -> per-example loss, or model_loss=(model, batch) -> loss. "
+                       "(Class labels of shape (n, 1): pass y.ravel().)")
     loss = cross_entropy if task == "classification" else squared_error
   elif callable(loss_fn):
     _check_form(loss_fn, "loss_fn", False)
@@ -249,7 +254,8 @@ def resolve_objective(task: str, loss_fn: Any, metric: Any, direction: Any, mode
         raise ValueError(
             "metric='accuracy' needs integer class labels as `y` in `data`, but y is "
             + ("float (a regression target)" if task == "regression" else "not one integer array")
-            + ". Use metric='loss'.")
+            + (". Score with model_metric=(model, batch) -> per-example accuracy, or use metric='loss'."
+               if model_loss is not None else ". Use metric='loss'."))
       fn, name, maximize = accuracy, "accuracy", True
     else:
       raise ValueError(

@@ -110,6 +110,11 @@ def _warn_near_miss(key: str, params: Mapping[str, Any], optimizer: Any) -> None
                   UserWarning, stacklevel=3)
 
 
+def _lowest(value: Any) -> float:
+  """A numeric space entry's lowest value."""
+  return value.low if hasattr(value, "low") else (min(value.values) if isinstance(value, Choice) else value)
+
+
 def _check_optimizer_constant(key: str, value: Any) -> None:
   """An optimizer argument given as a range or a number in a string: the
   factory would get the tuple or the string itself."""
@@ -173,6 +178,9 @@ def route(space: Mapping[str, Any], optimizer: Any, lr_schedule: str) -> Routing
       continue
     if k in params:
       _check_optimizer_constant(k, v)
+      if k == "learning_rate" and _is_numeric(v) and _lowest(v) < 0:
+        raise ValueError(f"space['learning_rate'] reaches {_lowest(v)!r}: a negative rate climbs the loss. Give a "
+                         "positive range, e.g. vt.loguniform(1e-4, 1e-1).")
       if _is_numeric(v):
         injected.append(k)
         if _is_int_valued(v) and isinstance(params[k].default, numbers.Integral) and not isinstance(params[k].default, bool):
@@ -197,7 +205,7 @@ def route(space: Mapping[str, Any], optimizer: Any, lr_schedule: str) -> Routing
     d = space["lr_decay"]
     if not _is_numeric(d):
       raise TypeError(f"space['lr_decay'] must be numeric, got {d!r}.")
-    low = d.low if hasattr(d, "low") else (min(d.values) if isinstance(d, Choice) else d)
+    low = _lowest(d)
     if low < 0:
       raise ValueError(f"space['lr_decay'] must be >= 0 (a decay rate), got a lower end of {low!r}.")
     if is_transform or "learning_rate" not in params:

@@ -291,14 +291,19 @@ class Choice(Distribution):
     return list(self.values if region is None else region)
 
 
-def uniform(low: float, high: float) -> Uniform:
-  """A float drawn uniformly from ``[low, high]``.
+def uniform(low: float, high: float, log: bool = False) -> Uniform | LogUniform:
+  """A float drawn uniformly from ``[low, high]``; with ``log``, as
+  :func:`loguniform` (Optuna's ``suggest_float(..., log=True)``).
 
   >>> import vmaptune as vt
   >>> vt.uniform(0.0, 1.0)
   Uniform(low=0.0, high=1.0)
+  >>> vt.uniform(1e-4, 1e-1, log=True) == vt.loguniform(1e-4, 1e-1)
+  True
   """
-  return Uniform(low, high)
+  if not isinstance(log, bool):
+    raise TypeError(f"uniform: `log` must be a bool, got {log!r}.")
+  return LogUniform(low, high) if log else Uniform(low, high)
 
 
 def loguniform(low: float, high: float) -> LogUniform:
