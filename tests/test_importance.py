@@ -117,3 +117,29 @@ def test_bias_correction_removes_chance():
   values = [_importance.corrected_eta_squared(rng.integers(0, 10, 100), rng.normal(size=100))
             for _ in range(200)]
   assert np.mean(values) < 0.03
+
+
+def test_a_search_that_stopped_trials_counts_them_at_a_common_step():
+  # The pruner stops the bad learning rates at step 10; the survivors (good
+  # rates) end at scores the rate no longer explains. Their final scores
+  # alone credit the learning rate with nothing; every trial at step 10 gives
+  # it the lead.
+  rng = np.random.default_rng(0)
+  trials = []
+  for i in range(120):
+    cfg = {k: d.sample(rng, 1)[0] for k, d in SPACE.items() if isinstance(d, vt.Distribution)}
+    cfg["batch_size"] = 64
+    early = (math.log10(cfg["learning_rate"]) + 3.0) ** 2 + 0.05 * rng.normal()
+    survives = early < 0.5
+    final = 0.1 * rng.normal() + (0.5 if cfg["activation"] == "tanh" else 0.0)
+    curve = np.asarray([early, final] if survives else [early, np.nan], np.float32)
+    trials.append(Trial(id=i, config=cfg, score=final if survives else early, round=0, lane=i % 8,
+                        status="ok" if survives else "stopped", seed=i, curve=curve,
+                        curve_steps=np.asarray([10, 20]), train_curve=curve, steps=20 if survives else 10))
+  r = _result(trials, SPACE)
+  chosen, description = _importance.select_trials(r, None)
+  assert len(chosen) == 120 and "step 10" in description
+  assert [t.score for t in chosen] == pytest.approx([float(t.curve[0]) for t in trials])
+  assert list(_importance.importance(r))[0] == "learning_rate"
+  survivors = _importance.importance(r, rounds=0)  # the finished trials' final scores
+  assert list(survivors)[0] == "activation"

@@ -190,6 +190,28 @@ def test_curves_draws_every_lane_and_diverged_distinctly(result):
   assert len(solid) == len(result.trials) - 1
 
 
+def test_trials_stopped_early_are_not_called_diverged(result, tmp_path):
+  # A pruned trial (an adaptive search's "stopped") has a score up to its
+  # stop: thin grey in the curves, "stopped early" in every legend and the
+  # report, and an adaptive search's title names its strategy, not rounds.
+  t0 = result.trials[0]
+  curve = np.where(np.arange(len(t0.curve)) < 2, t0.curve, np.nan).astype(np.float32)
+  stopped = dataclasses.replace(t0, id=len(result.trials), status="stopped", score=float(curve[1]), curve=curve,
+                                steps=int(t0.curve_steps[1]))
+  r = SearchResult(trials=result.trials + [stopped], space=result.space, metric=result.metric,
+                   maximize=result.maximize, regions=result.regions[:1], stats=result.stats,
+                   best_params=result._best_params, options=dict(result.options, strategy="adaptive"))
+  ax = plot.curves(r).axes[0]
+  (grey,) = [ln for ln in ax.lines if ln.get_label() == "stopped early (1)"]
+  np.testing.assert_array_equal(grey.get_xdata(), t0.curve_steps[:2])
+  assert {"diverged (1)", "stopped early (1)"} <= {ln.get_label() for ln in ax.lines}
+  scatter = plot.scatter(r, "learning_rate", "b1").axes[0]
+  _collection(scatter, "stopped early (1), diverged (1)")
+  assert scatter.get_title().endswith("strategy adaptive")
+  text = " ".join(_parse(r.report(tmp_path / "out")).text)
+  assert "finished, stopped early (1), diverged (1)), strategy adaptive" in text
+
+
 def test_history_is_monotone_and_marks_rounds(result):
   ax = plot.history(result).axes[0]
   (best_line,) = [ln for ln in ax.lines if ln.get_label() == "best so far"]

@@ -61,6 +61,10 @@ def test_callback_can_stop_early(small_digits):
   assert run.steps == 10 and len(run.curve) == 2
   with pytest.raises(TypeError, match=r"`callback` must return None or a dict.*got 0.1"):
     vt.train(mlp_fn, small_digits, CONFIG, num_steps=40, eval_every=5, verbose=False, callback=lambda s: 0.1)
+  for bad in (-1.0, None, [1e-3], float("nan")):  # checked, not trained (or compiled again) with
+    with pytest.raises(ValueError, match=r"callback changes 'learning_rate'.*finite number >= 0"):
+      vt.train(mlp_fn, small_digits, CONFIG, num_steps=40, eval_every=5, verbose=False,
+               callback=lambda s: {"learning_rate": bad})
 
 
 def test_compile_tier_follows_the_length_of_the_run(small_digits, compile_tiers):
@@ -90,6 +94,18 @@ def test_lr_decay_decays_the_injected_learning_rate(small_digits):
   # 480 training examples / 32 = 15 steps an epoch; epoch e's steps use
   # lr0 / (1 + e), and the callback sees the rate of the last step taken.
   np.testing.assert_allclose(seen, [3e-3, 3e-3 / 2, 3e-3 / 3, 3e-3 / 4], rtol=1e-6)
+  # A rate the callback returns is the rate from the next step on, not a new
+  # base to decay again: halving at step 30 halves epoch 2's rate, and the
+  # schedule decays on from there.
+  seen = []
+
+  def halve_at_30(state):
+    seen.append(state.hyperparams["learning_rate"])
+    return {"learning_rate": 3e-3 / 3 / 2} if state.step == 30 else None
+
+  vt.train(mlp_fn, small_digits, {**CONFIG, "lr_decay": 1.0, "batch_size": 32}, num_steps=60, eval_every=15,
+           verbose=False, callback=halve_at_30)
+  np.testing.assert_allclose(seen, [3e-3, 3e-3 / 2, 3e-3 / 3 / 2, 3e-3 / 4 / 2], rtol=1e-6)
 
 
 def test_train_validation(small_digits):

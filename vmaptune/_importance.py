@@ -23,6 +23,7 @@ worst trials when scores have a heavy tail.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from typing import Any, Iterable, Sequence
@@ -55,6 +56,8 @@ def select_trials(result, rounds=None) -> tuple[list, str]:
   'round 0, 40 trials'
   """
   finite = [t for t in result.trials if t.status == "ok" and math.isfinite(t.score)]
+  if rounds is None and any(t.status == "stopped" for t in result.trials):
+    return _at_common_step(result.trials)
   if rounds is None:
     # Round 0 is a set of independent draws over the whole space: the only
     # trials whose hyperparameters are independent of each other and of the
@@ -82,6 +85,25 @@ def select_trials(result, rounds=None) -> tuple[list, str]:
   return chosen, f"round{'s' if len(wanted) > 1 else ''} {label}, {len(chosen)} trials"
 
 
+def _at_common_step(trials: Sequence) -> tuple[list, str]:
+  """Every trial not diverged, scored at the last evaluation all of them
+  reached. A strategy that stops trials early keeps final scores only for
+  its survivors, and those sit in the good region (in an adaptive search of
+  digits, every finished trial's learning rate lay in 0.006-0.059 of the
+  searched 1e-4-0.1, so the learning rate's share came out 0): the trials it
+  stopped count too, at the step where they were all still running."""
+  alive = [t for t in trials if t.status in ("ok", "stopped")]
+  last = [int(np.asarray(t.curve_steps)[np.isfinite(np.asarray(t.curve, np.float64))].max(initial=-1)) for t in alive]
+  step = min((s for s in last if s >= 0), default=-1)
+  scored = []
+  for t in alive:
+    hit = np.flatnonzero(np.asarray(t.curve_steps) == step)
+    value = float(np.asarray(t.curve, np.float64)[hit[0]]) if hit.size else math.nan
+    if math.isfinite(value):
+      scored.append(dataclasses.replace(t, score=value))
+  return scored, f"all rounds, {len(scored)} trials at step {step} (the last every trial reached; some stopped early)"
+
+
 def importance(result, *, rounds: int | Iterable[int] | None = None) -> dict[str, float]:
   """Each searched hyperparameter's share of the score's variance.
 
@@ -99,7 +121,10 @@ def importance(result, *, rounds: int | Iterable[int] | None = None) -> dict[str
       has at least 8 finite trials, else every round: round 0's configs are
       independent uniform draws, so their variance attribution is unbiased,
       while zoom rounds sample only near the best and correlate the
-      hyperparameters. An int or a list of ints picks rounds explicitly.
+      hyperparameters. When the strategy stopped trials early (adaptive,
+      halving), None scores every trial at the last evaluation step all of
+      them reached instead of the survivors' final scores. An int or a list
+      of ints picks rounds explicitly (finished trials' final scores).
 
   Returns:
     ``{name: share}``, largest share first; shares are in ``[0, 1]``.

@@ -31,6 +31,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
+from ._trial import user_stacklevel
+
 __all__ = ["ModelAdapter", "make_adapter", "model_kind"]
 
 _MODE_ARGS = ("train", "training", "deterministic", "is_training", "is_train")
@@ -67,6 +69,10 @@ def model_kind(model_fn: Any) -> str:
     return "nnx"
   positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
   required = [p for p in positional if p.default is p.empty]
+  if "rngs" in sig.parameters and len(positional) < 2 and not any(p.kind == p.VAR_KEYWORD for p in params):
+    raise TypeError(
+        "`model_fn` takes rngs but no config: write model_fn(config, rngs) -> nnx.Module (config holds the "
+        f"trial's model hyperparameters); got {getattr(model_fn, '__name__', 'model_fn')}{sig}.")
   if "rngs" in sig.parameters or len(required) == 2:
     return "nnx"
   if len(required) == 1 or (not required and positional):
@@ -140,7 +146,7 @@ def call_spec(fn: Callable, what: str, x: Any) -> CallSpec:
           f"{what} has a bool argument {p.name!r} (default {p.default}) that vmaptune leaves at its default in "
           f"training and in evaluation: it sets only an argument named {', '.join(_MODE_ARGS)} (deterministic: "
           "the opposite). If it switches dropout or batch statistics, rename it to `train`.", UserWarning,
-          stacklevel=2)
+          stacklevel=user_stacklevel())
     elif p.default is p.empty:
       raise TypeError(
           f"{what} needs an argument vmaptune cannot supply: {p.name!r}. vmaptune calls model(x) (model(*x) "

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ._trial import user_stacklevel
+
 __all__ = ["Objective", "resolve_objective", "cross_entropy", "squared_error", "accuracy", "mean_value",
            "check_value", "check_per_example", "check_default_outputs"]
 
@@ -114,7 +116,9 @@ def check_default_outputs(out: Any, y: Any, num_classes: int | None, config: Any
     squeezed = out.shape[:-1] if out.ndim == y.ndim + 1 and out.shape[-1] == 1 else out.shape
     if tuple(squeezed) != tuple(y.shape):
       raise ValueError(f"the model outputs shape {out.shape} but the targets have shape {y.shape}: "
-                       "they would broadcast. Make the output (batch,) or (batch, 1) for scalar targets.")
+                       "they would broadcast. Make the output "
+                       + (f"{('batch',) + tuple(y.shape[1:])}." if y.ndim > 1 else
+                          "(batch,) or (batch, 1) for scalar targets."))
 
 
 def mean_value(value: Any, what: str) -> jax.Array:
@@ -209,7 +213,7 @@ def _check_unset_direction(fn: Callable, what: str, direction: Any) -> None:
     warnings.warn(
         f"`{what}` {name!r} is minimized, as every callable metric is unless `direction` is given, so the "
         "search keeps its lowest value. If higher is better, pass direction='maximize' (direction='minimize' "
-        "silences this).", UserWarning, stacklevel=3)
+        "silences this).", UserWarning, stacklevel=user_stacklevel())
 
 
 def resolve_objective(task: str, loss_fn: Any, metric: Any, direction: Any, model_loss: Any = None,
@@ -255,7 +259,8 @@ def resolve_objective(task: str, loss_fn: Any, metric: Any, direction: Any, mode
             "metric='accuracy' needs integer class labels as `y` in `data`, but y is "
             + ("float (a regression target)" if task == "regression" else "not one integer array")
             + (". Score with model_metric=(model, batch) -> per-example accuracy, or use metric='loss'."
-               if model_loss is not None else ". Use metric='loss'."))
+               if model_loss is not None else ". Use metric='loss', or for one-hot or smoothed labels a callable: "
+               "metric=lambda out, y: (out.argmax(-1) == y.argmax(-1)).astype(jnp.float32), direction='maximize'."))
       fn, name, maximize = accuracy, "accuracy", True
     else:
       raise ValueError(

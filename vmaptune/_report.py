@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from . import _importance
 from . import _space
+from ._trial import rounds_text, unfinished
 
 __all__ = ["write_report"]
 
@@ -104,8 +105,9 @@ def render(result, *, title: str | None = None, top: int = 10) -> str:
   ok = [t for t in result.trials if t.status == "ok" and math.isfinite(t.score)]
   body = [f"<h1>{e(title)}</h1>"]
   body.append(
-      f"<p class='muted'>{len(result.trials)} trials ({len(ok)} finished, "
-      f"{len(result.trials) - len(ok)} diverged) in {len(result.regions)} round(s); metric "
+      f"<p class='muted'>{len(result.trials)} trials ({len(ok)} finished"
+      f"{', ' if len(ok) < len(result.trials) else ''}{unfinished([t for t in result.trials if t not in ok])}), "
+      f"{rounds_text(result)}; metric "
       f"<b>{e(str(result.metric))}</b>, {better} is better; written "
       f"{e(datetime.datetime.now().isoformat(timespec='seconds'))}.</p>"
   )

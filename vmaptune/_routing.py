@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 
 from ._space import Choice, Distribution, Integer
+from ._trial import user_stacklevel
 
 __all__ = ["Routing", "route", "spread_order", "TRAINER_KEYS", "DEFAULT_BATCH_SIZE"]
 
@@ -107,7 +108,7 @@ def _warn_near_miss(key: str, params: Mapping[str, Any], optimizer: Any) -> None
     name = getattr(optimizer, "__name__", "the optimizer")
     warnings.warn(f"space[{key!r}] goes to model_fn: {name} takes no argument {key!r}. Did you mean {match!r}? "
                   "(A key the model does not read changes nothing, and its values each build a program.)",
-                  UserWarning, stacklevel=3)
+                  UserWarning, stacklevel=user_stacklevel())
 
 
 def _lowest(value: Any) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -193,7 +194,7 @@ def train(
         if changes:
           if changes.get("stop"):
             break
-          state = _apply_changes(state, spec, changes)
+          state = _apply_changes(state, spec, changes, current=True)
   finally:
     progress.close()
   slot.diverged_at = int(state.diverged_at)
@@ -205,7 +206,11 @@ def train(
              maximize=c.objective.maximize)
 
 
-def _apply_changes(state, spec: TrainSpec, changes: Mapping[str, Any]):
+def _apply_changes(state, spec: TrainSpec, changes: Mapping[str, Any], current: bool = False):
+  """``changes`` applied from the next step. Under an ``lr_decay`` schedule a
+  ``learning_rate`` is the base rate the schedule decays (a PBT schedule's
+  values), or with ``current`` the rate itself from the next step on, as the
+  callback sees it in ``hyperparams`` (the schedule decays on from there)."""
   hp = dict(state.opt_state.hyperparams) if hasattr(state.opt_state, "hyperparams") else {}
   unknown = [k for k in changes if k not in hp and k not in ("stop", "lr_decay")]
   if unknown:
@@ -213,6 +218,12 @@ def _apply_changes(state, spec: TrainSpec, changes: Mapping[str, Any]):
         f"callback returned changes for {unknown}; only injected optimizer "
         f"hyperparameters can change: {sorted(hp)}."
     )
+  for k, v in changes.items():
+    value = v if k == "stop" else np.asarray(v) if isinstance(v, (numbers.Real, np.ndarray, jax.Array)) else None
+    if k != "stop" and (value is None or value.ndim != 0 or value.dtype.kind not in "iuf"
+                        or not np.isfinite(value) or (k in ("learning_rate", "lr_decay") and value < 0)):
+      raise ValueError(f"callback changes {k!r} to {v!r}; give a finite number"
+                       + (" >= 0." if k in ("learning_rate", "lr_decay") else "."))
   lr0, lr_decay = state.lr0, state.lr_decay
   for k, v in changes.items():
     if k == "stop":
@@ -225,8 +236,13 @@ def _apply_changes(state, spec: TrainSpec, changes: Mapping[str, Any]):
     # Committed to the same device as before: an uncommitted array would
     # change the jit cache key and recompile the program.
     hp[k] = jax.device_put(np.asarray(v, hp[k].dtype), hp[k].sharding)
-    if k == "learning_rate" and spec.schedule is not None:
-      lr0 = jax.device_put(np.asarray(v, np.float32), lr0.sharding)
+  if "learning_rate" in changes and spec.schedule is not None:
+    base = float(changes["learning_rate"])
+    if current:  # the base whose decay at the next step's epoch is this rate
+      epoch = int(state.step) // spec.steps_per_epoch
+      decay = float(lr_decay)
+      base *= (1.0 + decay * epoch) if spec.schedule == "inverse_time" else math.exp(decay * epoch)
+    lr0 = jax.device_put(np.asarray(base, np.float32), lr0.sharding)
   return state._replace(opt_state=state.opt_state._replace(hyperparams=hp), lr0=lr0, lr_decay=lr_decay)
 
 

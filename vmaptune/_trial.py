@@ -12,11 +12,14 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import os
+import sys
 from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["Trial", "Run", "Stats", "AllDivergedError", "rank_trials", "better", "fmt", "text_table", "optional"]
+__all__ = ["Trial", "Run", "Stats", "AllDivergedError", "rank_trials", "better", "fmt", "text_table", "optional",
+           "unfinished", "rounds_text", "user_stacklevel"]
 
 
 def optional(module: str, extra: str):
@@ -287,3 +290,28 @@ def rank_trials(trials: Sequence[Trial], maximize: bool) -> list[Trial]:
   """Healthy trials best first; NaN and diverged trials never rank."""
   ok = [t for t in trials if t.status == "ok" and math.isfinite(t.score)]
   return sorted(ok, key=lambda t: (-t.score if maximize else t.score, t.id))
+
+
+def unfinished(trials: Sequence[Trial]) -> str:
+  """What the trials without a final score were: stopped early (pruned by
+  the strategy) or diverged, with their counts."""
+  stopped = sum(t.status == "stopped" for t in trials)
+  return ", ".join(([f"stopped early ({stopped})"] if stopped else [])
+                   + ([f"diverged ({len(trials) - stopped})"] if len(trials) > stopped else []))
+
+
+def rounds_text(result) -> str:
+  """Zoom's rounds, or the strategy that refilled lanes as it went (its
+  trials' ``round`` is not a zoom round)."""
+  strategy = result.options.get("strategy", "zoom")
+  return f"{len(result.regions)} round(s)" if strategy == "zoom" else f"strategy {strategy}"
+
+
+def user_stacklevel() -> int:
+  """The ``stacklevel`` that points a warning raised by its caller at the
+  first frame outside vmaptune: the user's line."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  frame, level = sys._getframe(1), 1
+  while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == here:
+    frame, level = frame.f_back, level + 1
+  return level

@@ -26,6 +26,7 @@ import numpy as np
 
 from . import _importance
 from . import _space
+from ._trial import rounds_text, unfinished
 
 __all__ = ["scatter", "slice", "curves", "history", "importance"]
 
@@ -299,8 +300,7 @@ def scatter(result, x: str, y: str):
     ax.scatter(ax_x.positions(ok), ax_y.positions(ok), c=scores, cmap=cmap, norm=norm, s=26,
                edgecolors="none", alpha=0.9, zorder=3, label=f"trials ({len(ok)})")
   if bad:
-    ax.scatter(ax_x.positions(bad), ax_y.positions(bad), zorder=3, label=f"diverged ({len(bad)})",
-               **_DIVERGED)
+    ax.scatter(ax_x.positions(bad), ax_y.positions(bad), zorder=3, label=unfinished(bad), **_DIVERGED)
   for r, region in enumerate(result.regions):
     if r == 0:
       continue  # round 0 sampled the whole space: the axis limits are its box
@@ -315,7 +315,7 @@ def scatter(result, x: str, y: str):
     ax.scatter(ax_x.positions([best]), ax_y.positions([best]), label="best", **_BEST)
   ax_x.setup(ax, "x")
   ax_y.setup(ax, "y")
-  title = f"{len(result.trials)} trials, {len(result.regions)} round(s)"
+  title = f"{len(result.trials)} trials, {rounds_text(result)}"
   if result.options.get("sampler") == "grid":
     # The grid's rows: every trial sits on one of a few lines, so n trials
     # try only about sqrt(n) values of each hyperparameter.
@@ -374,7 +374,7 @@ def slice(result):  # noqa: A001  (the name the API promises; builtins.slice sta
     if bad:
       ax.scatter(axis.positions(bad), np.full(len(bad), _worse_edge(result)),
                  transform=ax.get_xaxis_transform(),
-                 clip_on=False, label=f"diverged ({len(bad)})", zorder=3, **_DIVERGED)
+                 clip_on=False, label=unfinished(bad), zorder=3, **_DIVERGED)
     if best is not None:
       ax.scatter(axis.positions([best]), [best.score], label="best", **_BEST)
     axis.setup(ax, "x")
@@ -418,19 +418,19 @@ def curves(result):
     steps, values = np.asarray(t.curve_steps), np.asarray(t.curve, dtype=np.float64)
     ax.plot(steps, values, color=cmap(norm(t.score)), linewidth=1.0, alpha=0.75,
             marker="o" if len(values) == 1 else None, markersize=3)
-  labelled = False
+  labelled = set()  # stopped early: thin grey, to their last score; diverged: red, dashed, to an x
   for t in bad:
     steps, values = np.asarray(t.curve_steps), np.asarray(t.curve, dtype=np.float64)
-    keep = np.isfinite(values)
-    if t.diverged_at is not None:
-      keep &= steps <= t.diverged_at
+    keep = np.isfinite(values) & (steps <= (t.diverged_at if t.diverged_at is not None else np.inf))
     if not keep.any():
       continue
-    label = None if labelled else f"diverged ({len(bad)})"
-    labelled = True
-    ax.plot(steps[keep], values[keep], color="red", linestyle="--", linewidth=1.0, alpha=0.8,
-            label=label)
-    ax.plot(steps[keep][-1:], values[keep][-1:], color="red", marker="x", linestyle="none")
+    stopped = t.status == "stopped"
+    label = None if stopped in labelled else unfinished([b for b in bad if (b.status == "stopped") == stopped])
+    labelled.add(stopped)
+    ax.plot(steps[keep], values[keep], color="0.6" if stopped else "red", linestyle="-" if stopped else "--",
+            linewidth=0.8 if stopped else 1.0, alpha=0.6 if stopped else 0.8, label=label)
+    if not stopped:
+      ax.plot(steps[keep][-1:], values[keep][-1:], color="red", marker="x", linestyle="none")
   values = np.concatenate([np.asarray(t.curve, dtype=np.float64) for t in result.trials]) \
       if result.trials else np.zeros(0)
   _score_scale(ax, values)
@@ -479,7 +479,7 @@ def history(result):
   if (~finite).any():
     ax.scatter(index[~finite], np.full(int((~finite).sum()), _worse_edge(result)),
                transform=ax.get_xaxis_transform(),
-               clip_on=False, zorder=3, label=f"diverged ({int((~finite).sum())})", **_DIVERGED)
+               clip_on=False, zorder=3, label=unfinished([t for t, f in zip(trials, finite) if not f]), **_DIVERGED)
   for r in sorted({t.round for t in trials}):
     members = index[[t.round == r for t in trials]]
     a, b = members.min() - 0.5, members.max() + 0.5
