@@ -246,9 +246,18 @@ def test_adaptive_with_a_timeout_checkpoints_and_resumes(every, small_digits, tm
   # 10 s: with 6 s, a slow CI run spent 4.7 s compiling and the resumed search finished no trial.
   kw = dict(num_configs=8, num_steps=40, timeout=10.0, verbose=False, checkpoint_dir=tmp_path / "ckpt",
             checkpoint_every=every)
+  from vmaptune import _checkpoint
+
+  saves = []
+  save = _checkpoint.Checkpointer.save
+  monkeypatch.setattr(_checkpoint.Checkpointer, "save", lambda self, *a: saves.append(1) or save(self, *a))
   r = _crash_then_resume(monkeypatch, small_digits, space, kw, "adaptive:saved@1=crash")
   assert r.best_trial.status == "ok"
   assert not [t for t in r.trials if t.status == "diverged" and t.steps == 0]
+  # By default a timeout search saves at most every twentieth of it (every trial-length, a small
+  # model's saves took half its time); checkpoint_every as given.
+  if every is None:
+    assert len(saves) <= 2 * 21, len(saves)
 
 
 def test_adaptive_with_a_timeout_trains_until_the_deadline(small_digits):
@@ -1009,6 +1018,24 @@ def test_on_cpu_lanes_of_chunks_not_trained_do_not_keep_a_freed_lane_from_a_new_
   # the lanes that train; charged with the five that do not, it would not (300 / 6 < 100).
   decision, state = strat.next(ctx, state, lanes, [0], [], Clock(100, remaining=300, left=5.0))
   assert isinstance(decision.refill[0], NewTrial) and not decision.done
+
+
+@pytest.mark.parametrize("strategy", ["zoom", "pbt"])
+def test_a_round_that_runs_past_the_timeout_is_warned(small_digits, strategy, monkeypatch):
+  # Zoom and PBT train a round to its end: past a short timeout, they say by
+  # how much. (The search's own end reads a clock 5 s on: a fast machine
+  # may overrun by less than the 0.5 s that warns.)
+  import time
+  import types
+
+  from vmaptune import _search
+
+  calls = []
+  clock = lambda: time.perf_counter() + 5.0 * bool(calls.append(1) or len(calls) > 1)
+  monkeypatch.setattr(_search, "time", types.SimpleNamespace(perf_counter=clock))
+  kw = dict(KW, num_steps=40, timeout=0.01, rounds=1, strategy=strategy)
+  with pytest.warns(RuntimeWarning, match=rf"ended \d+\.\d s past its timeout of 0.01 s: strategy '{strategy}'"):
+    vt.search(mlp_fn, small_digits, SPACE, **kw)
 
 
 @pytest.mark.parametrize("strategy", ["adaptive", "halving"])

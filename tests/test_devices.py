@@ -180,3 +180,13 @@ def test_late_import_warns_and_falls_back(tmp_path):
   devices, warned = map(int, out.stdout.split())
   cores = len(os.sched_getaffinity(0))
   assert devices == 1 and warned == (1 if cores > 1 else 0)
+
+
+def test_another_cache_folder_in_the_same_process_is_warned(tmp_path):
+  # JAX's cache folder is set once per process (here by conftest): a search
+  # asking for another one is told it is not used, instead of silence.
+  current = jax.config.jax_compilation_cache_dir
+  with pytest.warns(RuntimeWarning, match=r"compilation_cache=.* is not used: this process already caches"):
+    assert _devices.use_compilation_cache(str(tmp_path / "elsewhere")) == current
+  assert not (tmp_path / "elsewhere").exists()
+  assert _devices.use_compilation_cache(True) == current  # the default folder: whatever is in use

@@ -4,6 +4,7 @@ import pathlib
 import re
 
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -51,6 +52,12 @@ def test_demo_runs_end_to_end(capsys, tmp_path, monkeypatch):
   assert _demo.main(["demo", "--configs", "4", "--rounds", "2", "--steps", "20", "--quiet", "--no-cache",
                      "--strategy", "pbt"]) == 0
   assert "No re-check: PBT" in capsys.readouterr().out
+  # A bad value is argparse's usage error (exit 2), not a traceback.
+  for bad in (["--configs", "0"], ["--steps", "-5"], ["--timeout", "0"], ["--rounds", "x"]):
+    with pytest.raises(SystemExit) as exit_:
+      _demo.main(["demo", *bad])
+    assert exit_.value.code == 2
+  assert "must be positive" in capsys.readouterr().err
 
 
 def test_demo_digits_are_scikit_learns_without_importing_it():

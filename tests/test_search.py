@@ -99,6 +99,48 @@ def test_one_compile_per_signature():
   assert fresh.stats.programs_compiled == 1
 
 
+def test_a_redefined_model_class_is_a_new_program():
+  # A notebook re-runs the class cell: model_fn is the same function, but it
+  # builds another model. The cache must not hand back the old program.
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.l = nnx.Linear(64, 10, rngs=rngs)
+
+    def __call__(self, x):
+      return self.l(x)
+
+  def model_fn(config, rngs):
+    return Net(rngs)
+
+  rng = np.random.default_rng(0)
+  data = (rng.normal(size=(100, 64)).astype(np.float32), rng.integers(0, 10, size=100).astype(np.int32))
+  kw = dict(num_configs=2, num_steps=5, rounds=1, verbose=False)
+  first = vt.search(model_fn, data, LR, **kw)
+  assert vt.search(model_fn, data, LR, **kw).stats.programs_compiled == 0  # unchanged: cached
+
+  class Net(nnx.Module):  # noqa: F811 - the notebook's second version
+    def __init__(self, rngs):
+      self.l = nnx.Linear(64, 10, use_bias=False, rngs=rngs)
+
+    def __call__(self, x):
+      return self.l(x)
+
+  second = vt.search(model_fn, data, LR, **kw)
+  assert second.stats.programs_compiled == 1 and second.best_model().l.bias is None
+  assert first.best_model().l.bias is not None
+
+
+def test_a_callback_can_end_the_search(small_digits):
+  kw = dict(num_configs=4, num_steps=10, rounds=3, strategy="zoom", verbose=False)
+  seen = []
+  r = vt.search(mlp_fn, small_digits, LR, callbacks=[lambda partial: seen.append(partial) or len(seen) == 1], **kw)
+  assert len(seen) == 1 and {t.round for t in r.trials} == {0} and len(r.trials) == 4
+  r = vt.search(mlp_fn, small_digits, LR, callbacks=[lambda partial: {"stop": len(partial.regions) == 2}], **kw)
+  assert {t.round for t in r.trials} == {0, 1}
+  with pytest.raises(TypeError, match=r"search callback must return None, True"):
+    vt.search(mlp_fn, small_digits, LR, callbacks=[lambda partial: 5], **kw)
+
+
 def test_max_buckets_caps_signatures(small_digits):
   space = {**LR, "hidden": vt.integer(4, 64)}
   result = vt.search(mlp_fn, small_digits, space, num_configs=6, num_steps=10, rounds=1,
@@ -295,6 +337,7 @@ class NeedsMask(nnx.Module):
         (dict(loss_fn=lambda out, y: (out.argmax(-1) != y).astype(np.int32)), TypeError, "floating-point"),
         (dict(model_fn=MLP(8, 1, nnx.Rngs(0))), TypeError, r"built MLP.*lambda config, rngs"),
         (dict(space={"learning_rate": vt.uniform(-1e-2, 1e-2)}), ValueError, "negative rate"),
+        (dict(checkpoint_dir=__file__), ValueError, "`checkpoint_dir` .* is a file"),
         (dict(model_fn=lambda c, rngs: MLP(8, 1, rngs, dout=1),
               data=(np.zeros((20, 64), np.float32), np.arange(20, dtype=np.int32) % 2)), ValueError,
          "sigmoid_binary_cross_entropy"),
@@ -322,6 +365,7 @@ def _accuracy(out, y):
         # A callable metric is minimized unless told: one named like accuracy is warned.
         (dict(metric=lambda out, y: out[:, 0]), None),
         (dict(metric=_accuracy), "'_accuracy' is minimized"),
+        (dict(lr_schedule="exponential"), "changes nothing without 'lr_decay'"),
     ],
 )
 def test_likely_mistakes_warn_before_compiling(no_compile, small_digits, kwargs, match):

@@ -161,3 +161,18 @@ def test_json_round_trip():
   for d in [vt.uniform(0, 1), vt.loguniform(1e-4, 1e-1), vt.reverse_loguniform(0.9, 0.999),
             vt.integer(1, 5, log=True), vt.choice([1, "a", None]), 3, "relu"]:
     assert _space.from_json(_space.to_json(d)) == d
+
+
+def test_enqueued_values_become_the_spaces_plain_values():
+  # A config read from a DataFrame or an array holds NumPy scalars; the trial's
+  # config (and best_config, json-serialisable) holds the space's own values.
+  import json
+
+  from vmaptune import _sampling
+
+  space = {"learning_rate": vt.loguniform(1e-3, 1e-1), "hidden": vt.choice([16, 32]),
+           "layers": vt.integer(1, 3)}
+  (got,) = _sampling.check_enqueued(space, [{"learning_rate": np.float32(0.01), "hidden": np.int64(32),
+                                             "layers": np.int64(2)}])
+  assert [type(got[k]) for k in ("learning_rate", "hidden", "layers")] == [float, int, int]
+  assert json.loads(json.dumps(got)) == got

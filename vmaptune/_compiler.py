@@ -14,12 +14,14 @@ import contextlib
 import os
 import threading
 import time
+import types
 import warnings
 from typing import Any, Callable
 
 import jax
 
 __all__ = ["Compiler", "TIERS", "START_TIERS", "tier_for", "compiler_options", "compile_pool", "cached", "clear_cache",
+           "code_reads",
            "CPU_FLOPS_PER_CORE", "CPU_CONV_FLOPS_PER_CORE", "CPU_FAST_CONV_FLOPS_PER_CORE", "quiet_donation",
            "step_seconds", "has_convolution",
            "counted_flops"]
@@ -48,13 +50,73 @@ def cached(key: tuple, build: Callable[[], Any]) -> Any:
   return found
 
 
+def code_reads(fn: Any, depth: int = 2) -> tuple:
+  """What ``fn``'s code reads by global name or closure, two levels down
+  (the classes and functions it reads, and what their methods read): a key
+  part that changes when a notebook cell redefines the model's class or a
+  function it calls, though ``fn`` itself is the same object. Hashable
+  values stand for themselves, others by ``id``; modules are left out.
+
+  >>> class A: pass
+  >>> f = lambda c, rngs: A()
+  >>> before = code_reads(f)
+  >>> class A: pass
+  >>> code_reads(f) == before
+  False
+  """
+  out, seen = [], set()
+
+  def names(code) -> set:
+    found = set(code.co_names)
+    for const in code.co_consts:
+      if isinstance(const, types.CodeType):
+        found |= names(const)
+    return found
+
+  def visit(obj, level: int) -> None:
+    if id(obj) in seen:
+      return
+    seen.add(id(obj))
+    if isinstance(obj, type):
+      for attr in vars(obj).values():
+        if level > 0 and isinstance(attr, (types.FunctionType, staticmethod, classmethod)):
+          visit(getattr(attr, "__func__", attr), level - 1)
+      return
+    code, scope = getattr(obj, "__code__", None), getattr(obj, "__globals__", None)
+    if code is None or scope is None:
+      return
+    cells = [c.cell_contents for c in (getattr(obj, "__closure__", None) or ()) if _filled(c)]
+    for value in [scope[n] for n in sorted(names(code)) if n in scope] + cells:
+      if isinstance(value, types.ModuleType):
+        continue
+      try:
+        hash(value)
+        out.append(value)
+      except Exception:  # noqa: BLE001 - unhashable (an array, a dict): by identity
+        out.append(("id", id(value)))
+      if level > 0 and isinstance(value, (type, types.FunctionType)):
+        visit(value, level - 1)
+
+  visit(fn, depth)
+  return tuple(out)
+
+
+def _filled(cell) -> bool:
+  try:
+    cell.cell_contents
+  except ValueError:  # an empty cell: a name bound later
+    return False
+  return True
+
+
 def clear_cache() -> None:
   """Forgets every compiled program kept between searches in this process.
 
   Programs are cached by the identity of ``model_fn``, the optimizer, loss and
-  metric, and by the shapes of the data, so a second search with the same
-  setup compiles nothing. Clear the cache if a closure those functions read
-  has changed.
+  metric, what ``model_fn`` reads (:func:`code_reads`: a redefined model
+  class or a function it calls is seen), and by the shapes of the data, so a
+  second search with the same setup compiles nothing. Clear the cache if a
+  value those functions read changed in place (a list, an attribute).
 
   >>> import vmaptune as vt
   >>> vt.clear_cache()

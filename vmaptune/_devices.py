@@ -186,6 +186,14 @@ def use_compilation_cache(setting) -> str | None:
       setting = True
   if setting is False:
     return None
+  current = jax.config.jax_compilation_cache_dir
+  if current and setting is not True and os.path.abspath(os.fspath(setting)) != os.path.abspath(current):
+    key = ("cache_elsewhere", current, os.fspath(setting))
+    if not _state.get(key):  # JAX's cache folder is the process's: set once, by the first user
+      _state[key] = True
+      warnings.warn(f"vmaptune: compilation_cache={os.fspath(setting)!r} is not used: this process already "
+                    f"caches compiled programs in {current!r} (JAX's jax_compilation_cache_dir is set once per "
+                    "process). Start a new process to use another folder.", RuntimeWarning, stacklevel=3)
   try:
     return enable_compilation_cache(None if setting is True else setting)
   except OSError as e:

@@ -80,13 +80,22 @@ class Halving:
   # Setup -------------------------------------------------------------------
 
   def rungs(self, steps: int) -> list[int]:
-    n = 1 + max(0, int(round(math.log(1.0 / self.min_fraction) / math.log(self.eta))))
-    r0 = steps // self.eta ** (n - 1)
+    """The rungs' steps: ``min_fraction`` of ``steps``, ``eta`` times that,
+    ... while below ``steps``, and ``steps``.
+
+    >>> import vmaptune as vt
+    >>> vt.Halving(eta=3, min_fraction=1 / 9).rungs(36), vt.Halving(eta=3, min_fraction=0.5).rungs(90)
+    ([4, 12, 36], [45, 90])
+    """
+    below = 0  # rungs before the last (a rounding from 1/eta**k is not one more)
+    while self.min_fraction * self.eta ** below < 1 - 1e-9:
+      below += 1
+    r0 = int(steps * self.min_fraction + 1e-9)
     if r0 < 1:
       raise ValueError(
           f"strategy='halving': num_steps={steps} is too short for rungs at "
           f"{self.min_fraction:g} of the budget with eta={self.eta}.")
-    return [r0 * self.eta**k for k in range(n - 1)] + [steps]
+    return [r0 * self.eta**k for k in range(below)] + [steps]
 
   def check(self, ctx: Context) -> None:
     if ctx.num_steps is None:

@@ -35,7 +35,7 @@ from ._replay import Replay
 from ._progress import Progress
 from ._result import SearchResult
 from ._strategy import Clock, Context, Strategy
-from ._trial import AllDivergedError, Stats, Trial, better, rank_trials
+from ._trial import AllDivergedError, Stats, Trial, better, callback_stops, rank_trials
 
 __all__ = ["Ledger", "run"]
 
@@ -131,7 +131,7 @@ class _Run:
     self.timeout = timeout
     self.deadline: float | None = None       # what the strategy plans to: the re-check's time held back
     self.deadline_full: float | None = None  # the timeout's
-    self.wall_before = 0.0  # wall seconds earlier runs of a resumed search used
+    self.wall_before, self._saved_at = 0.0, -math.inf  # wall seconds earlier runs used; the last save's clock
     self._pace = _Pace()
 
   # The loop ------------------------------------------------------------------
@@ -279,8 +279,8 @@ class _Run:
       rounds = self.horizons if self.strategy.sequential else self.elapsed // (self.ctx.num_steps or self.elapsed or 1)
       self.progress.end_round(self._best_score(), rounds, last=decision.done)
     if decision.report or decision.done:
-      for fn in self.callbacks:
-        fn(self.snapshot(t_start))
+      if any([callback_stops(fn(self.snapshot(t_start))) for fn in self.callbacks]):
+        return True  # a callback ended the search: as if its budget were spent
     if decision.done:
       return True
     if decision.generation is not None:
@@ -403,6 +403,9 @@ class _Run:
       return False
     if self.strategy.sequential:
       return True
+    if self.timeout is not None and self.ctx.checkpoint_every is None and time.perf_counter() - self._saved_at < \
+        self.timeout / 20:  # at most about twenty saves: a small model's, every num_steps, took half of 8 s
+      return False
     c = self.population.chunks[0].cadence
     step = c.steps_per_call
     every = self.ctx.checkpoint_every or self.ctx.num_steps
@@ -413,18 +416,13 @@ class _Run:
     t0 = time.perf_counter()
     arrays: dict = {}
     meta = {
-        "fingerprint": self.fingerprint,
-        "phase": self.phase,
-        "elapsed": self.elapsed,
-        "horizons": self.horizons,
-        "wall_used": self.wall_before + time.perf_counter() - self._t_start,
-        "strategy": self.strategy.name,
+        "fingerprint": self.fingerprint, "phase": self.phase, "elapsed": self.elapsed, "horizons": self.horizons,
+        "wall_used": self.wall_before + time.perf_counter() - self._t_start, "strategy": self.strategy.name,
         "strategy_state": self.state._asdict(),
         "trials": [t.to_dict() for t in self.ledger.trials],
         "plan": {"lanes_per_program": self.plan.lanes_per_program,
                  "chunk_lanes": list(self.plan.chunk_lanes.items())},
-        "population": self.population.save(arrays),
-        "best": None,
+        "population": self.population.save(arrays), "best": None,
     }
     kept = {"best": (self.ledger.best, self.ledger.best_params.get(getattr(self.ledger.best, "id", None))),
             "candidate": self.ledger.candidate}
@@ -437,6 +435,7 @@ class _Run:
         arrays[f"{name}/{j}"] = host_leaf(leaf)
       meta[name] = {"trial": pair[0].to_dict(), "leaves": len(leaves)}
     self.checkpointer.save(meta, arrays)
+    self._saved_at = time.perf_counter()
     self.stats.checkpoint_seconds += time.perf_counter() - t0
     _faults.failpoint(f"{self.strategy.name}:saved")
 
@@ -538,3 +537,4 @@ def run(**kwargs) -> SearchResult:
   """Runs one search to the end (see :class:`_Run` for the arguments)."""
   t_start = kwargs.pop("t_start")
   return _Run(**kwargs).run(t_start)
+

@@ -16,6 +16,7 @@ import hashlib
 import inspect
 import math
 import numbers
+import os
 from typing import Any, Callable
 
 
@@ -269,6 +270,8 @@ def parse_search(model_fn, data, space, *, optimizer, num_configs, num_steps, ep
   checkpoint_every = int_arg("checkpoint_every", checkpoint_every, allow_none=True)
   if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, bytes)) and not hasattr(checkpoint_dir, "__fspath__"):
     raise TypeError(f"`checkpoint_dir` must be a path, got {checkpoint_dir!r}.")
+  if checkpoint_dir is not None and os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
+    raise ValueError(f"`checkpoint_dir` {os.fsdecode(checkpoint_dir)!r} is a file; give a folder (created if missing).")
   if checkpoint_every is not None and checkpoint_dir is None:
     raise ValueError("`checkpoint_every` needs a `checkpoint_dir` to write to.")
   if not isinstance(overwrite, bool):

@@ -21,7 +21,7 @@ from ._data import Dataset
 from ._objective import Objective
 from ._lane import LaneInputs, TrainSpec, lane_init, stack_inputs
 from ._model import make_adapter
-from ._compiler import cached
+from ._compiler import cached, code_reads
 from ._convgrad import conv_grads
 from ._program import Layout, Program
 from ._single import SingleProgram
@@ -83,6 +83,7 @@ class Plan:
                num_steps, epochs, eval_every, eval_batch_size, precision, devices, lane_batch,
                memory_budget=None):
     self.model_fn = model_fn
+    self._model_reads = code_reads(model_fn)  # a redefined model class is another program
     self.routing = routing
     self.dataset = dataset
     self.objective = objective
@@ -138,7 +139,7 @@ class Plan:
   def _cache_key(self, signature: tuple, *layout) -> tuple:
     o = self.objective
     return (
-        self.model_fn, self.routing, o.loss_fn, o.metric_fn, o.model_loss, o.model_metric, self.dataset.signature(),
+        self.model_fn, self._model_reads, self.routing, o.loss_fn, o.metric_fn, o.model_loss, o.model_metric, self.dataset.signature(),
         self.eval_batch_size, self.precision, tuple(x.id for x in self.devices),
         conv_grads(self.devices[0].platform), signature,
     ) + layout

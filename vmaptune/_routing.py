@@ -202,6 +202,9 @@ def route(space: Mapping[str, Any], optimizer: Any, lr_schedule: str) -> Routing
           "it with functools.partial."
       )
   schedule = None
+  if lr_schedule != SCHEDULES[0] and "lr_decay" not in space:
+    warnings.warn(f"lr_schedule={lr_schedule!r} changes nothing without 'lr_decay' in the space (the rate it "
+                  "decays by); add e.g. 'lr_decay': vt.uniform(0.0, 1.0).", UserWarning, stacklevel=user_stacklevel())
   if "lr_decay" in space:
     d = space["lr_decay"]
     if not _is_numeric(d):

@@ -75,6 +75,7 @@ def check_enqueued(space: Mapping[str, Any], enqueue: Any) -> list[dict]:
       if isinstance(d, Choice):
         if val not in d.values:
           raise ValueError(f"enqueue[{j}][{k!r}]={val!r} is not one of {list(d.values)}.")
+        val = list(d.values)[list(d.values).index(val)]  # the space's own value (np.int64(32) -> 32)
       else:
         if isinstance(val, bool) or not isinstance(val, numbers.Real) or not math.isfinite(val):
           raise ValueError(f"enqueue[{j}][{k!r}] must be a finite number, got {val!r}.")

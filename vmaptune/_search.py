@@ -3,7 +3,9 @@ the strategy's context and the population, and hands them to the one loop."""
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import optax
@@ -18,7 +20,7 @@ from ._result import SearchResult
 from ._sampling import Drawer
 from ._space import Choice, Distribution
 from ._strategy import Context
-from ._trial import Stats
+from ._trial import Stats, user_stacklevel
 
 __all__ = ["search"]
 
@@ -271,7 +273,7 @@ def search(
   checkpointer = None
   if opts.checkpoint_dir is not None:
     checkpointer = Checkpointer(opts.checkpoint_dir, space_objects(_space_values(c.space)))
-  return _loop.run(
+  result = _loop.run(
       t_start=t_start, ctx=ctx, strategy=strategy, plan=plan, population=population, stats=stats,
       checkpointer=checkpointer, fingerprint=_options.fingerprint(opts) if checkpointer else None,
       overwrite=opts.overwrite, callbacks=opts.callbacks, verbose=opts.verbose,
@@ -279,6 +281,13 @@ def search(
       options=dict(num_configs=opts.num_configs, rounds=opts.rounds, seed=opts.seed, sampler=opts.sampler,
                    keep=opts.keep, shrink=opts.shrink, max_buckets=opts.max_buckets, strategy=strategy.name,
                    timeout=opts.timeout), recheck=opts.recheck)
+  over = time.perf_counter() - t_start - (opts.timeout if opts.timeout is not None else math.inf)
+  if not getattr(strategy, "asynchronous", False) and over > max(0.5, 0.1 * (opts.timeout or 0)):  # others: _finish_one
+    warnings.warn(f"vmaptune: the search ended {over:.1f} s past its timeout of {opts.timeout:g} s: strategy "
+                  f"{strategy.name!r} trains a round to its end (its first round, and compiling, set the least "
+                  "it takes; strategy='adaptive' fits its trials to the time).", RuntimeWarning,
+                  stacklevel=user_stacklevel())
+  return result
 
 
 def _space_values(space):

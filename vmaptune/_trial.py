@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 __all__ = ["Trial", "Run", "Stats", "AllDivergedError", "rank_trials", "better", "fmt", "text_table", "optional",
-           "unfinished", "rounds_text", "user_stacklevel"]
+           "unfinished", "rounds_text", "user_stacklevel", "callback_stops"]
 
 
 def optional(module: str, extra: str):
@@ -315,3 +315,14 @@ def user_stacklevel() -> int:
   while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == here:
     frame, level = frame.f_back, level + 1
   return level
+
+
+def callback_stops(returned: Any) -> bool:
+  """Whether a search callback's return value ends the search: True, or a
+  dict with a true ``"stop"`` (as :func:`vmaptune.train`'s callback)."""
+  if returned is None or isinstance(returned, bool):
+    return bool(returned)
+  if isinstance(returned, dict) and set(returned) <= {"stop"}:
+    return bool(returned.get("stop"))
+  raise TypeError(f"a search callback must return None, True or {{'stop': True}} (to end the search), "
+                  f"got {returned!r}.")
