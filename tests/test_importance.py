@@ -136,10 +136,15 @@ def test_a_search_that_stopped_trials_counts_them_at_a_common_step():
     trials.append(Trial(id=i, config=cfg, score=final if survives else early, round=0, lane=i % 8,
                         status="ok" if survives else "stopped", seed=i, curve=curve,
                         curve_steps=np.asarray([10, 20]), train_curve=curve, steps=20 if survives else 10))
+  for i in range(120, 123):  # refilled just before the end: evaluated once, at step 5; left out
+    cfg = dict(trials[0].config)
+    trials.append(Trial(id=i, config=cfg, score=1.0, round=0, lane=0, status="stopped", seed=i,
+                        curve=np.asarray([1.0], np.float32), curve_steps=np.asarray([5]),
+                        train_curve=np.asarray([1.0], np.float32), steps=5))
   r = _result(trials, SPACE)
   chosen, description = _importance.select_trials(r, None)
   assert len(chosen) == 120 and "step 10" in description
-  assert [t.score for t in chosen] == pytest.approx([float(t.curve[0]) for t in trials])
+  assert [t.score for t in chosen] == pytest.approx([float(t.curve[0]) for t in trials[:120]])
   assert list(_importance.importance(r))[0] == "learning_rate"
   survivors = _importance.importance(r, rounds=0)  # the finished trials' final scores
   assert list(survivors)[0] == "activation"

@@ -133,12 +133,13 @@ def test_a_redefined_model_class_is_a_new_program():
 def test_a_callback_can_end_the_search(small_digits):
   kw = dict(num_configs=4, num_steps=10, rounds=3, strategy="zoom", verbose=False)
   seen = []
-  r = vt.search(mlp_fn, small_digits, LR, callbacks=[lambda partial: seen.append(partial) or len(seen) == 1], **kw)
+  r = vt.search(mlp_fn, small_digits, LR, callbacks=[lambda partial: seen.append(partial) or {"stop": True}], **kw)
   assert len(seen) == 1 and {t.round for t in r.trials} == {0} and len(r.trials) == 4
   r = vt.search(mlp_fn, small_digits, LR, callbacks=[lambda partial: {"stop": len(partial.regions) == 2}], **kw)
   assert {t.round for t in r.trials} == {0, 1}
-  with pytest.raises(TypeError, match=r"search callback must return None, True"):
-    vt.search(mlp_fn, small_digits, LR, callbacks=[lambda partial: 5], **kw)
+  # Any other value is ignored: a logger's True (tqdm's update()), a saved report's path.
+  r = vt.search(mlp_fn, small_digits, LR, callbacks=[lambda partial: True, lambda partial: "report.html"], **kw)
+  assert {t.round for t in r.trials} == {0, 1, 2}
 
 
 def test_max_buckets_caps_signatures(small_digits):
@@ -366,6 +367,9 @@ def _accuracy(out, y):
         (dict(metric=lambda out, y: out[:, 0]), None),
         (dict(metric=_accuracy), "'_accuracy' is minimized"),
         (dict(lr_schedule="exponential"), "changes nothing without 'lr_decay'"),
+        # Not typos: a name of its own built on an optimizer argument's; a norm's eps beside a built optimizer.
+        (dict(space={**LR, "bn_momentum": 0.9, "epsilon": 1e-5}, optimizer=optax.sgd), None),
+        (dict(space={"eps": vt.choice([1e-5, 1e-3])}, optimizer=optax.adam(1e-3)), "space['eps'] goes to model_fn"),
     ],
 )
 def test_likely_mistakes_warn_before_compiling(no_compile, small_digits, kwargs, match):
@@ -386,3 +390,17 @@ def test_model_fn_error_names_the_config(no_compile, small_digits):
 
   with pytest.raises(ValueError, match=r"'hidden': 16.*not supported|not supported.*'hidden': 16"):
     vt.search(picky, small_digits, {**LR, "hidden": 16}, num_configs=2, num_steps=5, verbose=False)
+
+
+def test_a_factory_argument_with_a_tuple_default_takes_a_tuple():
+  # Only numeric optimizer arguments are checked for ranges written as tuples:
+  # a factory whose argument is a tuple (PyTorch's betas) gets the constant as it is.
+  from vmaptune import _routing
+
+  def adam_betas(learning_rate, betas=(0.9, 0.999)):
+    return optax.adam(learning_rate, *betas)
+
+  routing = _routing.route({"learning_rate": 1e-3, "betas": (0.9, 0.99)}, adam_betas, "inverse_time")
+  assert "betas" in routing.static_opt and "learning_rate" in routing.injected
+  with pytest.raises(TypeError, match=r"vt.loguniform\(0.0001, 0.1\)"):
+    _routing.route({"learning_rate": (1e-4, 1e-1)}, adam_betas, "inverse_time")

@@ -118,6 +118,10 @@ def test_pbt_schedule_replays_with_train(pbt, small_digits):
   run = vt.train(mlp_fn, small_digits, best.schedule[0][1], seed=best.seed, num_steps=72,
                  schedule=best.schedule, verbose=False)
   assert set(planned) - {0} <= set(run.curve_steps.tolist()) and run.curve_steps[-1] == 72
+  assert np.all(np.diff(run.curve_steps) == 6)  # 6 divides PBT's 18 and is at most the default 7
+  with pytest.raises(ValueError, match=r"schedule.*pass eval_every="):  # steps 18 and 37 share no interval
+    vt.train(mlp_fn, small_digits, best.schedule[0][1], num_steps=72, verbose=False,
+             schedule=[(0, best.schedule[0][1]), (18, {"learning_rate": 1e-3}), (37, {"learning_rate": 2e-3})])
 
 
 def test_pbt_exploit_copies_parameters_and_optimizer_state_exactly(small_digits):

@@ -94,18 +94,19 @@ def test_lr_decay_decays_the_injected_learning_rate(small_digits):
   # 480 training examples / 32 = 15 steps an epoch; epoch e's steps use
   # lr0 / (1 + e), and the callback sees the rate of the last step taken.
   np.testing.assert_allclose(seen, [3e-3, 3e-3 / 2, 3e-3 / 3, 3e-3 / 4], rtol=1e-6)
-  # A rate the callback returns is the rate from the next step on, not a new
-  # base to decay again: halving at step 30 halves epoch 2's rate, and the
-  # schedule decays on from there.
-  seen = []
+  # A rate the callback returns replaces the rate it saw (the last step's), not
+  # a new base to decay again: the same rate back changes nothing, half of it
+  # halves the schedule from there on.
+  for factor in (1.0, 0.5):
+    seen = []
 
-  def halve_at_30(state):
-    seen.append(state.hyperparams["learning_rate"])
-    return {"learning_rate": 3e-3 / 3 / 2} if state.step == 30 else None
+    def scale_at_30(state):
+      seen.append(state.hyperparams["learning_rate"])
+      return {"learning_rate": state.hyperparams["learning_rate"] * factor} if state.step == 30 else None
 
-  vt.train(mlp_fn, small_digits, {**CONFIG, "lr_decay": 1.0, "batch_size": 32}, num_steps=60, eval_every=15,
-           verbose=False, callback=halve_at_30)
-  np.testing.assert_allclose(seen, [3e-3, 3e-3 / 2, 3e-3 / 3 / 2, 3e-3 / 4 / 2], rtol=1e-6)
+    vt.train(mlp_fn, small_digits, {**CONFIG, "lr_decay": 1.0, "batch_size": 32}, num_steps=60, eval_every=15,
+             verbose=False, callback=scale_at_30)
+    np.testing.assert_allclose(seen, [3e-3, 3e-3 / 2, 3e-3 / 3 * factor, 3e-3 / 4 * factor], rtol=1e-6)
 
 
 def test_train_validation(small_digits):

@@ -38,7 +38,7 @@ def cached(key: tuple, build: Callable[[], Any]) -> Any:
   """
   try:
     found = _CACHE.get(key)
-  except TypeError:
+  except Exception:  # noqa: BLE001 - unhashable, or an __eq__ that does not give a bool
     return build()
   if found is not None:
     _CACHE.move_to_end(key)

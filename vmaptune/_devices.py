@@ -187,7 +187,7 @@ def use_compilation_cache(setting) -> str | None:
   if setting is False:
     return None
   current = jax.config.jax_compilation_cache_dir
-  if current and setting is not True and os.path.abspath(os.fspath(setting)) != os.path.abspath(current):
+  if current and setting is not True and os.path.realpath(os.fspath(setting)) != os.path.realpath(current):
     key = ("cache_elsewhere", current, os.fspath(setting))
     if not _state.get(key):  # JAX's cache folder is the process's: set once, by the first user
       _state[key] = True

@@ -398,7 +398,7 @@ class _Run:
   def _checkpoint_due(self) -> bool:
     """After a decision point's training: every zoom round; with halving and
     PBT every ``checkpoint_every`` steps of population time (default
-    ``num_steps``) and at the end."""
+    ``num_steps``; with a timeout, at least a twentieth of it apart) and at the end."""
     if self.checkpointer is None:
       return False
     if self.strategy.sequential:

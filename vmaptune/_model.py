@@ -36,6 +36,8 @@ from ._trial import user_stacklevel
 __all__ = ["ModelAdapter", "make_adapter", "model_kind"]
 
 _MODE_ARGS = ("train", "training", "deterministic", "is_training", "is_train")
+# Bool arguments under other names that read like a train/eval switch (warned: vmaptune leaves them alone).
+_SWITCH_LIKE = re.compile(r"train|eval|test|infer|drop|determin|mode|stochastic|running", re.IGNORECASE)
 _RNG_ARG = re.compile(r"(^|_)(rng|key|prng_key)$")
 
 # Flax >= 0.12 reuses the Variables of the states given to ``nnx.merge``;
@@ -139,7 +141,9 @@ def call_spec(fn: Callable, what: str, x: Any) -> CallSpec:
       rngs = True
     elif _RNG_ARG.search(p.name):
       rng_args.append(p.name)
-    elif isinstance(p.default, bool):
+    elif p.name in _MODE_ARGS:  # a second switch (train beside deterministic): the first one is set
+      continue
+    elif isinstance(p.default, bool) and _SWITCH_LIKE.search(p.name):
       # A switch under another name stays at its default in training too:
       # a Dropout behind it would never drop.
       warnings.warn(

@@ -202,14 +202,16 @@ def _check_form(fn: Callable, arg: str, model_aware: bool) -> None:
 
 
 # Names of metrics that are higher for better models.
-_HIGHER_IS_BETTER = re.compile(r"acc|f1|auc|precision|recall|(^|_)r2($|_)|iou|dice|bleu|correct", re.IGNORECASE)
+_HIGHER_IS_BETTER = re.compile(r"(^|_)(acc|accuracy|f1|auc|roc_auc|precision|recall|r2|iou|dice|bleu|correct)(_|$)",
+                               re.IGNORECASE)
+_LOWER_IS_BETTER = re.compile(r"loss|err|incorrect|wrong|miss", re.IGNORECASE)
 
 
 def _check_unset_direction(fn: Callable, what: str, direction: Any) -> None:
   """A callable metric is minimized unless ``direction`` says otherwise:
   one named like accuracy without it would keep the worst model."""
   name = getattr(fn, "__name__", "")
-  if direction is None and _HIGHER_IS_BETTER.search(name):
+  if direction is None and _HIGHER_IS_BETTER.search(name) and not _LOWER_IS_BETTER.search(name):
     warnings.warn(
         f"`{what}` {name!r} is minimized, as every callable metric is unless `direction` is given, so the "
         "search keeps its lowest value. If higher is better, pass direction='maximize' (direction='minimize' "

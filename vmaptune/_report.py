@@ -103,10 +103,11 @@ def render(result, *, title: str | None = None, top: int = 10) -> str:
   better = "higher" if result.maximize else "lower"
   title = title or f"vmaptune search: {result.metric}"
   ok = [t for t in result.trials if t.status == "ok" and math.isfinite(t.score)]
+  done = {id(t) for t in ok}
   body = [f"<h1>{e(title)}</h1>"]
   body.append(
       f"<p class='muted'>{len(result.trials)} trials ({len(ok)} finished"
-      f"{', ' if len(ok) < len(result.trials) else ''}{unfinished([t for t in result.trials if t not in ok])}), "
+      f"{', ' if len(ok) < len(result.trials) else ''}{unfinished([t for t in result.trials if id(t) not in done])}), "
       f"{rounds_text(result)}; metric "
       f"<b>{e(str(result.metric))}</b>, {better} is better; written "
       f"{e(datetime.datetime.now().isoformat(timespec='seconds'))}.</p>"

@@ -94,7 +94,7 @@ class Routing:
 
 
 # Other libraries' names for optax's arguments.
-_ALIASES = {"lr": "learning_rate", "beta1": "b1", "beta2": "b2", "epsilon": "eps", "wd": "weight_decay"}
+_ALIASES = {"lr": "learning_rate", "beta1": "b1", "beta2": "b2", "wd": "weight_decay"}
 
 
 def _warn_near_miss(key: str, params: Mapping[str, Any], optimizer: Any) -> None:
@@ -103,7 +103,10 @@ def _warn_near_miss(key: str, params: Mapping[str, Any], optimizer: Any) -> None
   if not params:
     return
   match = _ALIASES.get(key) if _ALIASES.get(key) in params else None
-  match = match or next(iter(difflib.get_close_matches(key, list(params), n=1, cutoff=0.8)), None)
+  # A typo: one or two letters off, not a name of its own built on the argument's (bn_momentum).
+  typos = [m for m in difflib.get_close_matches(key, list(params), n=1, cutoff=0.8)
+           if abs(len(m) - len(key)) <= 2 and m not in key.split("_")]
+  match = match or next(iter(typos), None)
   if match is not None:
     name = getattr(optimizer, "__name__", "the optimizer")
     warnings.warn(f"space[{key!r}] goes to model_fn: {name} takes no argument {key!r}. Did you mean {match!r}? "
@@ -157,13 +160,17 @@ def route(space: Mapping[str, Any], optimizer: Any, lr_schedule: str) -> Routing
   injected, ints, static, model = [], [], [], []
   if is_transform:
     fixed = [k for k in OPTIMIZER_KEYS if k in space]
-    if fixed:
+    advice = ("Pass the factory (optimizer=optax.adam, not optax.adam(1e-3)), or a function of the "
+              "hyperparameters, e.g. optimizer=lambda learning_rate: optax.chain(optax.clip_by_global_norm(1.0), "
+              "optax.adamw(learning_rate)).")
+    if "learning_rate" in fixed:  # no model reads a learning rate: refused
       raise ValueError(
-          f"space[{fixed[0]!r}]: `optimizer` is a built optax.GradientTransformation, so nothing can set its "
-          f"{fixed[0]}: the key would go to model_fn and every trial would train with the same optimizer. Pass "
-          "the factory (optimizer=optax.adam, not optax.adam(1e-3)), or a function of the hyperparameters, "
-          "e.g. optimizer=lambda learning_rate: optax.chain(optax.clip_by_global_norm(1.0), "
-          "optax.adamw(learning_rate)).")
+          "space['learning_rate']: `optimizer` is a built optax.GradientTransformation, so nothing can set its "
+          "learning rate: the key would go to model_fn and every trial would train at the same rate. " + advice)
+    if fixed:  # a model may read these (a norm's eps): warned
+      warnings.warn(f"space[{fixed[0]!r}] goes to model_fn: `optimizer` is a built optax.GradientTransformation, "
+                    f"so the optimizer's own {fixed[0]} is fixed. If it was meant for the optimizer: " + advice,
+                    UserWarning, stacklevel=user_stacklevel())
     params = {}
   else:
     params = _optimizer_params(optimizer)
@@ -178,7 +185,8 @@ def route(space: Mapping[str, Any], optimizer: Any, lr_schedule: str) -> Routing
     if k in TRAINER_KEYS:
       continue
     if k in params:
-      _check_optimizer_constant(k, v)
+      if k == "learning_rate" or isinstance(params[k].default, numbers.Real):  # (a tuple default takes tuples)
+        _check_optimizer_constant(k, v)
       if k == "learning_rate" and _is_numeric(v) and _lowest(v) < 0:
         raise ValueError(f"space['learning_rate'] reaches {_lowest(v)!r}: a negative rate climbs the loss. Give a "
                          "positive range, e.g. vt.loguniform(1e-4, 1e-1).")

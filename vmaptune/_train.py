@@ -151,9 +151,14 @@ def train(
     steps, eval_every, evals = plan.schedule(spec)
     if every is not None or not any(at % eval_every for at in planned):
       break
-    # No eval_every given: evaluate often enough to reach every change (a PBT
-    # schedule changes at multiples of its `ready`, not of a tenth of the run).
-    every = math.gcd(eval_every, *planned)
+    # No eval_every given: the largest step at most the default's that reaches
+    # every change (a PBT schedule changes at multiples of its `ready`, not of
+    # a tenth of the run), unless it would evaluate four times as often.
+    g = math.gcd(*planned)
+    every = max(d for d in range(1, min(g, eval_every) + 1) if g % d == 0)
+    if every * 4 < eval_every:
+      raise ValueError(f"`schedule` changes at steps {sorted(planned)}, which no evaluation interval near the "
+                       f"default {eval_every} reaches; pass eval_every= dividing every step of the schedule.")
   for at in planned:
     if at % eval_every:
       raise ValueError(f"`schedule` step {at} is not a multiple of eval_every={eval_every}.")
@@ -209,8 +214,9 @@ def train(
 def _apply_changes(state, spec: TrainSpec, changes: Mapping[str, Any], current: bool = False):
   """``changes`` applied from the next step. Under an ``lr_decay`` schedule a
   ``learning_rate`` is the base rate the schedule decays (a PBT schedule's
-  values), or with ``current`` the rate itself from the next step on, as the
-  callback sees it in ``hyperparams`` (the schedule decays on from there)."""
+  values), or with ``current`` the rate in place of the last step's, which
+  the callback sees in ``hyperparams``: returning it unchanged changes
+  nothing, half of it halves the schedule from there on."""
   hp = dict(state.opt_state.hyperparams) if hasattr(state.opt_state, "hyperparams") else {}
   unknown = [k for k in changes if k not in hp and k not in ("stop", "lr_decay")]
   if unknown:
@@ -238,8 +244,8 @@ def _apply_changes(state, spec: TrainSpec, changes: Mapping[str, Any], current: 
     hp[k] = jax.device_put(np.asarray(v, hp[k].dtype), hp[k].sharding)
   if "learning_rate" in changes and spec.schedule is not None:
     base = float(changes["learning_rate"])
-    if current:  # the base whose decay at the next step's epoch is this rate
-      epoch = int(state.step) // spec.steps_per_epoch
+    if current:  # this rate in place of the last step's (which the callback saw): the schedule goes on from it
+      epoch = max(int(state.step) - 1, 0) // spec.steps_per_epoch
       decay = float(lr_decay)
       base *= (1.0 + decay * epoch) if spec.schedule == "inverse_time" else math.exp(decay * epoch)
     lr0 = jax.device_put(np.asarray(base, np.float32), lr0.sharding)

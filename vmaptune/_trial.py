@@ -318,11 +318,7 @@ def user_stacklevel() -> int:
 
 
 def callback_stops(returned: Any) -> bool:
-  """Whether a search callback's return value ends the search: True, or a
-  dict with a true ``"stop"`` (as :func:`vmaptune.train`'s callback)."""
-  if returned is None or isinstance(returned, bool):
-    return bool(returned)
-  if isinstance(returned, dict) and set(returned) <= {"stop"}:
-    return bool(returned.get("stop"))
-  raise TypeError(f"a search callback must return None, True or {{'stop': True}} (to end the search), "
-                  f"got {returned!r}.")
+  """Whether a search callback's return value ends the search: a dict with a
+  true ``"stop"``, as :func:`vmaptune.train`'s callback. Any other value is
+  ignored (a logger's ``True`` or a path must not end a search)."""
+  return isinstance(returned, dict) and bool(returned.get("stop"))
