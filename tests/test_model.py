@@ -204,3 +204,27 @@ def test_a_bfloat16_model_trains_and_keeps_its_dtypes(small_digits):
   r = vt.search(fn, small_digits, SPACE, num_configs=2, num_steps=10, rounds=1, verbose=False)
   assert all(t.status == "ok" and np.isfinite(t.score) for t in r.trials)
   assert r.best_model().kernel[...].dtype == jnp.bfloat16
+
+
+class KeywordRngs(nnx.Module):
+  """NNX's own style: ``rngs`` keyword-only."""
+
+  def __init__(self, config, *, rngs):
+    self.l = nnx.Linear(64, 10, rngs=rngs)
+
+  def __call__(self, x):
+    return self.l(x)
+
+
+def test_model_fn_with_keyword_only_rngs(small_digits):
+  # def model_fn(config, *, rngs) and a Module class taking (config, *, rngs)
+  # are called with rngs= (positionally they raised TypeError).
+  def model_fn(config, *, rngs):
+    return KeywordRngs(config, rngs=rngs)
+
+  for fn in (model_fn, KeywordRngs):
+    r = vt.search(fn, small_digits, SPACE, num_configs=2, num_steps=5, rounds=1, verbose=False)
+    assert all(t.status == "ok" for t in r.trials) and isinstance(r.best_model(), KeywordRngs)
+  with pytest.raises(TypeError, match="takes rngs but no config"):
+    vt.search(lambda *, rngs: KeywordRngs({}, rngs=rngs), small_digits, SPACE, num_configs=2, num_steps=5,
+              verbose=False)

@@ -130,6 +130,27 @@ def test_a_redefined_model_class_is_a_new_program():
   assert first.best_model().l.bias is not None
 
 
+def test_code_reads_sees_through_a_partial():
+  import functools
+
+  from vmaptune._compiler import code_reads
+
+  class Net:
+    pass
+
+  def build(config, rngs, width):
+    return Net()
+
+  fn = functools.partial(build, width=8)
+  before = code_reads(fn)
+  assert code_reads(fn) == before
+
+  class Net:  # noqa: F811 - redefined, as a notebook cell run again
+    pass
+
+  assert code_reads(fn) != before
+
+
 def test_a_callback_can_end_the_search(small_digits):
   kw = dict(num_configs=4, num_steps=10, rounds=3, strategy="zoom", verbose=False)
   seen = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -77,6 +78,9 @@ def code_reads(fn: Any, depth: int = 2) -> tuple:
     if id(obj) in seen:
       return
     seen.add(id(obj))
+    if isinstance(obj, functools.partial):  # its function, and its bound arguments by identity
+      out.extend(("id", id(v)) for v in (*obj.args, *obj.keywords.values()))
+      return visit(obj.func, level)
     if isinstance(obj, type):
       for attr in vars(obj).values():
         if level > 0 and isinstance(attr, (types.FunctionType, staticmethod, classmethod)):
