@@ -32,6 +32,7 @@ import numpy as np
 
 from . import _faults
 from ._codec import dumps, fsync_dir, loads, write_file
+from ._trial import user_stacklevel
 
 __all__ = ["Checkpointer", "CheckpointError", "CheckpointMismatch", "FORMAT_VERSION", "dumps", "loads",
            "fingerprint_diff"]
@@ -216,7 +217,7 @@ class Checkpointer:
             "vmaptune: skipped corrupt checkpoint(s), resuming from "
             f"{os.path.join(self.directory, name)}: " + "; ".join(errors),
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
       self._seq = int(name.split("-")[1])
       return out

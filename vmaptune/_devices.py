@@ -17,6 +17,8 @@ from typing import Any, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ._trial import user_stacklevel
+
 __all__ = ["configure_cpu_devices", "lane_devices", "make_mesh", "LANE_AXIS"]
 
 LANE_AXIS = "lanes"
@@ -193,7 +195,8 @@ def use_compilation_cache(setting) -> str | None:
       _state[key] = True
       warnings.warn(f"vmaptune: compilation_cache={os.fspath(setting)!r} is not used: this process already "
                     f"caches compiled programs in {current!r} (JAX's jax_compilation_cache_dir is set once per "
-                    "process). Start a new process to use another folder.", RuntimeWarning, stacklevel=3)
+                    "process). Start a new process to use another folder.", RuntimeWarning,
+                    stacklevel=user_stacklevel())
   try:
     return enable_compilation_cache(None if setting is True else setting)
   except OSError as e:
@@ -201,7 +204,7 @@ def use_compilation_cache(setting) -> str | None:
       _state["cache_warned"] = True
       warnings.warn(f"vmaptune: no on-disk compilation cache ({e}); every run compiles afresh. "
                     "Set VMAPTUNE_CACHE_DIR to a writable folder, or compilation_cache=False.",
-                    RuntimeWarning, stacklevel=3)
+                    RuntimeWarning, stacklevel=user_stacklevel())
     return None
 
 

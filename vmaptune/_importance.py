@@ -87,8 +87,9 @@ def select_trials(result, rounds=None) -> tuple[list, str]:
 
 def _at_common_step(trials: Sequence) -> tuple[list, str]:
   """Every trial not diverged, scored at the last evaluation nine in ten of
-  them reached (those that did not are left out). A strategy that stops trials early keeps final scores only for
-  its survivors, and those sit in the good region (in an adaptive search of
+  them reached (those that did not are left out). A strategy that stops
+  trials early keeps final scores only for its survivors, and those sit in
+  the good region (in an adaptive search of
   digits, every finished trial's learning rate lay in 0.006-0.059 of the
   searched 1e-4-0.1, so the learning rate's share came out 0): the trials it
   stopped count too, at a step where nearly all were still running."""
@@ -127,8 +128,8 @@ def importance(result, *, rounds: int | Iterable[int] | None = None) -> dict[str
       while zoom rounds sample only near the best and correlate the
       hyperparameters. When the strategy stopped trials early (adaptive,
       halving), None scores every trial at the last evaluation step nine in
-      ten of them reached instead of the survivors' final scores. An int or a list
-      of ints picks rounds explicitly (finished trials' final scores).
+      ten of them reached instead of the survivors' final scores. An int or a
+      list of ints picks rounds explicitly (finished trials' final scores).
 
   Returns:
     ``{name: share}``, largest share first; shares are in ``[0, 1]``.

@@ -35,7 +35,7 @@ from ._replay import Replay
 from ._progress import Progress
 from ._result import SearchResult
 from ._strategy import Clock, Context, Strategy
-from ._trial import AllDivergedError, Stats, Trial, better, callback_stops, rank_trials
+from ._trial import AllDivergedError, Stats, Trial, better, callback_stops, rank_trials, user_stacklevel
 
 __all__ = ["Ledger", "run"]
 
@@ -172,7 +172,7 @@ class _Run:
         warnings.warn(
             f"vmaptune: interrupted; returning the {len(self.ledger.trials)} finished trial(s)"
             + (f" (saved in {self.checkpointer.directory})" if self.checkpointer else ""),
-            RuntimeWarning, stacklevel=4)
+            RuntimeWarning, stacklevel=user_stacklevel())
     finally:
       self.progress.close()
       self.population.cancel_compiles()  # a program no lane will run must not hold the process up at exit
@@ -194,7 +194,7 @@ class _Run:
         result.rechecked = None
         result.interrupted = True
         warnings.warn("vmaptune: interrupted during the re-check; returning the search's best score's trial",
-                      RuntimeWarning, stacklevel=4)
+                      RuntimeWarning, stacklevel=user_stacklevel())
     return result
 
   def _width(self, trial: Trial) -> tuple | None:
@@ -222,7 +222,7 @@ class _Run:
             f"vmaptune: the timeout of {self.timeout:g} s ran out before any trial finished (compiling took "
             f"{self.stats.compile_wall_seconds:.1f} s); trial {done.id} was trained on to its end so that the search "
             f"has a result, ending {time.perf_counter() - self.deadline_full:.1f} s past the timeout",
-            RuntimeWarning, stacklevel=5)
+            RuntimeWarning, stacklevel=user_stacklevel())
         return
 
   def _no_result_message(self) -> str:
@@ -537,4 +537,3 @@ def run(**kwargs) -> SearchResult:
   """Runs one search to the end (see :class:`_Run` for the arguments)."""
   t_start = kwargs.pop("t_start")
   return _Run(**kwargs).run(t_start)
-

@@ -71,9 +71,8 @@ def model_kind(model_fn: Any) -> str:
     return "nnx"
   positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
   required = [p for p in positional if p.default is p.empty]
-  keyword_rngs = "rngs" in sig.parameters and sig.parameters["rngs"].kind == inspect.Parameter.KEYWORD_ONLY
-  if "rngs" in sig.parameters and len(positional) < 2 - keyword_rngs and not any(p.kind == p.VAR_KEYWORD
-                                                                                  for p in params):
+  if "rngs" in sig.parameters and len(positional) < 2 - _keyword_rngs(model_fn) and not any(
+      p.kind == p.VAR_KEYWORD for p in params):
     raise TypeError(
         "`model_fn` takes rngs but no config: write model_fn(config, rngs) -> nnx.Module (config holds the "
         f"trial's model hyperparameters); got {getattr(model_fn, '__name__', 'model_fn')}{sig}.")
@@ -87,15 +86,15 @@ def model_kind(model_fn: Any) -> str:
       f"{getattr(model_fn, '__name__', 'model_fn')}{sig}.")
 
 
-def _build(model_fn: Callable, config: Any, rngs: nnx.Rngs) -> Any:
-  """``model_fn(config, rngs)``, or ``model_fn(config, rngs=rngs)`` where
-  ``rngs`` is keyword-only (``def model_fn(config, *, rngs)``, as NNX's own
-  ``__init__(self, ..., *, rngs)``)."""
+def _keyword_rngs(model_fn: Callable) -> bool:
+  """Whether ``model_fn`` takes ``rngs`` keyword-only (``def model_fn(config,
+  *, rngs)``, as NNX's own ``__init__(self, ..., *, rngs)``): it is then
+  called ``model_fn(config, rngs=rngs)``."""
   try:  # (an nnx.Module class's own signature is its metaclass's (*args, **kwargs): read __init__'s)
     p = inspect.signature(model_fn.__init__ if isinstance(model_fn, type) else model_fn).parameters.get("rngs")
   except (TypeError, ValueError):
-    p = None
-  return model_fn(config, rngs=rngs) if p is not None and p.kind == p.KEYWORD_ONLY else model_fn(config, rngs)
+    return False
+  return p is not None and p.kind == p.KEYWORD_ONLY
 
 
 class CallSpec(NamedTuple):
@@ -249,6 +248,7 @@ class NNXAdapter(ModelAdapter):
   def __init__(self, model_fn: Callable, config: Mapping[str, Any], x_example: Any = None):
     self.model_fn = model_fn
     self.config = dict(config)
+    self._keyword_rngs = _keyword_rngs(model_fn)
     try:
       abstract = nnx.eval_shape(lambda: self._make(jax.random.key(0)))
     except ModelReturnError:
@@ -265,7 +265,7 @@ class NNXAdapter(ModelAdapter):
   def _make(self, key):
     k_default, k_params, k_dropout = jax.random.split(key, 3)
     rngs = nnx.Rngs(k_default, params=k_params, dropout=k_dropout)
-    model = _build(self.model_fn, self.config, rngs)
+    model = self.model_fn(self.config, rngs=rngs) if self._keyword_rngs else self.model_fn(self.config, rngs)
     if not isinstance(model, nnx.Module):
       raise ModelReturnError(
           "model_fn(config, rngs) must return an nnx.Module, got "

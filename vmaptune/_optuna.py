@@ -96,8 +96,9 @@ def to_optuna(result, storage=None, study_name: str | None = None):
   Each trial keeps its parameters, its final score as the value and its
   validation curve as intermediate values (step -> score, non-finite
   evaluations left out); stopped trials are ``PRUNED`` (valued at their
-  last intermediate value), diverged trials ``FAIL`` with no value. Trial user attributes: ``vmaptune_trial``,
-  ``round``, ``lane``, ``seed``, ``parent``, ``status``, ``steps``,
+  last intermediate value), diverged trials ``FAIL`` with no value. Trial
+  user attributes: ``vmaptune_trial``, ``round``, ``lane``, ``seed``,
+  ``parent``, ``status``, ``steps``,
   ``diverged_at`` and ``sampling_scales``. Study user attributes:
   ``metric``, ``constants``, ``sampling_scales``, ``vmaptune_options``.
 

@@ -139,7 +139,8 @@ class Plan:
   def _cache_key(self, signature: tuple, *layout) -> tuple:
     o = self.objective
     return (
-        self.model_fn, self._model_reads, self.routing, o.loss_fn, o.metric_fn, o.model_loss, o.model_metric, self.dataset.signature(),
+        self.model_fn, self._model_reads, self.routing, o.loss_fn, o.metric_fn, o.model_loss, o.model_metric,
+        self.dataset.signature(),
         self.eval_batch_size, self.precision, tuple(x.id for x in self.devices),
         conv_grads(self.devices[0].platform), signature,
     ) + layout

@@ -28,7 +28,7 @@ from ._building import Builder
 from ._placement import DeviceData, host_leaf, lane_params, place_data, place_lanes, to_host, unhost
 from ._slots import Chunk, ProgramRef, Slot, lane_inputs, spread_lanes
 from ._strategy import Cadence, LaneView, NewTrial
-from ._trial import Stats, Trial
+from ._trial import Stats, Trial, user_stacklevel
 
 __all__ = ["Population", "Slot", "Chunk", "ProgramRef"]
 
@@ -292,7 +292,7 @@ class Population(Builder):
     smaller = self.plan.shrink(chunk.signature, chunk.lanes, why)
     warnings.warn(
         f"vmaptune: out of memory with {chunk.lanes} lanes of bucket {dict(chunk.signature)}; retrying "
-        f"with {smaller} lanes per program.", RuntimeWarning, stacklevel=4)
+        f"with {smaller} lanes per program.", RuntimeWarning, stacklevel=user_stacklevel())
     del self.chunks[j]
     self.stats.padded_lanes -= chunk.lanes - len(chunk.members)
     for k, start in enumerate(range(0, len(chunk.members), smaller)):

@@ -105,9 +105,9 @@ def render(result, *, title: str | None = None, top: int = 10) -> str:
   ok = [t for t in result.trials if t.status == "ok" and math.isfinite(t.score)]
   done = {id(t) for t in ok}
   body = [f"<h1>{e(title)}</h1>"]
+  rest = unfinished([t for t in result.trials if id(t) not in done])
   body.append(
-      f"<p class='muted'>{len(result.trials)} trials ({len(ok)} finished"
-      f"{', ' if len(ok) < len(result.trials) else ''}{unfinished([t for t in result.trials if id(t) not in done])}), "
+      f"<p class='muted'>{len(result.trials)} trials ({len(ok)} finished{', ' if rest else ''}{rest}), "
       f"{rounds_text(result)}; metric "
       f"<b>{e(str(result.metric))}</b>, {better} is better; written "
       f"{e(datetime.datetime.now().isoformat(timespec='seconds'))}.</p>"

@@ -31,8 +31,9 @@ TRAINER_KEYS = ("batch_size", "lr_decay")
 DEFAULT_BATCH_SIZE = 64
 SCHEDULES = ("inverse_time", "exponential")
 # Space keys that name an optimizer's hyperparameter (optax's own argument
-# names): with a built GradientTransformation nothing can inject them, and
-# routed to ``model_fn`` they would change nothing.
+# names): with a built GradientTransformation nothing can inject them, so they
+# go to ``model_fn`` (``learning_rate`` refused, the others warned: a model may
+# read a norm's ``eps``).
 OPTIMIZER_KEYS = ("learning_rate", "b1", "b2", "eps", "weight_decay")
 
 

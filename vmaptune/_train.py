@@ -140,25 +140,23 @@ def train(
   planned = _check_schedule(schedule, config)
   _options.check_cache_arg(compilation_cache)
   _devices.use_compilation_cache(compilation_cache)
-  every = c.eval_every
-  while True:
-    plan = Plan(model_fn=model_fn, routing=c.routing, dataset=c.dataset, objective=c.objective,
-                custom_loss=c.custom_loss, num_steps=num_steps, epochs=epochs, eval_every=every,
-                eval_batch_size=c.eval_batch_size, precision=c.precision,
-                devices=[device if device is not None else jax.local_devices()[0]], lane_batch=None)
-    program = plan.single_program(c.routing.signature(config))
-    spec = program.spec
-    steps, eval_every, evals = plan.schedule(spec)
-    if every is not None or not any(at % eval_every for at in planned):
-      break
+  plan = Plan(model_fn=model_fn, routing=c.routing, dataset=c.dataset, objective=c.objective,
+              custom_loss=c.custom_loss, num_steps=num_steps, epochs=epochs, eval_every=c.eval_every,
+              eval_batch_size=c.eval_batch_size, precision=c.precision,
+              devices=[device if device is not None else jax.local_devices()[0]], lane_batch=None)
+  program = plan.single_program(c.routing.signature(config))
+  spec = program.spec
+  steps, eval_every, evals = plan.schedule(spec)
+  if c.eval_every is None and any(at % eval_every for at in planned):
     # No eval_every given: the largest step at most the default's that reaches
     # every change (a PBT schedule changes at multiples of its `ready`, not of
     # a tenth of the run), unless it would evaluate four times as often.
     g = math.gcd(*planned)
-    every = max(d for d in range(1, min(g, eval_every) + 1) if g % d == 0)
-    if every * 4 < eval_every:
+    plan.eval_every = max(d for d in range(1, min(g, eval_every) + 1) if g % d == 0)
+    if plan.eval_every * 4 < eval_every:
       raise ValueError(f"`schedule` changes at steps {sorted(planned)}, which no evaluation interval near the "
                        f"default {eval_every} reaches; pass eval_every= dividing every step of the schedule.")
+    steps, eval_every, evals = plan.schedule(spec)
   for at in planned:
     if at % eval_every:
       raise ValueError(f"`schedule` step {at} is not a multiple of eval_every={eval_every}.")
